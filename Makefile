@@ -1,0 +1,21 @@
+# The two commands of the README. Each bootstraps .venv (torch==2.13.0 first, then the project).
+.PHONY: demo test bench proto clean
+
+demo:
+	./scripts/bootstrap.sh
+	.venv/bin/kvstore demo
+
+test:
+	./scripts/bootstrap.sh "[test]"
+	.venv/bin/python -m pytest
+
+bench:
+	./scripts/bootstrap.sh
+	.venv/bin/python bench/tiers.py
+
+proto:
+	./scripts/bootstrap.sh "[test]"
+	./scripts/gen_proto.sh
+
+clean:
+	rm -rf .venv .pytest_cache .hypothesis

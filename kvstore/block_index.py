@@ -1,0 +1,144 @@
+"""Slot bookkeeping of one local tier: which block each slot holds, pins, and LRU eviction.
+
+A slot is in exactly one state:
+- free: holds nothing;
+- private: allocated to a caller, not (yet) shareable; pinned by that caller;
+- cached: holds a committed block, findable by its hash; pinned while ref count > 0,
+  otherwise on the LRU list and evictable.
+Pinned slots are never handed out again, so a block in use is never evicted or overwritten.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+
+class CacheFullError(RuntimeError):
+    """Every slot of a tier is pinned: nothing can be evicted to make room."""
+
+
+@dataclass(slots=True, eq=False)
+class BlockMeta:
+    """Identity of a committed block, shared by its copies in every tier."""
+
+    block_hash: bytes
+    parent_hash: bytes
+    token_ids: tuple[int, ...]
+    namespace: str
+    hits: int = 0  # times a lookup reused it; drives the `selective` write policy
+    in_remote: bool = False  # known to be in T2 (written or read there)
+
+
+class BlockIndex:
+    """Hash -> slot map with reference counts and LRU order over the unpinned cached slots."""
+
+    def __init__(self, num_slots: int, name: str) -> None:
+        self.name = name
+        self.num_slots = num_slots
+        # FIFO reuse keeps runs of consecutive slots, which copy in one strided pass.
+        self._free: deque[int] = deque(range(num_slots))
+        self._slot_of: dict[bytes, int] = {}
+        self._meta: list[BlockMeta | None] = [None] * num_slots
+        self._refs: list[int] = [0] * num_slots
+        self._lru: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self.evictions = 0
+
+    def __contains__(self, block_hash: bytes) -> bool:
+        return block_hash in self._slot_of
+
+    def __len__(self) -> int:
+        """Number of cached (committed, findable) blocks."""
+        return len(self._slot_of)
+
+    def find(self, block_hash: bytes) -> int | None:
+        return self._slot_of.get(block_hash)
+
+    def meta(self, slot: int) -> BlockMeta | None:
+        return self._meta[slot]
+
+    def refs(self, slot: int) -> int:
+        return self._refs[slot]
+
+    @property
+    def num_evictable(self) -> int:
+        return len(self._free) + len(self._lru)
+
+    @property
+    def num_pinned(self) -> int:
+        return self.num_slots - self.num_evictable
+
+    def pin(self, slot: int) -> None:
+        self._refs[slot] += 1
+        self._lru.pop(slot, None)
+
+    def unpin(self, slot: int) -> None:
+        assert self._refs[slot] > 0, f"{self.name}: unpin of unpinned slot {slot}"
+        self._refs[slot] -= 1
+        if self._refs[slot]:
+            return
+        if self._meta[slot] is None:
+            self._free.append(slot)
+        else:
+            self._lru[slot] = None  # most recently used end
+
+    def touch(self, slot: int) -> None:
+        if slot in self._lru:
+            self._lru.move_to_end(slot)
+
+    def allocate(self, n: int) -> tuple[list[int], list[tuple[int, BlockMeta]]]:
+        """Take ``n`` slots, pinned and private: free ones first, then evict LRU blocks.
+
+        Returns the slots and the (slot, meta) of every evicted block; the caller must copy
+        an evicted block's data out (spill) before writing to its slot.
+        """
+        if n > self.num_evictable:
+            raise CacheFullError(
+                f"{self.name}: need {n} slots, only {self.num_evictable} of {self.num_slots} "
+                "are free or evictable (the rest are pinned by running sequences)"
+            )
+        slots: list[int] = []
+        evicted: list[tuple[int, BlockMeta]] = []
+        for _ in range(n):
+            if self._free:
+                slot = self._free.popleft()
+            else:
+                slot, _ = self._lru.popitem(last=False)
+                meta = self._meta[slot]
+                assert meta is not None
+                del self._slot_of[meta.block_hash]
+                self._meta[slot] = None
+                evicted.append((slot, meta))
+                self.evictions += 1
+            self._refs[slot] = 1
+            slots.append(slot)
+        return slots, evicted
+
+    def publish(self, slot: int, meta: BlockMeta) -> bool:
+        """Make a private slot's block findable under its hash.
+
+        Returns False (and changes nothing) when another slot already holds that hash: the
+        caller's slot then stays private and is freed on its last unpin.
+        """
+        assert self._meta[slot] is None and self._refs[slot] > 0, f"{self.name}: bad publish"
+        if meta.block_hash in self._slot_of:
+            return False
+        self._meta[slot] = meta
+        self._slot_of[meta.block_hash] = slot
+        return True
+
+    def check(self) -> None:
+        """Verify internal invariants (used by tests)."""
+        free, lru = set(self._free), set(self._lru)
+        assert len(free) == len(self._free) and not free & lru
+        for slot in range(self.num_slots):
+            meta, refs = self._meta[slot], self._refs[slot]
+            assert refs >= 0
+            if slot in free:
+                assert meta is None and refs == 0
+            elif slot in lru:
+                assert meta is not None and refs == 0
+            else:
+                assert refs > 0, f"{self.name}: slot {slot} leaked"
+            if meta is not None:
+                assert self._slot_of[meta.block_hash] == slot
+        assert len(self._slot_of) == sum(m is not None for m in self._meta)

@@ -1,0 +1,587 @@
+"""The tiered KV cache of one worker: T0 device pool, T1 host pool, T2 remote store.
+
+Life of a block: a sequence ``allocate``s private T0 slots, its model writes KV into them,
+and each slot that fills up is ``commit``ted under its prefix hash, which makes it shareable.
+``release`` unpins; an unpinned cached block stays findable until LRU eviction. Copies flow
+down per write policy (T0->T1 and T1->T2) and up on ``load`` (T2->T1->T0).
+
+Visibility: a block becomes findable in a tier only after its copy there completed, so a
+reader never sees half-written KV. A T2 block that fails any check is a miss (recomputed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from kvstore.block_index import BlockIndex, BlockMeta, CacheFullError
+from kvstore.codec import BlockCodecError, decode_block, encode_block
+from kvstore.config import CacheConfig, WritePolicy
+from kvstore.hashing import PrefixHasher
+from kvstore.pools import DevicePool, HostPool, restore, spill
+from kvstore.remote import RemoteTier
+from kvstore.spec import KVSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CacheFullError", "CacheStats", "LoadResult", "PrefixHit", "Tier", "TieredKVCache"]
+
+
+class Tier(IntEnum):
+    T0 = 0
+    T1 = 1
+    T2 = 2
+
+
+@dataclass(slots=True)
+class PrefixHit:
+    """Longest contiguous cached prefix of a sequence: one source tier per block."""
+
+    hashes: list[bytes]
+    tiers: list[Tier]
+    block_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.hashes)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.hashes) * self.block_size
+
+    def blocks_in(self, tier: Tier) -> int:
+        return sum(t == tier for t in self.tiers)
+
+
+@dataclass(slots=True)
+class LoadResult:
+    """Pinned T0 slots holding the loaded prefix, in order; release them when done."""
+
+    block_table: list[int]
+    block_size: int
+    from_tier: list[int] = field(default_factory=lambda: [0, 0, 0])  # blocks by source tier
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_table)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.block_table) * self.block_size
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters since start (and gauges filled in by ``stats()``)."""
+
+    lookups: int = 0
+    lookup_tokens: int = 0
+    loaded_blocks: list[int] = field(default_factory=lambda: [0, 0, 0])  # by source tier
+    loaded_tokens: list[int] = field(default_factory=lambda: [0, 0, 0])
+    committed_blocks: int = 0
+    evicted_t0: int = 0
+    evicted_t1: int = 0
+    spilled_blocks: int = 0  # T0 -> T1
+    spilled_bytes: int = 0
+    promoted_blocks: int = 0  # T1 -> T0
+    promoted_bytes: int = 0
+    t2_put_blocks: int = 0
+    t2_put_bytes: int = 0  # encoded
+    t2_get_blocks: int = 0
+    t2_get_bytes: int = 0  # encoded
+    t2_corrupt: int = 0
+    t2_errors: int = 0
+    dropped_writes: int = 0  # copies skipped: queue full or lower tier fully pinned
+    t0_cached: int = 0
+    t0_pinned: int = 0
+    t1_cached: int = 0
+    t1_pinned: int = 0
+
+
+class _Writer:
+    """A daemon thread draining a bounded queue in batches; ``submit`` never blocks."""
+
+    def __init__(self, name: str, maxsize: int, batch: int, handle: Callable[[list[Any]], None]):
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize)
+        self._batch = batch
+        self._handle = handle
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Any) -> bool:
+        try:
+            self._queue.put_nowait(item)
+            return True
+        except queue.Full:
+            return False
+
+    def join(self) -> None:
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while len(items) < self._batch:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            work = [i for i in items if i is not None]
+            try:
+                if work:
+                    self._handle(work)
+            except Exception:  # a failed copy must not kill the writer
+                log.exception("%s: background batch failed", self._thread.name)
+            finally:
+                for _ in items:
+                    self._queue.task_done()
+            if len(work) < len(items):
+                return
+
+
+class TieredKVCache:
+    """Prefix-hash-addressed KV blocks over T0 (device), T1 (host) and an optional T2."""
+
+    def __init__(self, spec: KVSpec, config: CacheConfig | None = None, remote: RemoteTier | None = None):
+        self.spec = spec
+        self.config = config = config or CacheConfig()
+        self.remote = remote
+        self.t0 = DevicePool(spec, config.t0_blocks, config.device)
+        self.t1 = HostPool(spec, config.t1_blocks)
+        self._t0 = BlockIndex(config.t0_blocks, "T0")
+        self._t1 = BlockIndex(config.t1_blocks, "T1")
+        self._lock = threading.RLock()
+        self._stats = CacheStats()
+        self._pending_t1: set[bytes] = set()  # T0 -> T1 copies in flight
+        self._pending_t2: set[bytes] = set()  # queued or in-flight T2 writes
+        self._t1_writer = _Writer("kv-t1-writer", config.t1_blocks, 64, self._write_t1_batch)
+        self._t2_writer = (
+            _Writer("kv-t2-writer", config.t2_write_queue, config.t2_write_batch, self._write_t2_batch)
+            if remote is not None else None
+        )
+        self._closed = False
+
+    # ---- public API -------------------------------------------------------------------
+
+    def lookup(self, prefix: PrefixHasher, num_tokens: int | None = None) -> PrefixHit:
+        """Longest contiguous prefix of ``prefix``'s full blocks present in any tier.
+
+        Capped at ``num_tokens - 1`` tokens (default: all of the prefix's tokens) so the
+        last prompt token is always computed and yields logits. Pins nothing.
+        """
+        n = prefix.num_tokens if num_tokens is None else min(num_tokens, prefix.num_tokens)
+        cap = min(prefix.num_full_blocks, max(n - 1, 0) // self.spec.block_size)
+        hashes = prefix.hashes[:cap]
+        tiers: list[Tier] = []
+        while len(tiers) < cap:
+            with self._lock:
+                for h in hashes[len(tiers):]:
+                    if h in self._t0:
+                        tiers.append(Tier.T0)
+                    elif h in self._t1:
+                        tiers.append(Tier.T1)
+                    else:
+                        break
+            if len(tiers) == cap or self.remote is None:
+                break
+            found = self._remote_lookup(prefix.namespace, hashes[len(tiers):])
+            if not found:
+                break
+            tiers.extend([Tier.T2] * found)
+        with self._lock:
+            self._stats.lookups += 1
+            self._stats.lookup_tokens += n
+        return PrefixHit(hashes[:len(tiers)], tiers, self.spec.block_size)
+
+    def load(self, prefix: PrefixHasher, hit: PrefixHit) -> LoadResult:
+        """Bring a hit's blocks into T0 (promoting from T1 and T2) and pin them.
+
+        Blocks that vanished since the lookup, or fail verification, end the prefix there;
+        the caller recomputes from ``result.num_tokens``.
+        """
+        sources: list[tuple[Tier, int | None]] = []  # (tier holding it, slot pinned there)
+        with self._lock:
+            for h, tier in zip(hit.hashes, hit.tiers):
+                if (slot := self._t0.find(h)) is not None:
+                    self._t0.pin(slot)
+                    sources.append((Tier.T0, slot))
+                elif (slot := self._t1.find(h)) is not None:
+                    self._t1.pin(slot)
+                    sources.append((Tier.T1, slot))
+                elif tier is Tier.T2 and self.remote is not None:
+                    sources.append((Tier.T2, None))
+                else:
+                    break
+        origin = [t for t, _ in sources]
+        sources = self._fetch_remote(prefix, sources)
+        return self._promote(prefix, sources, origin)
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` private, pinned T0 slots for new KV; evicts (and spills) LRU blocks if needed.
+
+        Raises ``CacheFullError`` when fewer than ``n`` slots are free or evictable.
+        """
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        with self._lock:
+            short = n > self._t0.num_evictable and bool(self._pending_t1)
+        if short:
+            # Write-through copies pin their T0 source until done; they are memcpy-fast, so
+            # wait for them rather than fail.
+            self._t1_writer.join()
+        with self._lock:
+            slots, evicted = self._t0.allocate(n)
+            self._on_t0_evicted(evicted)
+            return slots
+
+    def commit(self, prefix: PrefixHasher, block_index: int, slot: int) -> bool:
+        """Declare T0 ``slot`` to hold full block ``block_index`` of ``prefix``: shareable now.
+
+        Returns False when another slot already holds that block (the caller's copy stays
+        private and is freed on release). Copies down start per write policy.
+        """
+        if not 0 <= block_index < prefix.num_full_blocks:
+            raise ValueError(
+                f"block {block_index} is not full: the sequence has {prefix.num_full_blocks} full blocks"
+            )
+        meta = BlockMeta(
+            prefix.hashes[block_index], prefix.parent_of(block_index),
+            tuple(prefix.block_tokens(block_index)), prefix.namespace,
+        )
+        with self._lock:
+            self._check_owned(slot)
+            current = self._t0.meta(slot)
+            if current is not None:
+                if current.block_hash == meta.block_hash:
+                    return True
+                raise ValueError(f"T0 slot {slot} already holds a different committed block")
+            self._stats.committed_blocks += 1
+            if not self._t0.publish(slot, meta):
+                return False
+            if self.config.t0_t1_policy is WritePolicy.WRITE_THROUGH:
+                self._queue_t1(slot, meta)
+            return True
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Unpin T0 slots from ``allocate`` or ``load``; cached blocks become evictable."""
+        with self._lock:
+            for slot in slots:
+                self._check_owned(slot)
+            for slot in slots:
+                self._t0.unpin(slot)
+
+    def flush(self) -> None:
+        """Wait until every background copy queued so far has completed."""
+        self._t1_writer.join()
+        if self._t2_writer is not None:
+            self._t2_writer.join()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.flush()
+        self._t1_writer.close()
+        if self._t2_writer is not None:
+            self._t2_writer.close()
+
+    def __enter__(self) -> TieredKVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            s = dataclasses.replace(
+                self._stats,
+                loaded_blocks=list(self._stats.loaded_blocks),
+                loaded_tokens=list(self._stats.loaded_tokens),
+            )
+            s.t0_cached, s.t0_pinned = len(self._t0), self._t0.num_pinned
+            s.t1_cached, s.t1_pinned = len(self._t1), self._t1.num_pinned
+            s.evicted_t0, s.evicted_t1 = self._t0.evictions, self._t1.evictions
+            return s
+
+    def cached_slots(self, tier: Tier) -> dict[bytes, int]:
+        """Hash -> slot of every visible block in a local tier (a snapshot)."""
+        index = {Tier.T0: self._t0, Tier.T1: self._t1}[tier]
+        with self._lock:
+            return dict(index._slot_of)
+
+    def check_invariants(self) -> None:
+        """Verify slot bookkeeping of both local tiers (tests)."""
+        with self._lock:
+            self._t0.check()
+            self._t1.check()
+
+    # ---- internals (callers hold the lock unless noted) -----------------------------
+
+    def _check_owned(self, slot: int) -> None:
+        if not isinstance(slot, int) or not 0 <= slot < self._t0.num_slots:
+            raise ValueError(f"T0 slot {slot!r} out of range [0, {self._t0.num_slots})")
+        if self._t0.refs(slot) == 0:
+            raise ValueError(f"T0 slot {slot} is not pinned: it was never allocated or loaded, or already released")
+
+    def _remote_lookup(self, namespace: str, hashes: list[bytes]) -> int:
+        assert self.remote is not None
+        try:
+            found = int(self.remote.lookup(namespace, hashes))
+        except Exception as e:  # the cold tier being down must never fail a request
+            log.warning("T2 lookup failed, treating as miss: %s", e)
+            with self._lock:
+                self._stats.t2_errors += 1
+            return 0
+        return max(0, min(found, len(hashes)))
+
+    def _fetch_remote(self, prefix: PrefixHasher, sources: list[tuple[Tier, int | None]]):
+        """Get T2 blocks into fresh T1 slots; cut the prefix at the first one that fails."""
+        wanted = [i for i, (t, _) in enumerate(sources) if t is Tier.T2]
+        if not wanted:
+            return sources
+        assert self.remote is not None
+        hashes = [prefix.hashes[i] for i in wanted]
+        try:
+            blobs = list(self.remote.get(prefix.namespace, hashes))
+            if len(blobs) != len(hashes):
+                raise ValueError(f"T2 returned {len(blobs)} blocks for {len(hashes)} hashes")
+        except Exception as e:
+            log.warning("T2 get failed, treating as miss: %s", e)
+            with self._lock:
+                self._stats.t2_errors += 1
+            blobs = [None] * len(hashes)
+        with self._lock:
+            slots, evicted = self._t1.allocate(min(len(wanted), self._t1.num_evictable))
+            self._on_t1_evicted(evicted)
+        cut = len(sources) if len(slots) == len(wanted) else wanted[len(slots)]
+        decoded: list[tuple[int, int, BlockMeta, int]] = []  # (source index, slot, meta, size)
+        for i, blob, slot in zip(wanted, blobs, slots):
+            meta = self._verify_remote_block(prefix, i, blob, slot)
+            if meta is None:
+                cut = i
+                break
+            decoded.append((i, slot, meta, len(blob)))  # type: ignore[arg-type]
+        with self._lock:
+            for i, slot, meta, size in decoded:
+                self._stats.t2_get_blocks += 1
+                self._stats.t2_get_bytes += size
+                if not self._t1.publish(slot, meta):  # someone else brought it in meanwhile
+                    self._t1.unpin(slot)
+                    slot = self._t1.find(meta.block_hash)
+                    self._t1.pin(slot)
+                sources[i] = (Tier.T1, slot)
+            for slot in slots[len(decoded):]:
+                self._t1.unpin(slot)
+            self._unpin_sources(sources[cut:])
+        return sources[:cut]
+
+    def _verify_remote_block(self, prefix: PrefixHasher, i: int, blob: bytes | None, slot: int) -> BlockMeta | None:
+        """Decode a T2 block straight into a T1 slot; None (and logged) if unusable. No lock."""
+        if blob is None:
+            return None
+        h = prefix.hashes[i]
+        try:
+            hdr, _ = decode_block(
+                blob, out=self.t1.block_bytes(slot), expect_fingerprint=self.spec.fingerprint,
+                expect_hash=h, expect_dtype=self.spec.dtype, expect_shape=self.spec.block_shape,
+            )
+            if hdr.parent_hash != prefix.parent_of(i) or list(hdr.token_ids) != prefix.block_tokens(i):
+                raise BlockCodecError("parent hash or token ids differ from the sequence's")
+        except BlockCodecError as e:
+            log.warning("T2 block %s unusable, recomputing: %s", h.hex(), e)
+            with self._lock:
+                self._stats.t2_corrupt += 1
+            return None
+        return BlockMeta(h, hdr.parent_hash, hdr.token_ids, prefix.namespace, in_remote=True)
+
+    def _promote(self, prefix: PrefixHasher, sources: list[tuple[Tier, int | None]], origin: list[Tier]) -> LoadResult:
+        bpb = self.spec.bytes_per_block
+        with self._lock:
+            need = [i for i, (t, _) in enumerate(sources) if t is Tier.T1]
+            room = min(len(need), self._t0.num_evictable)
+            if room < len(need):
+                self._unpin_sources(sources[need[room]:])
+                sources = sources[:need[room]]
+                need = need[:room]
+            t0_slots, evicted = self._t0.allocate(len(need))
+            self._on_t0_evicted(evicted)
+            t1_slots = [sources[i][1] for i in need]
+            restore(self.t1, self.t0, t1_slots, t0_slots)  # type: ignore[arg-type]
+            table = [slot for _, slot in sources]
+            for i, s1, s0 in zip(need, t1_slots, t0_slots):
+                meta = self._t1.meta(s1)  # type: ignore[arg-type]
+                assert meta is not None
+                if not self._t0.publish(s0, meta):
+                    self._t0.unpin(s0)
+                    s0 = self._t0.find(meta.block_hash)
+                    self._t0.pin(s0)
+                table[i] = s0
+                self._t1.unpin(s1)  # type: ignore[arg-type]
+            self._stats.promoted_blocks += len(need)
+            self._stats.promoted_bytes += len(need) * bpb
+            result = LoadResult(table, self.spec.block_size)  # type: ignore[arg-type]
+            for slot, tier in zip(table, origin):
+                result.from_tier[tier] += 1
+                self._stats.loaded_blocks[tier] += 1
+                self._stats.loaded_tokens[tier] += self.spec.block_size
+                self._on_hit(slot)  # type: ignore[arg-type]
+            return result
+
+    def _on_hit(self, t0_slot: int) -> None:
+        meta = self._t0.meta(t0_slot)
+        assert meta is not None
+        meta.hits += 1
+        if meta.hits < self.config.selective_hits:
+            return
+        if self.config.t0_t1_policy is WritePolicy.SELECTIVE:
+            self._queue_t1(t0_slot, meta)
+        if self.config.t1_t2_policy is WritePolicy.SELECTIVE and (s1 := self._t1.find(meta.block_hash)) is not None:
+            self._queue_t2(s1, meta)
+
+    def _unpin_sources(self, sources: Sequence[tuple[Tier, int | None]]) -> None:
+        for tier, slot in sources:
+            if tier is Tier.T0:
+                self._t0.unpin(slot)  # type: ignore[arg-type]
+            elif tier is Tier.T1:
+                self._t1.unpin(slot)  # type: ignore[arg-type]
+
+    def _on_t0_evicted(self, evicted: list[tuple[int, BlockMeta]]) -> None:
+        """Spill evicted T0 blocks to T1 (write-back) before their slots are reused."""
+        if not evicted or self.config.t0_t1_policy is not WritePolicy.WRITE_BACK:
+            return
+        todo = [(s, m) for s, m in evicted if m.block_hash not in self._t1 and m.block_hash not in self._pending_t1]
+        room = min(len(todo), self._t1.num_evictable)
+        self._stats.dropped_writes += len(todo) - room
+        todo = todo[:room]
+        t1_slots, evicted_t1 = self._t1.allocate(room)
+        self._on_t1_evicted(evicted_t1)
+        spill(self.t0, self.t1, [s for s, _ in todo], t1_slots)
+        self._stats.spilled_blocks += room
+        self._stats.spilled_bytes += room * self.spec.bytes_per_block
+        for s1, (_, meta) in zip(t1_slots, todo):
+            self._publish_t1(s1, meta)
+
+    def _on_t1_evicted(self, evicted: list[tuple[int, BlockMeta]]) -> None:
+        """Write evicted T1 blocks to T2 (write-back): encode now, before the slot is reused."""
+        if not evicted or self.remote is None or self.config.t1_t2_policy is not WritePolicy.WRITE_BACK:
+            return
+        for slot, meta in evicted:
+            if meta.in_remote or meta.block_hash in self._pending_t2:
+                continue
+            if self._t2_writer.submit((meta, None, self._encode(slot, meta))):  # type: ignore[union-attr]
+                self._pending_t2.add(meta.block_hash)
+            else:
+                self._stats.dropped_writes += 1
+
+    def _publish_t1(self, slot: int, meta: BlockMeta) -> None:
+        """Make a freshly copied T1 block visible, start its T2 write per policy, unpin it."""
+        if self._t1.publish(slot, meta) and self.remote is not None and not meta.in_remote:
+            policy = self.config.t1_t2_policy
+            if policy is WritePolicy.WRITE_THROUGH or (
+                policy is WritePolicy.SELECTIVE and meta.hits >= self.config.selective_hits
+            ):
+                self._queue_t2(slot, meta)
+        self._t1.unpin(slot)
+
+    def _queue_t1(self, t0_slot: int, meta: BlockMeta) -> None:
+        h = meta.block_hash
+        if h in self._t1 or h in self._pending_t1:
+            return
+        self._t0.pin(t0_slot)  # the copy reads it outside the lock
+        if self._t1_writer.submit((t0_slot, meta)):
+            self._pending_t1.add(h)
+        else:
+            self._t0.unpin(t0_slot)
+            self._stats.dropped_writes += 1
+
+    def _queue_t2(self, t1_slot: int, meta: BlockMeta) -> None:
+        if self.remote is None or meta.in_remote or meta.block_hash in self._pending_t2:
+            return
+        self._t1.pin(t1_slot)  # encoded outside the lock
+        if self._t2_writer.submit((meta, t1_slot, None)):  # type: ignore[union-attr]
+            self._pending_t2.add(meta.block_hash)
+        else:
+            self._t1.unpin(t1_slot)
+            self._stats.dropped_writes += 1
+
+    def _encode(self, t1_slot: int, meta: BlockMeta) -> bytes:
+        return encode_block(
+            self.t1.block_bytes(t1_slot), dtype=self.spec.dtype, shape=self.spec.block_shape,
+            fingerprint=self.spec.fingerprint, block_hash=meta.block_hash,
+            parent_hash=meta.parent_hash, token_ids=meta.token_ids, codec=self.config.codec,
+            min_saving=self.config.codec_min_saving,
+        )
+
+    def _write_t1_batch(self, items: list[tuple[int, BlockMeta]]) -> None:
+        """Background: T0 -> T1 write-through copies (T0 slots pinned by _queue_t1)."""
+        with self._lock:
+            room = min(len(items), self._t1.num_evictable)
+            t1_slots, evicted = self._t1.allocate(room)
+            self._on_t1_evicted(evicted)
+        copied = False
+        try:
+            spill(self.t0, self.t1, [s for s, _ in items[:room]], t1_slots)
+            copied = True
+        finally:
+            with self._lock:
+                for s1, (_, meta) in zip(t1_slots, items):
+                    if copied:
+                        self._publish_t1(s1, meta)
+                    else:
+                        self._t1.unpin(s1)
+                for s0, meta in items:
+                    self._t0.unpin(s0)
+                    self._pending_t1.discard(meta.block_hash)
+                done = room if copied else 0
+                self._stats.spilled_blocks += done
+                self._stats.spilled_bytes += done * self.spec.bytes_per_block
+                self._stats.dropped_writes += len(items) - done
+
+    def _write_t2_batch(self, items: list[tuple[BlockMeta, int | None, bytes | None]]) -> None:
+        """Background: encode (T1 slots pinned by _queue_t2) and put to T2, grouped by namespace."""
+        by_ns: dict[str, list[tuple[BlockMeta, bytes]]] = {}
+        failed: list[BlockMeta] = []
+        for meta, slot, blob in items:
+            try:
+                if blob is None:
+                    blob = self._encode(slot, meta)  # type: ignore[arg-type]
+                by_ns.setdefault(meta.namespace, []).append((meta, blob))
+            except Exception:
+                log.exception("encoding block %s for T2 failed", meta.block_hash.hex())
+                failed.append(meta)
+            finally:
+                if slot is not None:
+                    with self._lock:
+                        self._t1.unpin(slot)
+        if failed:
+            with self._lock:
+                self._stats.dropped_writes += len(failed)
+        assert self.remote is not None
+        for ns, blocks in by_ns.items():
+            ok = True
+            try:
+                self.remote.put(ns, [(m.block_hash, b) for m, b in blocks])
+            except Exception as e:
+                ok = False
+                log.warning("T2 put of %d blocks failed (dropped): %s", len(blocks), e)
+            with self._lock:
+                if ok:
+                    self._stats.t2_put_blocks += len(blocks)
+                    self._stats.t2_put_bytes += sum(len(b) for _, b in blocks)
+                else:
+                    self._stats.t2_errors += 1
+                    self._stats.dropped_writes += len(blocks)
+                for m, _ in blocks:
+                    m.in_remote = m.in_remote or ok
+        with self._lock:
+            for meta, _, _ in items:
+                self._pending_t2.discard(meta.block_hash)

@@ -1,0 +1,39 @@
+"""The ``kvstore`` command."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    for f in dataclasses.fields(cls):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, dest=f.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kvstore.demo import DemoConfig
+
+    parser = argparse.ArgumentParser(prog="kvstore", description="Distributed tiered KV-cache for LLM inference.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="simulated multi-turn sessions through the tiered cache")
+    _add_dataclass_flags(demo, DemoConfig)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.command == "demo":
+        from kvstore.demo import run_demo
+
+        cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+        try:
+            run_demo(cfg)
+        except (ValueError, RuntimeError) as e:
+            print(f"kvstore demo: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

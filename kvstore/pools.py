@@ -1,0 +1,118 @@
+"""Preallocated KV storage of the two local tiers, and batched copies between them.
+
+T0 (``DevicePool``) lives on the worker's device and is layer-first, the layout attention
+reads: ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``.
+T1 (``HostPool``) lives in host memory, pinned when CUDA is present, and is block-first
+("page-first"): ``[num_blocks, layers, 2, block_size, kv_heads, head_dim]``, so that one
+block is one contiguous buffer for the codec and the wire.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from kvstore.spec import KVSpec
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class DevicePool:
+    """T0: hot KV blocks on the worker's device, addressed by slot."""
+
+    def __init__(self, spec: KVSpec, num_blocks: int, device: str | torch.device | None = "auto"):
+        if num_blocks <= 0:
+            raise ValueError(f"T0 needs at least one block, got {num_blocks}")
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.device = resolve_device(device)
+        L, two, bs, h, d = spec.block_shape
+        self.kv = torch.zeros((L, two, num_blocks, bs, h, d), dtype=spec.dtype, device=self.device)
+
+    def block(self, slot: int) -> torch.Tensor:
+        """View of one block, ``[layers, 2, block_size, kv_heads, head_dim]`` (strided)."""
+        return self.kv[:, :, slot]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+class HostPool:
+    """T1: warm KV blocks in host memory, one contiguous buffer per block."""
+
+    def __init__(self, spec: KVSpec, num_blocks: int, pin: bool | None = None):
+        if num_blocks <= 0:
+            raise ValueError(f"T1 needs at least one block, got {num_blocks}")
+        self.spec = spec
+        self.num_blocks = num_blocks
+        pin = torch.cuda.is_available() if pin is None else pin
+        self.kv = torch.zeros((num_blocks, *spec.block_shape), dtype=spec.dtype, pin_memory=pin)
+        self._bytes = self.kv.view(torch.uint8).reshape(num_blocks, -1).numpy()
+
+    def block(self, slot: int) -> torch.Tensor:
+        return self.kv[slot]
+
+    def block_bytes(self, slot: int) -> np.ndarray:
+        """Flat uint8 numpy view of one block: what the codec reads and decodes into."""
+        return self._bytes[slot]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+def _runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Split slot pairs into runs where both sides are consecutive: (src0, dst0, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            s0, d0, n = runs[-1]
+            runs[-1] = (s0, d0, n + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+def spill(t0: DevicePool, t1: HostPool, t0_slots: Sequence[int], t1_slots: Sequence[int]) -> None:
+    """Copy blocks T0 -> T1 (device to host). Returns when the copy is complete."""
+    if len(t0_slots) != len(t1_slots):
+        raise ValueError("spill needs as many destination slots as source slots")
+    if not t0_slots:
+        return
+    runs = _runs(t0_slots, t1_slots)
+    if t0.device.type == "cuda":
+        # Gather on the device (fast), then one DMA per run into pinned memory.
+        for s, d, n in runs:
+            staged = t0.kv[:, :, s:s + n].permute(2, 0, 1, 3, 4, 5).contiguous()
+            t1.kv[d:d + n].copy_(staged, non_blocking=True)
+        torch.cuda.current_stream(t0.device).synchronize()
+    else:
+        # One strided copy per run: a single pass over the bytes. (index_select +
+        # index_copy_ makes two passes and measured ~10x slower here.)
+        for s, d, n in runs:
+            t1.kv[d:d + n].copy_(t0.kv[:, :, s:s + n].permute(2, 0, 1, 3, 4, 5))
+
+
+def restore(t1: HostPool, t0: DevicePool, t1_slots: Sequence[int], t0_slots: Sequence[int]) -> None:
+    """Copy blocks T1 -> T0 (host to device). Returns when the copy is complete."""
+    if len(t0_slots) != len(t1_slots):
+        raise ValueError("restore needs as many destination slots as source slots")
+    if not t0_slots:
+        return
+    runs = _runs(t1_slots, t0_slots)
+    if t0.device.type == "cuda":
+        # One DMA per run of contiguous host blocks, then a permute on the device.
+        for s, d, n in runs:
+            staged = t1.kv[s:s + n].to(t0.device, non_blocking=True)
+            t0.kv[:, :, d:d + n].copy_(staged.permute(1, 2, 0, 3, 4, 5))
+        # The host slots may be overwritten by the CPU right after we return.
+        torch.cuda.current_stream(t0.device).synchronize()
+    else:
+        for s, d, n in runs:
+            t0.kv[:, :, d:d + n].copy_(t1.kv[s:s + n].permute(1, 2, 0, 3, 4, 5))

@@ -1,0 +1,20 @@
+"""The interface the tiered cache needs from its cold tier (T2).
+
+Blocks travel as the codec's bytes (``kvstore.codec``): encoded on the worker, stored as-is.
+The gRPC block-store client implements this; anything else that does is usable as T2.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class RemoteTier(Protocol):
+    def lookup(self, namespace: str, hashes: Sequence[bytes]) -> int:
+        """How many of the leading ``hashes`` are stored (the longest present prefix)."""
+
+    def get(self, namespace: str, hashes: Sequence[bytes]) -> list[bytes | None]:
+        """The stored bytes of each block, None for a miss."""
+
+    def put(self, namespace: str, blocks: Sequence[tuple[bytes, bytes]]) -> None:
+        """Store (hash, encoded block) pairs; set-if-absent, so retries are harmless."""

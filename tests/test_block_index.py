@@ -1,0 +1,69 @@
+import pytest
+
+from kvstore.block_index import BlockIndex, BlockMeta, CacheFullError
+
+
+def meta(i: int) -> BlockMeta:
+    return BlockMeta(bytes([i]) * 16, b"\0" * 16, (i,), "ns")
+
+
+def cached(index: BlockIndex, n: int) -> list[int]:
+    slots, evicted = index.allocate(n)
+    assert evicted == []
+    for i, s in enumerate(slots):
+        assert index.publish(s, meta(i))
+    return slots
+
+
+def test_eviction_order_is_least_recently_used():
+    index = BlockIndex(4, "T")
+    slots = cached(index, 4)
+    for s in (slots[2], slots[0], slots[3], slots[1]):  # release order = use order
+        index.unpin(s)
+    index.touch(slots[2])  # now most recent
+    _, evicted = index.allocate(3)
+    assert [m.block_hash for _, m in evicted] == [meta(0).block_hash, meta(3).block_hash, meta(1).block_hash]
+    assert meta(2).block_hash in index and len(index) == 1
+    index.check()
+
+
+def test_pinned_blocks_survive_any_pressure():
+    index = BlockIndex(8, "T")
+    slots = cached(index, 8)
+    pinned = set(slots[::2])
+    for s in slots:
+        if s not in pinned:
+            index.unpin(s)
+    for _ in range(50):  # churn everything that is evictable
+        new, _ = index.allocate(4)
+        assert not pinned & set(new)
+        for s in new:
+            index.unpin(s)
+    with pytest.raises(CacheFullError, match="pinned"):
+        index.allocate(5)
+    for i, s in enumerate(slots):
+        if s in pinned:
+            assert index.find(meta(i).block_hash) == s
+            assert index.meta(s).block_hash == meta(i).block_hash
+    index.check()
+
+
+def test_capacity_is_never_exceeded():
+    index = BlockIndex(3, "T")
+    slots, _ = index.allocate(3)
+    with pytest.raises(CacheFullError):
+        index.allocate(1)
+    assert index.num_pinned == 3 and index.num_evictable == 0
+    index.unpin(slots[0])  # private slot: back to free
+    assert index.num_evictable == 1 and len(index) == 0
+
+
+def test_publish_never_overwrites_an_existing_block():
+    index = BlockIndex(2, "T")
+    a, b = index.allocate(2)[0]
+    assert index.publish(a, meta(1))
+    assert not index.publish(b, meta(1))  # same hash elsewhere: stays private
+    assert index.find(meta(1).block_hash) == a and index.meta(b) is None
+    index.unpin(b)
+    assert index.num_evictable == 1  # b went back to the free list, a is pinned
+    index.check()
