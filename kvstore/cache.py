@@ -106,12 +106,14 @@ class CacheStats:
 class _Writer:
     """A daemon thread draining a bounded queue in batches; ``submit`` never blocks."""
 
-    def __init__(self, name: str, maxsize: int, batch: int, handle: Callable[[list[Any]], None]):
+    def __init__(self, name: str, maxsize: int, batch: int, handle: Callable[[list[Any]], None], threads: int = 1):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
         self._batch = batch
         self._handle = handle
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._name = name
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, item: Any) -> bool:
         try:
@@ -124,8 +126,10 @@ class _Writer:
         self._queue.join()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
 
     def _run(self) -> None:
         while True:
@@ -140,11 +144,13 @@ class _Writer:
                 if work:
                     self._handle(work)
             except Exception:  # a failed copy must not kill the writer
-                log.exception("%s: background batch failed", self._thread.name)
+                log.exception("%s: background batch failed", self._name)
             finally:
                 for _ in items:
                     self._queue.task_done()
             if len(work) < len(items):
+                for _ in range(len(items) - len(work) - 1):
+                    self._queue.put(None)  # sentinels meant for the other threads
                 return
 
 
@@ -165,7 +171,8 @@ class TieredKVCache:
         self._pending_t2: set[bytes] = set()  # queued or in-flight T2 writes
         self._t1_writer = _Writer("kv-t1-writer", config.t1_blocks, 64, self._write_t1_batch)
         self._t2_writer = (
-            _Writer("kv-t2-writer", config.t2_write_queue, config.t2_write_batch, self._write_t2_batch)
+            _Writer("kv-t2-writer", config.t2_write_queue, config.t2_write_batch, self._write_t2_batch,
+                    threads=config.t2_writer_threads)
             if remote is not None else None
         )
         self._closed = False
@@ -400,6 +407,10 @@ class TieredKVCache:
             log.warning("T2 block %s unusable, recomputing: %s", h.hex(), e)
             with self._lock:
                 self._stats.t2_corrupt += 1
+            try:  # remove it for every worker, not just this one
+                self.remote.delete(prefix.namespace, [h], corrupt=True)  # type: ignore[union-attr]
+            except Exception as de:
+                log.warning("could not delete corrupt T2 block %s: %s", h.hex(), de)
             return None
         return BlockMeta(h, hdr.parent_hash, hdr.token_ids, prefix.namespace, in_remote=True)
 

@@ -9,7 +9,11 @@ import sys
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, dest=f.name)
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, dest=f.name)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, dest=f.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="simulated multi-turn sessions through the tiered cache")
     _add_dataclass_flags(demo, DemoConfig)
+    blockstore = sub.add_parser("blockstore", help="the block store service (T2): `kvstore blockstore serve --help`")
+    blockstore.add_argument("action", choices=["serve"])
+    blockstore.add_argument("rest", nargs=argparse.REMAINDER, help="flags of `serve`")
     args = parser.parse_args(argv)
+    if args.command == "blockstore":
+        from services.blockstore.server import main as serve
+
+        return serve(args.rest)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.command == "demo":

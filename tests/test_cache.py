@@ -14,6 +14,7 @@ BS = SPEC.block_size
 
 
 def make(t0=8, t1=16, remote=None, **kw) -> TieredKVCache:
+    kw.setdefault("t0_t1_policy", "write_back")  # spills are explicit in these tests
     return TieredKVCache(SPEC, CacheConfig(t0_blocks=t0, t1_blocks=t1, **kw), remote=remote)
 
 
@@ -123,6 +124,7 @@ def test_corrupt_remote_block_is_a_miss_and_later_blocks_are_recomputed():
         loaded = b.load(p, b.lookup(p))
         assert loaded.num_blocks == 1 and t0_holds(b, loaded.block_table[0], p.hashes[0])
         assert b.stats().t2_corrupt == 1
+        assert remote.corrupt_reports == 1 and key not in remote.blocks  # deleted for everyone
         b.release(loaded.block_table)
         b.check_invariants()  # the slots reserved for the cut blocks went back
 

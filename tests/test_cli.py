@@ -7,12 +7,13 @@ from rich.console import Console
 from kvstore.demo import DemoConfig, run_demo
 
 
-def test_demo_reuses_from_t0_and_t1_and_verifies_every_block():
+def test_demo_reuses_from_every_tier_and_verifies_every_block():
+    """Two workers, a real block store on an embedded Redis: T0, T1 and T2 all serve hits."""
     out = io.StringIO()
-    totals = run_demo(DemoConfig(sessions=3, turns=3, t0_blocks=48, t1_blocks=256), Console(file=out, width=120))
-    assert totals["t0"] > 0 and totals["t1"] > 0  # the small T0 forced spills that came back
+    totals = run_demo(DemoConfig(sessions=4, turns=4, t0_blocks=64, t1_blocks=256), Console(file=out, width=120))
+    assert totals["t0"] > 0 and totals["t1"] > 0 and totals["t2"] > 0
     assert totals["prompt"] == totals["t0"] + totals["t1"] + totals["t2"] + totals["computed"]
-    assert totals["verified_blocks"] * 16 == totals["t0"] + totals["t1"]
+    assert totals["verified_blocks"] * 16 == totals["t0"] + totals["t1"] + totals["t2"]
     assert "T0 hit" in out.getvalue()
 
 

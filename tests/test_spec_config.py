@@ -128,7 +128,7 @@ def test_spec_is_frozen():
 
 def test_cache_config_defaults_are_valid():
     cfg = CacheConfig()
-    assert cfg.t0_t1_policy is WritePolicy.WRITE_BACK
+    assert cfg.t0_t1_policy is WritePolicy.WRITE_THROUGH  # every block reaches T2 while hot
     assert cfg.t1_t2_policy is WritePolicy.WRITE_THROUGH
     assert cfg.codec in ("raw", "lz4")
 

@@ -1,0 +1,252 @@
+"""Client of the block store service: the T2 tier of ``TieredKVCache`` over gRPC.
+
+Built so that decoding never waits on, or fails because of, the cold tier:
+- every call has one deadline (``timeout_s``) shared by its retries;
+- retries (with exponential backoff) only for UNAVAILABLE and DEADLINE_EXCEEDED, which are
+  safe because every block-store call is idempotent (Put is set-if-absent);
+- a circuit breaker: after ``breaker_failures`` consecutive failed calls the store is treated
+  as down for ``breaker_reset_s``; meanwhile lookups and gets report misses at once and puts
+  are dropped and counted, then a single probe call decides whether to close it again.
+Errors that retrying cannot fix (bad token, namespace not allowed, invalid request) raise
+``BlockStoreError``; the cache counts them as T2 errors and carries on.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeVar
+
+import grpc
+
+from kvstore.config import BlockStoreClientConfig
+from kvstore.v1 import blockstore_pb2 as pb
+from kvstore.v1 import blockstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+MAX_BATCH_BLOCKS = 1024  # the service's default limit per request
+
+
+class BlockStoreError(RuntimeError):
+    """The block store rejected a call for a reason retrying cannot fix."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"block store {method}: {code.name}: {details}")
+        self.code = code
+
+
+class BlockStoreUnavailable(ConnectionError):
+    """The block store could not be reached within the deadline (or the circuit is open)."""
+
+
+class BreakerState(str, Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Counts consecutive failures; open means "do not even try" until ``reset_s`` passed."""
+
+    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic):
+        self._threshold = failures
+        self._reset_s = reset_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> BreakerState:
+        with self._lock:
+            if self._opened_at is None:
+                return BreakerState.CLOSED
+            if self._probing or self._clock() - self._opened_at >= self._reset_s:
+                return BreakerState.HALF_OPEN
+            return BreakerState.OPEN
+
+    def allow(self) -> bool:
+        """Whether a call may go out now (in half-open state: one probe at a time)."""
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self._probing or self._clock() - self._opened_at < self._reset_s:
+                return False
+            self._probing = True
+            return True
+
+    def record_success(self) -> None:
+        with self._lock:
+            if self._opened_at is not None:
+                log.info("block store reachable again; circuit closed")
+            self._failures, self._opened_at, self._probing = 0, None, False
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            self._probing = False
+            if self._opened_at is not None or self._failures >= self._threshold:
+                if self._opened_at is None:
+                    log.warning("block store unreachable after %d failed calls; circuit open", self._failures)
+                self._opened_at = self._clock()
+
+
+@dataclass(slots=True)
+class ClientCounters:
+    calls: int = 0
+    failures: int = 0  # calls that ended unavailable after retries
+    retries: int = 0
+    short_circuited: int = 0  # calls not attempted because the circuit was open
+    dropped_puts: int = 0  # blocks not written because the store was unavailable
+
+
+class BlockStoreClient:
+    """Thread-safe, synchronous client; implements ``kvstore.remote.RemoteTier``."""
+
+    def __init__(self, config: BlockStoreClientConfig | None = None) -> None:
+        self.config = config = config or BlockStoreClientConfig()
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.enable_retries", 0),  # retries are ours, bounded by the call's deadline
+            # Reconnect quickly after the store comes back (gRPC's default backoff reaches 120 s).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        if config.tls_ca:
+            with open(config.tls_ca, "rb") as f:
+                creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+            self._channel = grpc.secure_channel(config.address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(config.address, options=options)
+        self._stub = pb_grpc.BlockStoreStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
+        self.counters = ClientCounters()
+        self._lock = threading.Lock()
+
+    # ---- RemoteTier -------------------------------------------------------------------
+
+    def lookup(self, namespace: str, hashes: Sequence[bytes]) -> int:
+        """Leading stored blocks among ``hashes``; 0 while the store is unavailable."""
+        if not hashes:
+            return 0
+        req = pb.LookupRequest(namespace=namespace, hashes=list(hashes))
+        try:
+            return self._call("Lookup", lambda t: self._stub.Lookup(req, timeout=t, metadata=self._metadata).prefix_length)
+        except BlockStoreUnavailable:
+            return 0
+
+    def get(self, namespace: str, hashes: Sequence[bytes]) -> list[bytes | None]:
+        """Stored bytes per hash (None: miss, or the store is unavailable)."""
+        if not hashes:
+            return []
+        req = pb.GetRequest(namespace=namespace, hashes=list(hashes))
+
+        def fetch(timeout: float) -> list[bytes | None]:
+            found: list[bytes | None] = [None] * len(hashes)
+            for msg in self._stub.Get(req, timeout=timeout, metadata=self._metadata):
+                for block in msg.blocks:
+                    if block.index >= len(found):
+                        raise BlockStoreError("Get", grpc.StatusCode.INTERNAL, f"index {block.index} out of range")
+                    found[block.index] = block.data
+            return found
+
+        try:
+            return self._call("Get", fetch)
+        except BlockStoreUnavailable:
+            return [None] * len(hashes)
+
+    def put(self, namespace: str, blocks: Sequence[tuple[bytes, bytes]]) -> None:
+        """Store blocks (set-if-absent), split into requests under the size limit.
+
+        While the store is unavailable the blocks are dropped and counted, not raised."""
+        for batch in self._batches(blocks):
+            req = pb.PutRequest(namespace=namespace, blocks=[pb.Block(hash=h, data=d) for h, d in batch])
+            try:
+                self._call("Put", lambda t, r=req: self._stub.Put(r, timeout=t, metadata=self._metadata))
+            except BlockStoreUnavailable:
+                with self._lock:
+                    self.counters.dropped_puts += len(batch)
+
+    def delete(self, namespace: str, hashes: Sequence[bytes], corrupt: bool = False) -> int:
+        """Remove blocks (``corrupt``: this client found them damaged). 0 if unavailable."""
+        if not hashes:
+            return 0
+        req = pb.DeleteRequest(namespace=namespace, hashes=list(hashes), corrupt=corrupt)
+        try:
+            return self._call("Delete", lambda t: self._stub.Delete(req, timeout=t, metadata=self._metadata).deleted)
+        except BlockStoreUnavailable:
+            return 0
+
+    def stats(self) -> pb.StatsResponse:
+        """Server-side counters; raises ``BlockStoreUnavailable`` if it cannot be reached."""
+        return self._call("Stats", lambda t: self._stub.Stats(pb.StatsRequest(), timeout=t, metadata=self._metadata))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> BlockStoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _batches(self, blocks: Sequence[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
+        limit = self.config.max_request_bytes
+        batches: list[list[tuple[bytes, bytes]]] = [[]]
+        size = 0
+        for h, d in blocks:
+            n = len(h) + len(d) + 16
+            if batches[-1] and (size + n > limit or len(batches[-1]) >= MAX_BATCH_BLOCKS):
+                batches.append([])
+                size = 0
+            batches[-1].append((h, d))
+            size += n
+        return [b for b in batches if b]
+
+    def _call(self, method: str, attempt: Callable[[float], T]) -> T:
+        """Run ``attempt(timeout)`` with retries inside one deadline, through the breaker."""
+        with self._lock:
+            self.counters.calls += 1
+        if not self.breaker.allow():
+            with self._lock:
+                self.counters.short_circuited += 1
+            raise BlockStoreUnavailable(f"block store {method}: circuit open")
+        deadline = time.monotonic() + self.config.timeout_s
+        delay = self.config.backoff_s
+        detail = "deadline exceeded"
+        for n in range(self.config.retries + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                result = attempt(remaining)
+            except grpc.RpcError as e:
+                if e.code() not in _TRANSIENT:
+                    self.breaker.record_success()  # it answered, so it is reachable
+                    raise BlockStoreError(method, e.code(), e.details() or "") from None
+                detail = f"{e.code().name}: {e.details()}"
+                if n == self.config.retries or deadline - time.monotonic() <= delay:
+                    break
+                with self._lock:
+                    self.counters.retries += 1
+                time.sleep(delay)
+                delay *= 2
+                continue
+            self.breaker.record_success()
+            return result
+        self.breaker.record_failure()
+        with self._lock:
+            self.counters.failures += 1
+        log.warning("block store %s failed: %s", method, detail)
+        raise BlockStoreUnavailable(f"block store {method}: {detail}")

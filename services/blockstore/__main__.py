@@ -1,0 +1,6 @@
+"""``python -m services.blockstore``: the block store server's command line."""
+import sys
+
+from services.blockstore.server import main
+
+sys.exit(main())

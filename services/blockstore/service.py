@@ -1,0 +1,181 @@
+"""The BlockStore gRPC servicer: authentication, validation, status codes, metrics."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import grpc
+
+from kvstore.config import BlockStoreConfig
+from kvstore.v1 import blockstore_pb2 as pb
+from kvstore.v1 import blockstore_pb2_grpc as pb_grpc
+from services.blockstore.auth import TokenTable, check_namespace, require_namespace
+from services.blockstore.errors import RequestError, StoreError, StoreUnavailableError
+from services.blockstore.metrics import Metrics
+from services.blockstore.store import HASH_SIZES, RedisBlockStore, block_problem
+from services.blockstore.wire import encode_get_response
+
+logger = logging.getLogger(__name__)
+
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlockStore"].full_name  # "kvstore.v1.BlockStore"
+
+
+def add_to_server(servicer: BlockStoreServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` as ``pb_grpc.add_BlockStoreServicer_to_server`` does, except that
+    Get yields already serialized GetResponse messages (see ``wire``)."""
+    handlers = {
+        "Put": grpc.unary_unary_rpc_method_handler(
+            servicer.Put, request_deserializer=pb.PutRequest.FromString,
+            response_serializer=pb.PutResponse.SerializeToString),
+        "Get": grpc.unary_stream_rpc_method_handler(
+            servicer.Get, request_deserializer=pb.GetRequest.FromString, response_serializer=bytes),
+        "Lookup": grpc.unary_unary_rpc_method_handler(
+            servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
+            response_serializer=pb.LookupResponse.SerializeToString),
+        "Delete": grpc.unary_unary_rpc_method_handler(
+            servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
+            response_serializer=pb.DeleteResponse.SerializeToString),
+        "Stats": grpc.unary_unary_rpc_method_handler(
+            servicer.Stats, request_deserializer=pb.StatsRequest.FromString,
+            response_serializer=pb.StatsResponse.SerializeToString),
+    }
+    if missing := set(pb.DESCRIPTOR.services_by_name["BlockStore"].methods_by_name) - set(handlers):
+        raise NotImplementedError(f"BlockStore methods without a handler: {sorted(missing)}")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+class BlockStoreServicer(pb_grpc.BlockStoreServicer):
+    """Serves the BlockStore API from a ``RedisBlockStore``.
+
+    ``on_unavailable(error)`` is awaited whenever Redis could not be reached, so health can
+    flip to NOT_SERVING before the next periodic ping.
+    """
+
+    def __init__(self, store: RedisBlockStore, config: BlockStoreConfig, tokens: TokenTable,
+                 metrics: Metrics, on_unavailable: Callable[[Exception], Awaitable[None]]) -> None:
+        self._store = store
+        self._config = config
+        self._tokens = tokens
+        self._metrics = metrics
+        self._on_unavailable = on_unavailable
+
+    # -- RPCs -------------------------------------------------------------------------------
+    async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
+        async with self._rpc("Put", context):
+            self._admit(context, request.namespace, len(request.blocks))
+            blocks = [self._checked_block(i, b) for i, b in enumerate(request.blocks)]
+            stored, existed = await self._store.put(request.namespace, blocks)
+            self._metrics.put(stored, sum(len(d) for _, d in blocks))
+            return pb.PutResponse(stored=stored, existed=existed)
+
+    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Streams pre-encoded GetResponse messages of about ``get_chunk_bytes``."""
+        async with self._rpc("Get", context):
+            hashes = self._checked_hashes(context, request.namespace, request.hashes)
+            result = await self._store.get(request.namespace, hashes)
+            limit, chunk, size, sent, hits = self._config.get_chunk_bytes, [], 0, 0, 0
+            for i, value in enumerate(result.values):
+                if value is None:
+                    continue
+                if chunk and size + len(value) > limit:  # a single larger block goes alone
+                    yield encode_get_response(chunk)
+                    sent, chunk, size = sent + size, [], 0
+                chunk.append((i, value))
+                size += len(value)
+                hits += 1
+            if chunk:
+                yield encode_get_response(chunk)
+            self._metrics.get(hits, len(hashes) - hits, result.corrupt, sent + size)
+
+    async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
+        async with self._rpc("Lookup", context):
+            hashes = self._checked_hashes(context, request.namespace, request.hashes)
+            n = await self._store.lookup(request.namespace, hashes)
+            self._metrics.lookup()
+            return pb.LookupResponse(prefix_length=n)
+
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+        async with self._rpc("Delete", context):
+            hashes = self._checked_hashes(context, request.namespace, request.hashes)
+            deleted = await self._store.delete(request.namespace, hashes)
+            if request.corrupt:  # counted once per block actually removed (no double reports)
+                logger.warning("client reported %d corrupt block(s) in namespace %r; %d deleted",
+                               len(hashes), request.namespace, deleted)
+                self._metrics.corrupt(deleted)
+            return pb.DeleteResponse(deleted=deleted)
+
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        """This replica's counters and the Redis memory and key count; any valid token."""
+        async with self._rpc("Stats", context):
+            self._tokens.authenticate(context.invocation_metadata())
+            memory, keys = await self._store.memory_and_keys()
+            t = self._metrics.totals
+            return pb.StatsResponse(
+                puts=t.puts, blocks_stored=t.blocks_stored, gets=t.gets, hits=t.hits, misses=t.misses,
+                corrupt=t.corrupt, lookups=t.lookups, bytes_in=t.bytes_in, bytes_out=t.bytes_out,
+                redis_used_memory=memory, redis_keys=keys)
+
+    # -- helpers ----------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Map exceptions to status codes (never crash on a request) and record metrics."""
+        start = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        in_flight = self._metrics.in_flight.labels(method)
+        in_flight.inc()
+        try:
+            yield
+        except RequestError as e:
+            code, message = e.code, e.message
+        except StoreUnavailableError as e:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"Redis is unavailable: {e}"
+            logger.debug("%s: %s", method, message)  # the health change is logged once
+            await self._on_unavailable(e)
+        except StoreError as e:
+            code, message = grpc.StatusCode.INTERNAL, f"Redis error: {e}"
+            logger.error("%s: %s", method, message)
+        except Exception as e:  # noqa: BLE001 - a request must never take the server down
+            code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}"
+            logger.exception("%s failed", method)
+        except BaseException:  # cancelled by the client, its deadline or shutdown
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            in_flight.dec()
+            self._metrics.observe(method, code, time.perf_counter() - start)
+        if code is not grpc.StatusCode.OK:
+            await context.abort(code, message)
+
+    def _admit(self, context: grpc.aio.ServicerContext, namespace: str, count: int) -> None:
+        """Authenticate, validate the namespace, authorize it, and check the batch size."""
+        allowed = self._tokens.authenticate(context.invocation_metadata())  # before anything else
+        check_namespace(namespace)
+        require_namespace(allowed, namespace)
+        if count > self._config.max_batch_blocks:
+            raise RequestError(_INVALID, f"{count} blocks in one request; the limit is "
+                                         f"max_batch_blocks={self._config.max_batch_blocks}")
+
+    def _checked_hashes(self, context: grpc.aio.ServicerContext, namespace: str,
+                        hashes: Sequence[bytes]) -> list[bytes]:
+        self._admit(context, namespace, len(hashes))
+        hashes = list(hashes)
+        for i, h in enumerate(hashes):
+            if len(h) not in HASH_SIZES:
+                raise RequestError(_INVALID, f"malformed hash at index {i}: {len(h)} bytes, expected 16 or 32")
+        return hashes
+
+    def _checked_block(self, i: int, block: pb.Block) -> tuple[bytes, bytes]:
+        h, data = block.hash, block.data  # each access copies out of the message: once only
+        if len(h) not in HASH_SIZES:
+            raise RequestError(_INVALID, f"malformed hash at index {i}: {len(h)} bytes, expected 16 or 32")
+        if len(data) > self._config.max_block_bytes:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"block at index {i} is {len(data)} bytes; the limit is "
+                               f"max_block_bytes={self._config.max_block_bytes}")
+        if problem := block_problem(data, h):
+            raise RequestError(_INVALID, f"invalid block data at index {i}: {problem}")
+        return h, data

@@ -1,0 +1,222 @@
+"""Blocks in Redis or Redis Cluster: one key per block, one pipeline per batch.
+
+Key: ``kv:<namespace>:<hash hex>``. Hex keeps binary hashes from forming ``{...}`` hash tags,
+so a batch spreads over all cluster slots; the cluster pipeline groups its commands per node
+and sends the groups concurrently. Stored values are never trusted: a hit whose header does
+not verify, names another hash, or whose length disagrees with its header is deleted and
+reported as a miss.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry  # (redis.retry.Retry would silently never retry here)
+from redis.backoff import NoBackoff
+
+from kvstore.codec import read_header
+from services.blockstore.errors import StoreError, StoreUnavailableError
+
+logger = logging.getLogger(__name__)
+
+HASH_SIZES = (16, 32)
+_SOCKET_READ_SIZE = 1 << 20  # redis-py reads 32 KiB at a time by default; blocks are ~200 KB
+_STREAM_LIMIT = 8 << 20
+_UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, rex.TryAgainError,
+                rex.RedisClusterException, OSError, TimeoutError)
+
+
+def block_problem(data: bytes, block_hash: bytes) -> str | None:
+    """Why ``data`` is not a well-formed encoded block for ``block_hash`` (None if it is).
+
+    Checks the header (magic, version, CRC, lengths), the hash it names and the total length;
+    the payload checksum is left to the client, which decodes.
+    """
+    try:
+        header = read_header(data)
+    except (ValueError, IndexError, struct.error) as e:  # BlockCodecError is a ValueError
+        return f"bad header: {e}"
+    if header.block_hash != block_hash:
+        return f"header names hash {header.block_hash.hex()}, not {block_hash.hex()}"
+    if header.header_len + header.payload_len != len(data):
+        return (f"length {len(data)} != header {header.header_len} + payload "
+                f"{header.payload_len} bytes")
+    return None
+
+
+class BigBufferConnection(Connection):
+    """A redis-py asyncio connection whose stream buffers up to 8 MiB of replies.
+
+    With asyncio's default (64 KiB) the socket is paused and resumed several times per
+    ~200 KB block; measured here, 8 MiB cut the CPU of a 12 MB pipelined read by 15-30%.
+    """
+
+    def _connection_arguments(self) -> dict:
+        return {**super()._connection_arguments(), "limit": _STREAM_LIMIT}
+
+
+@dataclass(slots=True)
+class GetResult:
+    """Values in request order (None: miss) and how many stored values were corrupt."""
+
+    values: list[bytes | None]
+    corrupt: int
+
+
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    """Translate redis-py exceptions into the service's typed errors."""
+    try:
+        yield
+    except _UNAVAILABLE as e:
+        raise StoreUnavailableError(f"{type(e).__name__}: {e}") from e
+    except rex.RedisError as e:
+        raise StoreError(f"{type(e).__name__}: {e}") from e
+
+
+class RedisBlockStore:
+    """Async access to the blocks of every namespace in one Redis or Redis Cluster.
+
+    Every batch operation is one pipeline (one per node in cluster mode). Redis problems
+    raise ``StoreUnavailableError`` (cannot reach it within ``timeout_s``) or ``StoreError``.
+    """
+
+    def __init__(self, url: str, *, cluster: bool, ttl_seconds: int, timeout_s: float) -> None:
+        self.url = url
+        self.cluster = cluster
+        self.ttl = ttl_seconds
+        # One immediate retry on a broken connection (e.g. pooled sockets after a Redis
+        # restart), none on timeouts: callers must learn of an outage within ~timeout_s.
+        options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                       socket_read_size=_SOCKET_READ_SIZE,
+                       retry=Retry(NoBackoff(), 1, supported_errors=(rex.ConnectionError,)))
+        if cluster:  # (its nodes' connection class is fixed by redis-py)
+            self._client: aioredis.Redis | RedisCluster = RedisCluster.from_url(url, **options)
+        else:  # rediss:// and unix:// URLs keep their own connection class (URL options win)
+            self._client = aioredis.Redis.from_url(url, connection_class=BigBufferConnection, **options)
+
+    @staticmethod
+    def key_prefix(namespace: str) -> bytes:
+        """``kv:<namespace>:``; a block's key is this plus its hash in hex."""
+        return b"kv:" + namespace.encode() + b":"
+
+    def _keys(self, namespace: str, hashes: Sequence[bytes]) -> list[bytes]:
+        prefix = self.key_prefix(namespace)
+        return [prefix + h.hex().encode() for h in hashes]
+
+    def _pipeline(self):
+        return self._client.pipeline(transaction=False)
+
+    async def put(self, namespace: str, blocks: Sequence[tuple[bytes, bytes]]) -> tuple[int, int]:
+        """Store (hash, data) pairs if absent, with the TTL. Returns (stored, existed).
+
+        Existing blocks keep their value and get their TTL refreshed.
+        """
+        if not blocks:
+            return 0, 0
+        keys = self._keys(namespace, [h for h, _ in blocks])
+        with _redis_errors():
+            pipe = self._pipeline()
+            for key, (_, data) in zip(keys, blocks):
+                pipe.set(key, data, nx=True, ex=self.ttl)
+            created = await pipe.execute()
+            existing = [key for key, ok in zip(keys, created) if not ok]
+            if existing:
+                pipe = self._pipeline()
+                for key in existing:
+                    pipe.expire(key, self.ttl)
+                await pipe.execute()
+        return len(keys) - len(existing), len(existing)
+
+    async def get(self, namespace: str, hashes: Sequence[bytes]) -> GetResult:
+        """Fetch blocks, refreshing the TTL of each hit; corrupt values are deleted misses."""
+        if not hashes:
+            return GetResult([], 0)
+        keys = self._keys(namespace, hashes)
+        with _redis_errors():
+            pipe = self._pipeline()
+            for key in keys:
+                pipe.getex(key, ex=self.ttl)
+            values = await pipe.execute()
+            bad = []
+            for i, value in enumerate(values):
+                if value is not None and (problem := block_problem(value, hashes[i])):
+                    logger.warning("corrupt block %s deleted: %s", keys[i].decode(), problem)
+                    values[i] = None
+                    bad.append(keys[i])
+            if bad:
+                await self._delete_keys(bad)
+        return GetResult(values, len(bad))
+
+    async def lookup(self, namespace: str, hashes: Sequence[bytes]) -> int:
+        """How many of the leading ``hashes`` are stored (a gap ends the prefix)."""
+        if not hashes:
+            return 0
+        with _redis_errors():
+            pipe = self._pipeline()
+            for key in self._keys(namespace, hashes):
+                pipe.exists(key)
+            present = await pipe.execute()
+        n = 0
+        while n < len(present) and present[n]:
+            n += 1
+        return n
+
+    async def delete(self, namespace: str, hashes: Sequence[bytes]) -> int:
+        """Remove blocks; returns how many existed."""
+        if not hashes:
+            return 0
+        with _redis_errors():
+            return await self._delete_keys(self._keys(namespace, hashes))
+
+    async def _delete_keys(self, keys: Sequence[bytes]) -> int:
+        pipe = self._pipeline()
+        for key in keys:  # one DEL per key: keys of one batch live in different cluster slots
+            pipe.delete(key)
+        return sum(await pipe.execute())
+
+    async def memory_and_keys(self) -> tuple[int, int]:
+        """(used_memory in bytes, number of keys), summed over the primaries of a cluster."""
+        with _redis_errors():
+            if not self.cluster:
+                info = await self._client.info("memory")
+                return int(info["used_memory"]), int(await self._client.dbsize())
+            nodes = RedisCluster.PRIMARIES
+            infos = await self._client.info("memory", target_nodes=nodes)
+            sizes = await self._client.dbsize(target_nodes=nodes)
+        memory = sum(int(info["used_memory"]) for _, info in _per_node_items(infos, "used_memory"))
+        keys = sum(map(int, sizes.values())) if isinstance(sizes, dict) else int(sizes)  # redis-py sums
+        return memory, keys
+
+    async def ping(self) -> None:
+        """Raise unless Redis answers; in cluster mode, unless every primary reports
+        ``cluster_state:ok`` (a primary answering PING may still refuse commands)."""
+        with _redis_errors():
+            if not self.cluster:
+                await self._client.ping()
+                return
+            infos = await self._client.cluster_info(target_nodes=RedisCluster.PRIMARIES)
+        if bad := [node for node, info in _per_node_items(infos, "cluster_state")
+                   if info.get("cluster_state") != "ok"]:
+            raise StoreUnavailableError(f"cluster state is not ok on {', '.join(bad)}")
+
+    async def close(self) -> None:
+        """Close all connections."""
+        with contextlib.suppress(rex.RedisError, OSError):
+            await self._client.aclose()
+
+
+def _per_node_items(result: object, field: str) -> list[tuple[str, object]]:
+    """(node, reply) pairs of a command sent to the primaries. redis-py answers
+    {node: reply}, or the bare reply (one primary, or an aggregating command like DBSIZE);
+    ``field`` is a key of a bare dict reply, to tell the two apart."""
+    if isinstance(result, dict) and field not in result:
+        return list(result.items())
+    return [("redis", result)]

@@ -1,0 +1,173 @@
+"""The T2 client against the real block store service over a real Redis (single and cluster):
+round trips, the cache manager across processes, faults, corruption, auth."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvhelpers import SPEC, prefill, prefix, t0_holds
+from kvstore.blockstore_client import BlockStoreClient, BlockStoreError, BreakerState, CircuitBreaker
+from kvstore.cache import Tier, TieredKVCache
+from kvstore.codec import encode_block, tensor_bytes
+from kvstore.config import BlockStoreClientConfig, BlockStoreConfig, CacheConfig
+from kvhelpers import content
+from services.blockstore.server import BlockStoreThread
+from services.embedded_redis import EmbeddedRedis
+
+BS = SPEC.block_size
+TOKENS = "secret=tenant,other;admin=*"
+HERE = Path(__file__).parent
+
+
+def encoded(p, i: int) -> bytes:
+    return encode_block(
+        tensor_bytes(content(p.hashes[i]).contiguous()), dtype=SPEC.dtype, shape=SPEC.block_shape,
+        fingerprint=SPEC.fingerprint, block_hash=p.hashes[i], parent_hash=p.parent_of(i),
+        token_ids=p.block_tokens(i),
+    )
+
+
+@pytest.fixture(scope="module", params=["single", "cluster"])
+def store(request):
+    """A block store service on a real Redis (or a 3-node Redis Cluster)."""
+    backend = request.getfixturevalue("redis_server" if request.param == "single" else "redis_cluster")
+    cfg = BlockStoreConfig(port=0, redis_url=backend.url, redis_cluster=request.param == "cluster", tokens=TOKENS)
+    with BlockStoreThread(cfg) as server:
+        yield server
+
+
+def client_for(address: str, **kw) -> BlockStoreClient:
+    kw.setdefault("token", "secret")
+    return BlockStoreClient(BlockStoreClientConfig(address=address, **kw))
+
+
+def test_put_get_lookup_round_trip_bit_exact(store):
+    p = prefix(range(6 * BS), namespace="tenant")
+    blobs = [encoded(p, i) for i in range(6)]
+    with client_for(store.address, max_request_bytes=3 * len(blobs[0])) as c:  # forces 2+ Puts
+        c.put("tenant", [(p.hashes[i], blobs[i]) for i in (0, 1, 2, 4, 5)])  # block 3 missing
+        assert c.lookup("tenant", p.hashes) == 3
+        got = c.get("tenant", p.hashes)
+        assert got[3] is None and [got[i] for i in (0, 1, 2, 4, 5)] == [blobs[i] for i in (0, 1, 2, 4, 5)]
+        c.put("tenant", [(p.hashes[3], blobs[3])])
+        assert c.lookup("tenant", p.hashes) == 6
+        assert c.lookup("other", p.hashes) == 0  # namespaces are separate key spaces
+        assert c.delete("tenant", p.hashes[:2]) == 2 and c.lookup("tenant", p.hashes) == 0
+
+
+def test_cache_manager_commit_in_one_process_load_in_another(store):
+    n_tokens = str(5 * BS + 3)
+    args = [sys.executable, str(HERE / "t2_worker.py")]
+    w = subprocess.run(args + ["write", store.address, "secret", "tenant", n_tokens], capture_output=True, text=True, timeout=120)
+    assert w.returncode == 0, w.stderr
+    assert json.loads(w.stdout)["t2_put_blocks"] == 5
+    r = subprocess.run(args + ["read", store.address, "secret", "tenant", n_tokens], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["from_tier"] == [0, 0, 5] and out["verified"] == 5 and out["t2_corrupt"] == 0
+
+
+def test_payload_corruption_is_a_miss_recomputed_and_deleted(store):
+    p = prefix(range(1000, 1000 + 3 * BS + 1), namespace="tenant")
+    blobs = [encoded(p, i) for i in range(3)]
+    bad = bytearray(blobs[1])
+    bad[-7] ^= 0x10  # payload byte: the header still verifies, the plane checksum does not
+    with client_for(store.address) as c:
+        c.put("tenant", [(p.hashes[0], blobs[0]), (p.hashes[1], bytes(bad)), (p.hashes[2], blobs[2])])
+        with TieredKVCache(SPEC, CacheConfig(t0_blocks=8, t1_blocks=8), remote=c) as cache:
+            hit = cache.lookup(p)
+            assert hit.tiers == [Tier.T2] * 3
+            loaded = cache.load(p, hit)
+            assert loaded.num_blocks == 1 and t0_holds(cache, loaded.block_table[0], p.hashes[0])
+            assert cache.stats().t2_corrupt == 1
+            cache.release(loaded.block_table)
+        assert c.lookup("tenant", p.hashes) == 1  # the corrupt block is gone for everyone
+        assert c.stats().corrupt >= 1
+
+
+def test_wrong_token_or_namespace_raises_and_the_cache_carries_on(store):
+    p = prefix(range(2 * BS + 1), namespace="tenant")
+    with client_for(store.address, token="nope") as c:
+        with pytest.raises(BlockStoreError) as e:
+            c.stats()
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with TieredKVCache(SPEC, CacheConfig(t0_blocks=4, t1_blocks=4), remote=c) as cache:
+            cache.release(prefill(cache, p))
+            assert cache.lookup(p).num_blocks == 2  # T0 still serves
+            assert cache.stats().t2_errors >= 1
+        assert c.breaker.state is BreakerState.CLOSED  # a rejection is not an outage
+    with client_for(store.address) as c:
+        with pytest.raises(BlockStoreError) as e:
+            c.lookup("forbidden", p.hashes)
+        assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_store_down_means_misses_within_the_deadline(redis_server):
+    """With the block store process gone, a cache workload completes with only misses."""
+    server = BlockStoreThread(BlockStoreConfig(port=0, redis_url=redis_server.url))
+    address = server.start()
+    server.stop()
+    cfg = dict(timeout_s=0.5, retries=1, breaker_failures=2, breaker_reset_s=60)
+    with client_for(address, **cfg) as c, TieredKVCache(SPEC, CacheConfig(t0_blocks=6, t1_blocks=4), remote=c) as cache:
+        start = time.monotonic()
+        for turn in range(10):
+            p = prefix([turn] * (3 * BS) + [1], namespace="tenant")
+            hit = cache.lookup(p)
+            assert hit.blocks_in(Tier.T2) == 0
+            cache.release(prefill(cache, p))
+        cache.flush()
+        elapsed = time.monotonic() - start
+        # Two calls fail (each within its 0.5 s deadline), then the circuit is open.
+        assert elapsed < 2 * 0.5 + 2.0, elapsed
+        assert c.breaker.state is BreakerState.OPEN
+        assert c.counters.short_circuited > 0 and c.counters.dropped_puts > 0
+
+
+def test_redis_killed_mid_run_then_restarted():
+    with EmbeddedRedis() as redis_:
+        cfg = BlockStoreConfig(port=0, redis_url=redis_.url, redis_timeout_s=0.5)
+        with BlockStoreThread(cfg) as server:
+            ccfg = dict(token="", timeout_s=1.0, retries=1, breaker_failures=2, breaker_reset_s=0.2)
+            with client_for(server.address, **ccfg) as c:
+                p = prefix(range(2 * BS), namespace="tenant")
+                c.put("tenant", [(p.hashes[0], encoded(p, 0))])
+                assert c.lookup("tenant", p.hashes) == 1
+                redis_.kill()
+                start = time.monotonic()
+                assert c.lookup("tenant", p.hashes) == 0  # a miss, not an exception
+                assert c.get("tenant", p.hashes) == [None, None]
+                c.put("tenant", [(p.hashes[1], encoded(p, 1))])  # dropped
+                assert time.monotonic() - start < 3 * 1.0 + 0.5
+                assert c.counters.dropped_puts >= 1
+                redis_.restart()
+                q = prefix(range(500, 500 + 2 * BS), namespace="tenant")
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # the breaker lets a probe through every 0.2 s
+                    c.put("tenant", [(q.hashes[0], encoded(q, 0))])
+                    if c.lookup("tenant", q.hashes) == 1:
+                        break
+                assert c.lookup("tenant", q.hashes) == 1, "hits did not resume after Redis came back"
+                assert c.breaker.state is BreakerState.CLOSED
+
+
+def test_circuit_breaker_states():
+    now = [0.0]
+    b = CircuitBreaker(failures=2, reset_s=5, clock=lambda: now[0])
+    assert b.allow() and b.state is BreakerState.CLOSED
+    b.record_failure()
+    assert b.allow()
+    b.record_failure()
+    assert b.state is BreakerState.OPEN and not b.allow()
+    now[0] = 5.0
+    assert b.state is BreakerState.HALF_OPEN
+    assert b.allow() and not b.allow()  # exactly one probe
+    b.record_failure()
+    assert b.state is BreakerState.OPEN and not b.allow()
+    now[0] = 10.0
+    assert b.allow()
+    b.record_success()
+    assert b.state is BreakerState.CLOSED and b.allow() and b.allow()

@@ -1,0 +1,194 @@
+"""Reuse changes nothing but speed: greedy output and logits of a conversation's next turn are
+the same whether its history is recomputed or reused from T0, T1, T2 (this process or
+another), with a prefix ending mid-block, a fully cached prompt, batched decode, or a corrupt
+T2 block."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from enginehelpers import BLOCK, GREEDY, make_engine, prompt
+from kvstore.blockstore_client import BlockStoreClient
+from kvstore.cache import Tier
+from kvstore.config import BlockStoreClientConfig, BlockStoreConfig
+from services.blockstore.server import BlockStoreThread
+from workers.engine import Status
+from workers.sampling import SamplingParams
+
+HERE = Path(__file__).parent
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def store(redis_server):
+    with BlockStoreThread(BlockStoreConfig(port=0, redis_url=redis_server.url)) as server:
+        yield server
+
+
+def client(store) -> BlockStoreClient:
+    return BlockStoreClient(BlockStoreClientConfig(address=store.address, timeout_s=10))
+
+
+def run(engine, tokens, params=GREEDY):
+    (seq,) = engine.generate([tokens], params)
+    assert seq.status is Status.FINISHED and seq.error is None
+    return seq
+
+
+def assert_same(seq, ref):
+    assert seq.output == ref.output
+    assert len(seq.logits) == len(ref.logits)
+    for a, b in zip(seq.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def conversation(seed=1, n1=37, n_user=11):
+    """Turn 1's prompt, and a function making turn 2's prompt from turn 1's output."""
+    p1 = prompt(seed, n1)
+    user = prompt(seed + 100, n_user)
+    return p1, lambda out1: p1 + out1 + user
+
+
+def reference(tokens, params=GREEDY):
+    """No reuse: a fresh engine computes everything."""
+    return run(make_engine(), tokens, params)
+
+
+def test_reuse_from_t0():
+    p1, turn2 = conversation()
+    engine = make_engine()
+    out1 = run(engine, p1).output
+    seq = run(engine, turn2(out1))
+    assert seq.usage.cached_tokens[Tier.T0] >= (len(p1) + len(out1)) // BLOCK * BLOCK - BLOCK
+    assert seq.usage.cached_tokens[Tier.T1] == seq.usage.cached_tokens[Tier.T2] == 0
+    assert_same(seq, reference(turn2(out1)))
+
+
+def test_reuse_from_t1_after_spill():
+    p1, turn2 = conversation(seed=2)
+    engine = make_engine(t0=40, t1=64)
+    out1 = run(engine, p1).output
+    engine.cache.release(engine.cache.allocate(40))  # evict all of T0 (already written through to T1)
+    seq = run(engine, turn2(out1))
+    assert seq.usage.cached_tokens[Tier.T0] == 0 and seq.usage.cached_tokens[Tier.T1] > 0
+    assert_same(seq, reference(turn2(out1)))
+
+
+def test_reuse_from_t2_after_local_tiers_emptied(store):
+    p1, turn2 = conversation(seed=3)
+    with client(store) as c:
+        first = make_engine(remote=c)
+        out1 = run(first, p1).output
+        first.cache.close()
+        engine = make_engine(remote=c)  # empty T0 and T1, like another worker
+        seq = run(engine, turn2(out1))
+        assert seq.usage.cached_tokens[Tier.T2] >= (len(p1) + len(out1)) // BLOCK * BLOCK - BLOCK
+        assert seq.usage.cached_tokens[Tier.T0] == seq.usage.cached_tokens[Tier.T1] == 0
+        assert_same(seq, reference(turn2(out1)))
+
+
+def test_reuse_from_t2_written_by_another_process(store):
+    p1, turn2 = conversation(seed=4, n1=45)
+    r = subprocess.run([sys.executable, str(HERE / "engine_worker.py"), store.address, "4", "45"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out1 = json.loads(r.stdout)
+    assert out1 == reference(p1).output  # the other process decoded the same turn 1
+    with client(store) as c:
+        seq = run(make_engine(remote=c), turn2(out1))
+        assert seq.usage.cached_tokens[Tier.T2] > 0
+        assert_same(seq, reference(turn2(out1)))
+
+
+def test_prefix_ending_mid_block():
+    base = prompt(5, 30)  # 7.5 blocks
+    engine = make_engine()
+    run(engine, base)
+    other = base[:26] + prompt(6, 9)  # diverges inside block 6 (tokens 24..27)
+    seq = run(engine, other)
+    assert seq.usage.cached_tokens[Tier.T0] == 24  # the full blocks before the divergence
+    assert_same(seq, reference(other))
+
+
+def test_fully_cached_prompt_recomputes_only_the_last_token():
+    p = prompt(7, 4 * BLOCK + 1)
+    engine = make_engine()
+    first = run(engine, p)
+    again = run(engine, p)
+    assert again.usage.cached_tokens[Tier.T0] == 4 * BLOCK and again.usage.computed_prompt_tokens == 1
+    assert_same(again, first)
+    exact = prompt(8, 4 * BLOCK)  # a multiple of the block size: its last block is recomputed
+    run(engine, exact)
+    seq = run(engine, exact)
+    assert seq.usage.computed_prompt_tokens == BLOCK
+    assert_same(seq, reference(exact))
+
+
+def test_batched_decode_of_different_lengths_equals_alone():
+    prompts = [prompt(10, 9), prompt(11, 23), prompt(12, 40)]
+    engine = make_engine()
+    together = engine.generate(prompts, GREEDY)
+    for seq, p in zip(together, prompts):
+        assert_same(seq, reference(p))
+
+
+def test_corrupt_t2_block_is_recomputed_with_identical_output(store, redis_server):
+    p1, turn2 = conversation(seed=9)
+    with client(store) as c:
+        first = make_engine(remote=c)
+        out1 = run(first, p1).output
+        first.cache.close()
+        r = redis_server.client()
+        keys = sorted(r.keys("kv:default:*"))
+        assert keys
+        for key in keys[::3]:  # damage a payload byte of every third block
+            value = bytearray(r.get(key))
+            value[-3] ^= 0xFF
+            r.set(key, bytes(value))
+        engine = make_engine(remote=c)
+        seq = run(engine, turn2(out1))
+        assert engine.cache.stats().t2_corrupt >= 1
+        assert_same(seq, reference(turn2(out1)))
+
+
+def test_sampling_with_seed_is_reproducible_and_reuse_keeps_it():
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    p = prompt(13, 21)
+    engine = make_engine()
+    a = run(engine, p, params)
+    b = run(engine, p, params)  # second time from T0
+    assert a.output == b.output == reference(p, params).output
+
+
+def test_stop_tokens_and_max_tokens():
+    p = prompt(14, 10)
+    ref = reference(p)
+    stop_at = ref.output[3]
+    seq = run(make_engine(), p, SamplingParams(max_tokens=12, stop_token_ids=(stop_at,), ignore_eos=True))
+    assert seq.output == ref.output[: ref.output.index(stop_at) + 1] and seq.finish_reason == "stop"
+    seq = run(make_engine(), p, SamplingParams(max_tokens=5, ignore_eos=True))
+    assert len(seq.output) == 5 and seq.finish_reason == "length"
+
+
+def test_preemption_when_t0_is_full_keeps_outputs_exact():
+    prompts = [prompt(20 + i, 14) for i in range(4)]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    engine = make_engine(t0=20, t1=64)  # 4 sequences of up to 30 tokens need 32 blocks
+    seqs = engine.generate(prompts, params)
+    for seq, p in zip(seqs, prompts):
+        assert seq.output == reference(p, params).output
+    engine.cache.check_invariants()
+    assert engine.cache.stats().t0_pinned == 0
+
+
+def test_prompt_that_cannot_fit_fails_alone():
+    engine = make_engine(t0=4, t1=8)
+    seq = engine.add_request(prompt(30, 40), GREEDY)
+    ok = engine.add_request(prompt(31, 5), GREEDY)
+    while engine.has_work():
+        engine.step()
+    assert seq.finish_reason == "error" and "does not fit" in seq.error
+    assert ok.finish_reason == "length" and len(ok.output) == GREEDY.max_tokens

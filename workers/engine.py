@@ -1,0 +1,316 @@
+"""The decode engine: continuous batching over the tiered KV cache.
+
+A request's prompt is looked up in the ``TieredKVCache``; the cached prefix is loaded into T0
+(promoted from T1/T2 when needed) and only the tokens after it are prefilled. Sequences then
+join batched decode steps. Every block whose K/V is complete is committed, so it becomes
+shareable (and is written down to T1/T2 per policy) while the sequence is still running.
+Finished sequences release their blocks; cached blocks stay for the next turn.
+
+Scheduling (nano-vllm's): each step either prefills waiting sequences (up to a token budget)
+or decodes all running ones. When T0 is full, the newest running sequence is preempted: it
+releases its blocks and goes back to the waiting queue, from where it resumes by reloading
+its committed blocks instead of recomputing them.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from kvstore.cache import CacheFullError, Tier, TieredKVCache
+from kvstore.hashing import PrefixHasher, root_hash
+from workers.model import ForwardBatch, Transformer
+from workers.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Usage:
+    """What a request cost: the answer to "did the cache help?"."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: list[int] = field(default_factory=lambda: [0, 0, 0])  # by tier T0, T1, T2
+    ttft_s: float = 0.0  # arrival to first token
+    decode_s: float = 0.0
+
+    @property
+    def computed_prompt_tokens(self) -> int:
+        return self.prompt_tokens - sum(self.cached_tokens)
+
+
+class Sequence:
+    """One request: its tokens (prompt + output), block table and progress."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: SamplingParams, prefix: PrefixHasher) -> None:
+        self.id = next(Sequence._ids)
+        self.params = params
+        self.prefix = prefix  # all tokens so far, with hashes of the full blocks
+        self.prompt_len = len(prompt)
+        self.block_table: list[int] = []
+        self.num_computed = 0  # tokens whose K/V is in T0 (loaded or computed)
+        self.num_committed_blocks = 0
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.usage = Usage(prompt_tokens=len(prompt))
+        self.arrival = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.text_len = 0  # decoded output characters already checked for stop strings
+        self.logits: list[torch.Tensor] = []  # per generated token, with EngineConfig.keep_logits
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prefix.tokens
+
+    @property
+    def output(self) -> list[int]:
+        return self.prefix.tokens[self.prompt_len:]
+
+    def __len__(self) -> int:
+        return self.prefix.num_tokens
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_num_seqs: int = 16
+    max_prefill_tokens: int = 8192  # per step; a longer prompt is prefilled alone
+    keep_logits: bool = False  # keep each step's logits on the sequence (tests, debugging)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    seq: Sequence
+    token: int
+    finished: bool
+
+
+class Engine:
+    """Continuous-batching generation over a ``Transformer`` and a ``TieredKVCache``."""
+
+    def __init__(self, model: Transformer, cache: TieredKVCache, config: EngineConfig | None = None,
+                 eos_token_ids: Seq[int] = (), detokenize=None) -> None:
+        self.model = model
+        self.cache = cache
+        self.config = config or EngineConfig()
+        self.block_size = cache.spec.block_size
+        self.eos = frozenset(eos_token_ids)
+        self.detokenize = detokenize  # ids -> str, for stop strings
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None, namespace: str = "default") -> Sequence:
+        """Queue a prompt (token ids). Returns its ``Sequence`` (tokens appear in ``output``)."""
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        params = params or SamplingParams()
+        if params.stop and self.detokenize is None:
+            raise ValueError("stop strings need a detokenizer")
+        prefix = PrefixHasher(root_hash(self.cache.spec.fingerprint, namespace), self.block_size, namespace)
+        prefix.extend(prompt)
+        seq = Sequence(list(prompt), params, prefix)
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence (e.g. its client went away) and free its blocks."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.status is not Status.FINISHED:
+            self._finish(seq, "abort")
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, namespace: str = "default") -> list[Sequence]:
+        """Run prompts to completion (batched); returns their sequences in order."""
+        seqs = [self.add_request(p, params, namespace) for p in prompts]
+        while self.has_work():
+            self.step()
+        return seqs
+
+    def stream(self, prompt: list[int], params: SamplingParams | None = None, namespace: str = "default") -> Iterator[int]:
+        """Yield a prompt's tokens as they are generated (steps other requests too)."""
+        seq = self.add_request(prompt, params, namespace)
+        sent = 0
+        try:
+            while seq.status is not Status.FINISHED:
+                self.step()
+                yield from seq.output[sent:]
+                sent = len(seq.output)
+        finally:
+            if seq.status is not Status.FINISHED:
+                self.abort(seq)
+
+    # ---- one step -----------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        """Prefill waiting sequences if any can start, else decode all running ones."""
+        batch = self._schedule_prefill()
+        if not batch:
+            batch = self._schedule_decode()
+        if not batch:
+            return []
+        logits = self._forward(batch)
+        return self._postprocess(batch, logits)
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        budget = self.config.max_prefill_tokens
+        while self.waiting and len(self.running) + len(batch) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if batch and len(seq) - seq.num_computed > budget:
+                break
+            try:
+                if not self._start(seq, alone=not (self.running or batch)):
+                    break
+            except CacheFullError as e:  # can never fit: fail this request, not the engine
+                self.waiting.popleft()
+                seq.error = f"prompt of {len(seq)} tokens does not fit in T0: {e}"
+                self._finish(seq, "error")
+                continue
+            self.waiting.popleft()
+            budget -= len(seq) - seq.num_computed
+            batch.append(seq)
+        return batch
+
+    def _start(self, seq: Sequence, alone: bool) -> bool:
+        """Load the cached prefix and allocate blocks for the rest. False if T0 is full
+        (raises ``CacheFullError`` if it would not fit even ``alone``)."""
+        hit = self.cache.lookup(seq.prefix)
+        loaded = self.cache.load(seq.prefix, hit)
+        n_blocks = -(-len(seq) // self.block_size)
+        try:
+            new = self.cache.allocate(n_blocks - loaded.num_blocks)
+        except CacheFullError:
+            self.cache.release(loaded.block_table)
+            if alone:
+                raise
+            return False
+        seq.block_table = loaded.block_table + new
+        seq.num_computed = loaded.num_tokens
+        seq.num_committed_blocks = loaded.num_blocks  # loaded blocks are cached already
+        if seq.first_token_at is None:  # a preempted sequence keeps its first usage record
+            for tier in Tier:
+                seq.usage.cached_tokens[tier] = loaded.from_tier[tier] * self.block_size
+        seq.status = Status.RUNNING
+        return True
+
+    def _schedule_decode(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue
+            while len(seq.block_table) * self.block_size < len(seq):
+                try:
+                    seq.block_table += self.cache.allocate(1)
+                except CacheFullError:
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                    continue
+            if seq.status is Status.RUNNING:
+                batch.append(seq)
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.info("T0 full: preempting sequence %d (%d tokens)", seq.id, len(seq))
+        self.running.remove(seq)
+        self.cache.release(seq.block_table)
+        seq.block_table, seq.num_computed, seq.num_committed_blocks = [], 0, 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def _forward(self, batch: list[Sequence]) -> torch.Tensor:
+        device = self.cache.t0.device
+        ids, positions, slots, query_lens = [], [], [], []
+        bs = self.block_size
+        for seq in batch:
+            start, end = seq.num_computed, len(seq)
+            ids.extend(seq.tokens[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(end - start)
+        fb = ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            query_lens=query_lens,
+            context_lens=[len(s) for s in batch],
+            block_tables=[s.block_table for s in batch],
+        )
+        with torch.inference_mode():
+            return self.model(fb, self.cache.t0.kv)
+
+    def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        now = time.perf_counter()
+        out: list[StepOutput] = []
+        for seq, row in zip(batch, logits):
+            if seq not in self.running:
+                self.running.append(seq)
+            seq.num_computed = len(seq)
+            self._commit_full_blocks(seq)
+            if self.config.keep_logits:
+                seq.logits.append(row.float().cpu().clone())
+            token = sample(row, seq.params, seq.generator)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                seq.usage.ttft_s = now - seq.arrival
+            seq.prefix.extend([token])
+            seq.usage.completion_tokens += 1
+            reason = self._stop_reason(seq, token)
+            if reason:
+                self._finish(seq, reason)
+            out.append(StepOutput(seq, token, reason is not None))
+        return out
+
+    def _commit_full_blocks(self, seq: Sequence) -> None:
+        """Blocks whose K/V is complete become shareable."""
+        full = min(seq.num_computed // self.block_size, seq.prefix.num_full_blocks)
+        for i in range(seq.num_committed_blocks, full):
+            self.cache.commit(seq.prefix, i, seq.block_table[i])
+        seq.num_committed_blocks = max(seq.num_committed_blocks, full)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (token in self.eos and not p.ignore_eos):
+            return "stop"
+        if p.stop and self.detokenize is not None:
+            text = self.detokenize(seq.output)
+            # Only text that appeared since the last check can complete a stop string.
+            window = text[max(0, seq.text_len - max(map(len, p.stop))):]
+            seq.text_len = len(text)
+            if any(s in window for s in p.stop):
+                return "stop"
+        if len(seq.output) >= p.max_tokens:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.usage.decode_s = time.perf_counter() - (seq.first_token_at or seq.arrival)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.block_table:
+            self.cache.release(seq.block_table)
+            seq.block_table = []
