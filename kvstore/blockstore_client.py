@@ -33,6 +33,11 @@ _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 MAX_BATCH_BLOCKS = 1024  # the service's default limit per request
 
 
+def _chunks(hashes: Sequence[bytes]) -> list[list[bytes]]:
+    """Requests of at most MAX_BATCH_BLOCKS hashes."""
+    return [list(hashes[i:i + MAX_BATCH_BLOCKS]) for i in range(0, len(hashes), MAX_BATCH_BLOCKS)]
+
+
 class BlockStoreError(RuntimeError):
     """The block store rejected a call for a reason retrying cannot fix."""
 
@@ -116,6 +121,8 @@ class BlockStoreClient:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.enable_retries", 0),  # retries are ours, bounded by the call's deadline
+            # HTTP/2 receive window per stream (default 64 KiB): blocks are ~200 KB each.
+            ("grpc.http2.lookahead_bytes", 16 << 20),
             # Reconnect quickly after the store comes back (gRPC's default backoff reaches 120 s).
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
@@ -136,19 +143,24 @@ class BlockStoreClient:
 
     def lookup(self, namespace: str, hashes: Sequence[bytes]) -> int:
         """Leading stored blocks among ``hashes``; 0 while the store is unavailable."""
-        if not hashes:
-            return 0
-        req = pb.LookupRequest(namespace=namespace, hashes=list(hashes))
-        try:
-            return self._call("Lookup", lambda t: self._stub.Lookup(req, timeout=t, metadata=self._metadata).prefix_length)
-        except BlockStoreUnavailable:
-            return 0
+        found = 0
+        for chunk in _chunks(hashes):
+            req = pb.LookupRequest(namespace=namespace, hashes=chunk)
+            try:
+                n = self._call("Lookup", lambda t, r=req: self._stub.Lookup(r, timeout=t, metadata=self._metadata).prefix_length)
+            except BlockStoreUnavailable:
+                return 0
+            found += n
+            if n < len(chunk):
+                break
+        return found
 
     def get(self, namespace: str, hashes: Sequence[bytes]) -> list[bytes | None]:
         """Stored bytes per hash (None: miss, or the store is unavailable)."""
-        if not hashes:
-            return []
-        req = pb.GetRequest(namespace=namespace, hashes=list(hashes))
+        return [b for chunk in _chunks(hashes) for b in self._get(namespace, chunk)]
+
+    def _get(self, namespace: str, hashes: list[bytes]) -> list[bytes | None]:
+        req = pb.GetRequest(namespace=namespace, hashes=hashes)
 
         def fetch(timeout: float) -> list[bytes | None]:
             found: list[bytes | None] = [None] * len(hashes)
@@ -178,13 +190,14 @@ class BlockStoreClient:
 
     def delete(self, namespace: str, hashes: Sequence[bytes], corrupt: bool = False) -> int:
         """Remove blocks (``corrupt``: this client found them damaged). 0 if unavailable."""
-        if not hashes:
-            return 0
-        req = pb.DeleteRequest(namespace=namespace, hashes=list(hashes), corrupt=corrupt)
-        try:
-            return self._call("Delete", lambda t: self._stub.Delete(req, timeout=t, metadata=self._metadata).deleted)
-        except BlockStoreUnavailable:
-            return 0
+        deleted = 0
+        for chunk in _chunks(hashes):
+            req = pb.DeleteRequest(namespace=namespace, hashes=chunk, corrupt=corrupt)
+            try:
+                deleted += self._call("Delete", lambda t, r=req: self._stub.Delete(r, timeout=t, metadata=self._metadata).deleted)
+            except BlockStoreUnavailable:
+                pass
+        return deleted
 
     def stats(self) -> pb.StatsResponse:
         """Server-side counters; raises ``BlockStoreUnavailable`` if it cannot be reached."""

@@ -10,8 +10,10 @@ reader never sees half-written KV. A T2 block that fails any check is a miss (re
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -132,6 +134,9 @@ class _Writer:
             t.join()
 
     def _run(self) -> None:
+        # Background copies yield the cores to decoding (Linux: niceness is per thread).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while True:
             items = [self._queue.get()]
             while len(items) < self._batch:
@@ -540,7 +545,7 @@ class TieredKVCache:
             self._on_t1_evicted(evicted)
         copied = False
         try:
-            spill(self.t0, self.t1, [s for s, _ in items[:room]], t1_slots)
+            spill(self.t0, self.t1, [s for s, _ in items[:room]], t1_slots, background=True)
             copied = True
         finally:
             with self._lock:

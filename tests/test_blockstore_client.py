@@ -171,3 +171,14 @@ def test_circuit_breaker_states():
     assert b.allow()
     b.record_success()
     assert b.state is BreakerState.CLOSED and b.allow() and b.allow()
+
+
+def test_requests_over_the_batch_limit_are_split(store):
+    p = prefix(range(1100 * BS), namespace="tenant")
+    blocks = [(p.hashes[i], encoded(p, i)) for i in range(1030)]
+    with client_for(store.address) as c:
+        c.put("tenant", blocks)
+        assert c.lookup("tenant", p.hashes) == 1030  # spans two Lookup requests
+        got = c.get("tenant", p.hashes)
+        assert got[:1030] == [b for _, b in blocks] and got[1030:] == [None] * 70
+        assert c.delete("tenant", p.hashes) == 1030 and c.lookup("tenant", p.hashes) == 0
