@@ -192,3 +192,20 @@ def test_prompt_that_cannot_fit_fails_alone():
         engine.step()
     assert seq.finish_reason == "error" and "does not fit" in seq.error
     assert ok.finish_reason == "length" and len(ok.output) == GREEDY.max_tokens
+
+
+def test_stop_strings_end_generation_on_the_decoded_text():
+    def decode(ids):  # a toy detokenizer: one letter per token
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    p = prompt(15, 12)
+    ref = reference(p, SamplingParams(max_tokens=20, ignore_eos=True))
+    text = decode(ref.output)
+    stop = text[5:7]  # a string the greedy output is known to produce
+    first = text.index(stop)
+    engine = make_engine()
+    engine.detokenize = decode
+    seq = run(engine, p, SamplingParams(max_tokens=20, stop=(stop,), ignore_eos=True))
+    assert seq.finish_reason == "stop" and seq.output == ref.output[: first + 2]
+    with pytest.raises(ValueError, match="detokenizer"):
+        make_engine().add_request(p, SamplingParams(stop=("x",)))
