@@ -371,8 +371,11 @@ class TieredKVCache:
             with self._lock:
                 self._stats.t2_errors += 1
             blobs = [None] * len(hashes)
+        # Reserve T1 slots only for the leading blocks that came back: a miss ends the prefix,
+        # and evicting T1 blocks for nothing would cost other sequences their hits.
+        usable = next((k for k, b in enumerate(blobs) if b is None), len(blobs))
         with self._lock:
-            slots, evicted = self._t1.allocate(min(len(wanted), self._t1.num_evictable))
+            slots, evicted = self._t1.allocate(min(usable, self._t1.num_evictable))
             self._on_t1_evicted(evicted)
         cut = len(sources) if len(slots) == len(wanted) else wanted[len(slots)]
         decoded: list[tuple[int, int, BlockMeta, int]] = []  # (source index, slot, meta, size)

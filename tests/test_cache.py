@@ -288,3 +288,21 @@ def test_other_dtypes_round_trip_through_every_tier(dtype):
         for i, s in enumerate(loaded.block_table):
             got = b.t0.kv[:, :, s].contiguous().view(torch.uint8)
             assert torch.equal(got, kv[i].contiguous().view(torch.uint8))
+
+
+def test_failed_remote_get_does_not_evict_t1():
+    remote = MemoryRemote()
+    p = prefix(range(3 * BS + 1))
+    seed_remote(remote, p)
+    with make(t0=8, t1=2, remote=remote) as cache:
+        q = prefix(range(500, 500 + 2 * BS + 1))
+        cache.release(prefill(cache, q))
+        cache.release(cache.allocate(8))  # q's blocks now only in T1 (full: 2 slots)
+        cache.flush()  # their T2 writes done: T1 slots unpinned, so evictable
+        hit = cache.lookup(p)
+        assert hit.tiers == [Tier.T2] * 3
+        remote.down = True  # gone between lookup and get
+        loaded = cache.load(p, hit)
+        assert loaded.num_blocks == 0 and cache.stats().t2_errors == 1
+        assert set(cache.cached_slots(Tier.T1)) == set(q.hashes)  # nothing evicted for nothing
+        cache.check_invariants()
