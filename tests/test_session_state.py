@@ -1,0 +1,83 @@
+"""Session state in a real Redis (single and 3-node cluster): survives a new store instance
+(a restarted service), idempotent appends, forks, pins, close, bad input."""
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from services.session.state import SessionClosed, SessionNotFound, SessionStore
+
+
+@pytest.fixture(params=["single", "cluster"])
+def store_factory(request):
+    backend = request.getfixturevalue("redis_server" if request.param == "single" else "redis_cluster")
+
+    def make() -> SessionStore:
+        if request.param == "single":
+            return SessionStore(aioredis.Redis.from_url(backend.url))
+        return SessionStore(RedisCluster.from_url(backend.url))
+    return make
+
+
+def test_sessions_survive_a_restarted_service(store_factory):
+    async def scenario():
+        a = store_factory()
+        s = await a.create("tenant", "qwen", tokens=[1, 2, 3], metadata={"agent": "planner"})
+        assert await a.append("tenant", s.id, [4, 5], request_id="r1") == 5
+        b = store_factory()  # a new replica / restarted process: state comes from Redis
+        got = await b.get("tenant", s.id)
+        assert got.tokens == [1, 2, 3, 4, 5] and got.model == "qwen" and got.metadata == {"agent": "planner"}
+        assert got.created <= got.updated and not got.closed
+        assert s.id in await b.list("tenant")
+        assert s.id not in await b.list("other")
+    asyncio.run(scenario())
+
+
+def test_retried_append_is_applied_once(store_factory):
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m", tokens=[7])
+        assert await st.append("tenant", s.id, [1, 2], request_id="req-1") == 3
+        assert await st.append("tenant", s.id, [1, 2], request_id="req-1") == 3  # the retry
+        assert await st.append("tenant", s.id, [9], request_id="req-2") == 4
+        assert await st.append("tenant", s.id, [9]) == 5  # no request id: always applied
+        assert (await st.get("tenant", s.id)).tokens == [7, 1, 2, 9, 9]
+    asyncio.run(scenario())
+
+
+def test_fork_shares_history_and_diverges(store_factory):
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m", tokens=[1, 2, 3])
+        f = await st.fork("tenant", s.id)
+        await st.append("tenant", f.id, [10])
+        await st.append("tenant", s.id, [20])
+        assert (await st.get("tenant", f.id)).tokens == [1, 2, 3, 10]
+        assert (await st.get("tenant", s.id)).tokens == [1, 2, 3, 20]
+        assert (await st.get("tenant", f.id)).parent == s.id
+    asyncio.run(scenario())
+
+
+def test_pin_close_and_errors(store_factory):
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m")
+        until = await st.pin("tenant", s.id, 60)
+        assert (await st.get("tenant", s.id)).pinned_until == pytest.approx(until)
+        await st.close("tenant", s.id)
+        assert (await st.get("tenant", s.id)).closed
+        assert s.id not in await st.list("tenant")
+        with pytest.raises(SessionClosed):
+            await st.append("tenant", s.id, [1])
+        with pytest.raises(SessionNotFound):
+            await st.get("tenant", "nope")
+        with pytest.raises(SessionNotFound):
+            await st.append("tenant", "nope", [1])
+        with pytest.raises(SessionNotFound):
+            await st.get("other", s.id)  # another tenant cannot see it
+        with pytest.raises(ValueError):
+            await st.append("tenant", s.id, [-1])
+        with pytest.raises(ValueError):
+            await st.create("tenant", "m", tokens=[2**33])
+    asyncio.run(scenario())
