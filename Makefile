@@ -10,8 +10,10 @@ test:
 	.venv/bin/python -m pytest
 
 bench:
-	./scripts/bootstrap.sh
+	./scripts/bootstrap.sh "[test,bench]"
 	.venv/bin/python bench/tiers.py
+	.venv/bin/python bench/remote.py
+	.venv/bin/python bench/ttft.py --reps 5
 
 proto:
 	./scripts/bootstrap.sh "[test]"
