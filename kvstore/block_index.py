@@ -10,6 +10,7 @@ Pinned slots are never handed out again, so a block in use is never evicted or o
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -32,8 +33,9 @@ class BlockMeta:
 class BlockIndex:
     """Hash -> slot map with reference counts and LRU order over the unpinned cached slots."""
 
-    def __init__(self, num_slots: int, name: str) -> None:
+    def __init__(self, num_slots: int, name: str, listener: Callable[[bool, bytes], None] | None = None) -> None:
         self.name = name
+        self._listener = listener  # (stored?, hash) whenever a block becomes findable or is evicted
         self.num_slots = num_slots
         # FIFO reuse keeps runs of consecutive slots, which copy in one strided pass.
         self._free: deque[int] = deque(range(num_slots))
@@ -109,6 +111,8 @@ class BlockIndex:
                 self._meta[slot] = None
                 evicted.append((slot, meta))
                 self.evictions += 1
+                if self._listener:
+                    self._listener(False, meta.block_hash)
             self._refs[slot] = 1
             slots.append(slot)
         return slots, evicted
@@ -124,6 +128,8 @@ class BlockIndex:
             return False
         self._meta[slot] = meta
         self._slot_of[meta.block_hash] = slot
+        if self._listener:
+            self._listener(True, meta.block_hash)
         return True
 
     def check(self) -> None:

@@ -31,13 +31,23 @@ from kvstore.spec import KVSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CacheFullError", "CacheStats", "LoadResult", "PrefixHit", "Tier", "TieredKVCache"]
+__all__ = ["BlockEvent", "CacheFullError", "CacheStats", "LoadResult", "PrefixHit", "Tier", "TieredKVCache"]
 
 
 class Tier(IntEnum):
     T0 = 0
     T1 = 1
     T2 = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BlockEvent:
+    """A block became findable in (``stored``) or was evicted from a local tier: what a
+    router needs to know which worker holds which prefix."""
+
+    tier: Tier
+    stored: bool
+    block_hash: bytes
 
 
 @dataclass(slots=True)
@@ -162,14 +172,18 @@ class _Writer:
 class TieredKVCache:
     """Prefix-hash-addressed KV blocks over T0 (device), T1 (host) and an optional T2."""
 
-    def __init__(self, spec: KVSpec, config: CacheConfig | None = None, remote: RemoteTier | None = None):
+    def __init__(self, spec: KVSpec, config: CacheConfig | None = None, remote: RemoteTier | None = None,
+                 on_block_event: Callable[[BlockEvent], None] | None = None):
+        """``on_block_event`` is called (under the cache's lock: keep it cheap, e.g. append
+        to a queue) for every block stored in or evicted from T0 and T1."""
         self.spec = spec
         self.config = config = config or CacheConfig()
         self.remote = remote
         self.t0 = DevicePool(spec, config.t0_blocks, config.device)
         self.t1 = HostPool(spec, config.t1_blocks)
-        self._t0 = BlockIndex(config.t0_blocks, "T0")
-        self._t1 = BlockIndex(config.t1_blocks, "T1")
+        emit = on_block_event
+        self._t0 = BlockIndex(config.t0_blocks, "T0", (lambda s, h: emit(BlockEvent(Tier.T0, s, h))) if emit else None)
+        self._t1 = BlockIndex(config.t1_blocks, "T1", (lambda s, h: emit(BlockEvent(Tier.T1, s, h))) if emit else None)
         self._lock = threading.RLock()
         self._stats = CacheStats()
         self._pending_t1: set[bytes] = set()  # T0 -> T1 copies in flight

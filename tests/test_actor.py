@@ -5,7 +5,9 @@ import time
 import pytest
 import ray
 
-from enginehelpers import GREEDY, make_engine, prompt
+from enginehelpers import GREEDY, make_engine, prompt, tiny
+from kvstore.hashing import PrefixHasher
+from workers.loader import kv_spec
 from kvstore.config import CacheConfig
 from workers.actor import WorkerConfig, remote_worker_class
 
@@ -35,6 +37,12 @@ def test_streams_the_same_tokens_as_the_in_process_engine(worker):
     assert final["usage"]["prompt_tokens"] == len(p) and final["worker_id"] == "w0"
     tokens2, final2 = stream(worker, p)  # the same prompt again: served from T0
     assert tokens2 == ref.output and final2["usage"]["cached_tokens"][0] == 28
+    config, _, digest = tiny()
+    expected = PrefixHasher.for_namespace(kv_spec(config, "tiny", digest, 4).fingerprint, "default", 4)
+    expected.extend(p)
+    stored_t0 = {h for tier, stored, h in ray.get(worker.block_events.remote()) if tier == 0 and stored}
+    assert set(expected.hashes) <= stored_t0  # the router learns which prefix w0 holds
+    assert ray.get(worker.block_events.remote()) == []  # drained
 
 
 def test_concurrent_streams(worker):

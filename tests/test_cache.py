@@ -306,3 +306,21 @@ def test_failed_remote_get_does_not_evict_t1():
         assert loaded.num_blocks == 0 and cache.stats().t2_errors == 1
         assert set(cache.cached_slots(Tier.T1)) == set(q.hashes)  # nothing evicted for nothing
         cache.check_invariants()
+
+
+def test_block_events_track_what_each_tier_holds():
+    """Replaying the events gives exactly the blocks each local tier holds (a router's view)."""
+    from kvstore.cache import BlockEvent
+
+    events: list[BlockEvent] = []
+    cfg = CacheConfig(t0_blocks=6, t1_blocks=4, t0_t1_policy="write_through")
+    with TieredKVCache(SPEC, cfg, on_block_event=events.append) as cache:
+        for seed in range(5):
+            cache.release(prefill(cache, prefix([seed] * (3 * BS) + [1])))
+            cache.flush()
+        view = {Tier.T0: set(), Tier.T1: set()}
+        for e in events:
+            (view[e.tier].add if e.stored else view[e.tier].discard)(e.block_hash)
+        assert view[Tier.T0] == set(cache.cached_slots(Tier.T0))
+        assert view[Tier.T1] == set(cache.cached_slots(Tier.T1))
+        assert any(not e.stored for e in events)  # evictions were reported too

@@ -12,12 +12,13 @@ import logging
 import os
 import queue
 import threading
+from collections import deque
 from dataclasses import asdict, dataclass
 
 import ray
 
 from kvstore.blockstore_client import BlockStoreClient
-from kvstore.cache import TieredKVCache
+from kvstore.cache import BlockEvent, TieredKVCache
 from kvstore.config import BlockStoreClientConfig, CacheConfig
 from workers.engine import Engine, EngineConfig, Sequence, Status
 from workers.loader import builtin_model, kv_spec, load_checkpoint
@@ -55,7 +56,10 @@ class DecodeWorker:
             model_config, model, digest = builtin_model(config.model, dtype=config.dtype)
         spec = kv_spec(model_config, config.model, digest, config.block_size)
         remote = BlockStoreClient(config.blockstore) if config.blockstore else None
-        self.cache = TieredKVCache(spec, config.cache or CacheConfig(), remote=remote)
+        # Bounded: a router that stops draining loses old events, not the worker's memory.
+        self._events: deque[BlockEvent] = deque(maxlen=1 << 20)
+        self.cache = TieredKVCache(spec, config.cache or CacheConfig(), remote=remote,
+                                   on_block_event=self._events.append)
         self.engine = Engine(model, self.cache, config.engine, eos_token_ids=model_config.eos_token_ids)
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
@@ -92,6 +96,14 @@ class DecodeWorker:
         self._wake.set()
         self._thread.join(timeout=30)
         self.cache.close()
+
+    def block_events(self) -> list[tuple[int, bool, bytes]]:
+        """Drain (tier, stored?, block hash) events since the last call, for the router."""
+        out = []
+        while self._events:
+            e = self._events.popleft()
+            out.append((int(e.tier), e.stored, e.block_hash))
+        return out
 
     def health(self) -> dict:
         return {"worker_id": self.worker_id, "alive": self._thread.is_alive(), "pid": os.getpid()}
