@@ -1,0 +1,106 @@
+"""Prefix-aware routing of requests to decode workers.
+
+A session sticks to the worker that served it (its KV is hottest there). A request without
+affinity goes to the worker holding the longest cached prefix of its blocks, T0 (device)
+weighted above T1 (host), less a penalty for the worker's queue. The router learns what each
+worker holds from the workers' block events (``DecodeWorker.block_events``). When a worker
+dies or restarts, its index is dropped and its sessions lose their affinity: their next turn
+goes elsewhere and resumes from T2.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+
+class NoWorkerError(RuntimeError):
+    """No live worker to route to."""
+
+
+@dataclass(slots=True)
+class WorkerState:
+    worker_id: str
+    t0: set[bytes] = field(default_factory=set)
+    t1: set[bytes] = field(default_factory=set)
+    load: int = 0  # requests in flight
+
+
+@dataclass(slots=True)
+class RouterConfig:
+    t0_weight: float = 1.0  # per cached block
+    t1_weight: float = 0.5
+    load_weight: float = 4.0  # blocks of cached prefix one queued request is worth
+
+
+class Router:
+    """Not thread-safe: owned by one event loop (the session service's)."""
+
+    def __init__(self, config: RouterConfig | None = None) -> None:
+        self.config = config or RouterConfig()
+        self._workers: dict[str, WorkerState] = {}
+        self._affinity: dict[str, str] = {}  # session id -> worker id
+
+    @property
+    def workers(self) -> list[str]:
+        return sorted(self._workers)
+
+    def add_worker(self, worker_id: str) -> None:
+        self._workers.setdefault(worker_id, WorkerState(worker_id))
+
+    def remove_worker(self, worker_id: str) -> list[str]:
+        """Forget a dead or removed worker; returns the sessions that lost their affinity."""
+        self._workers.pop(worker_id, None)
+        moved = [s for s, w in self._affinity.items() if w == worker_id]
+        for s in moved:
+            del self._affinity[s]
+        return moved
+
+    def reset_worker(self, worker_id: str) -> None:
+        """A worker restarted: its caches are empty, so its index entries are stale."""
+        self.remove_worker(worker_id)
+        self.add_worker(worker_id)
+
+    def apply_events(self, worker_id: str, events: Iterable[tuple[int, bool, bytes]]) -> None:
+        """(tier, stored?, block hash) events from a worker's cache, in order."""
+        state = self._workers.get(worker_id)
+        if state is None:
+            return
+        for tier, stored, block_hash in events:
+            tier_set = state.t0 if tier == 0 else state.t1
+            (tier_set.add if stored else tier_set.discard)(block_hash)
+
+    def prefix_score(self, worker_id: str, block_hashes: Sequence[bytes]) -> float:
+        """Weighted length of the contiguous prefix the worker holds (T0, then T0 or T1)."""
+        state = self._workers[worker_id]
+        score = 0.0
+        for h in block_hashes:
+            if h in state.t0:
+                score += self.config.t0_weight
+            elif h in state.t1:
+                score += self.config.t1_weight
+            else:
+                break
+        return score
+
+    def choose(self, block_hashes: Sequence[bytes], session_id: str | None = None) -> str:
+        """The worker for a request (and, for a session, its new affinity)."""
+        if not self._workers:
+            raise NoWorkerError("no decode worker is available")
+        if session_id and (w := self._affinity.get(session_id)) in self._workers:
+            return w
+        best = max(
+            self._workers.values(),
+            key=lambda s: (self.prefix_score(s.worker_id, block_hashes) - self.config.load_weight * s.load,
+                           -s.load, s.worker_id),
+        )
+        if session_id:
+            self._affinity[session_id] = best.worker_id
+        return best.worker_id
+
+    def started(self, worker_id: str) -> None:
+        if (s := self._workers.get(worker_id)) is not None:
+            s.load += 1
+
+    def finished(self, worker_id: str) -> None:
+        if (s := self._workers.get(worker_id)) is not None and s.load:
+            s.load -= 1
