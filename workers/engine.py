@@ -241,22 +241,9 @@ class Engine:
         self.waiting.appendleft(seq)
 
     def _forward(self, batch: list[Sequence]) -> torch.Tensor:
-        device = self.cache.t0.device
-        ids, positions, slots, query_lens = [], [], [], []
-        bs = self.block_size
-        for seq in batch:
-            start, end = seq.num_computed, len(seq)
-            ids.extend(seq.tokens[start:end])
-            positions.extend(range(start, end))
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(end - start)
-        fb = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            query_lens=query_lens,
-            context_lens=[len(s) for s in batch],
-            block_tables=[s.block_table for s in batch],
+        fb = ForwardBatch.build(
+            [(seq.tokens[seq.num_computed:], seq.num_computed, seq.block_table) for seq in batch],
+            self.block_size, self.cache.t0.device,
         )
         with torch.inference_mode():
             return self.model(fb, self.cache.t0.kv)
