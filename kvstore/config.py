@@ -110,3 +110,25 @@ class BlockStoreClientConfig:
     breaker_reset_s: float = 2.0  # while open, calls fail at once; then one probe is let through
     max_request_bytes: int = 32 << 20  # puts are split to stay under this
     max_message_bytes: int = 64 << 20
+
+
+@dataclass(slots=True)
+class SessionServiceConfig:
+    """The session service (the gRPC API for agent runtimes)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50052  # 0 picks a free port
+    redis_url: str = ""  # session state; empty: `kvstore serve` starts an embedded redis-server
+    redis_cluster: bool = False
+    # "key=tenant-a;key2=tenant-b,tenant-c;admin=*". Empty: no authentication (loopback only),
+    # one namespace "default".
+    api_keys: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    metrics_port: int = 0
+    grace_seconds: float = 5.0
+    max_message_bytes: int = 64 << 20
+    max_tokens: int = 4096  # per Generate
+    default_max_tokens: int = 64
+    max_input_tokens: int = 32768
+    max_concurrent_generations: int = 64

@@ -40,9 +40,11 @@ def test_streams_the_same_tokens_as_the_in_process_engine(worker):
     config, _, digest = tiny()
     expected = PrefixHasher.for_namespace(kv_spec(config, "tiny", digest, 4).fingerprint, "default", 4)
     expected.extend(p)
-    stored_t0 = {h for tier, stored, h in ray.get(worker.block_events.remote()) if tier == 0 and stored}
+    incarnation, events = ray.get(worker.block_events.remote())
+    stored_t0 = {h for tier, stored, h in events if tier == 0 and stored}
     assert set(expected.hashes) <= stored_t0  # the router learns which prefix w0 holds
-    assert ray.get(worker.block_events.remote()) == []  # drained
+    assert ray.get(worker.block_events.remote()) == (incarnation, [])  # drained
+    assert ray.get(worker.health.remote())["incarnation"] == incarnation
 
 
 def test_concurrent_streams(worker):

@@ -52,6 +52,11 @@ def test_byte_specials_and_chat():
         tok.apply_chat_template([{"role": "user", "content": 3}])
     with pytest.raises(ValueError, match="vocabulary"):
         tok.decode([999])
+    padded = ByteTokenizer(512)  # a model vocabulary padded past the byte tokenizer's
+    assert padded.decode([104, 300, 105]) == "hi"
+    assert padded.decode([300], skip_special_tokens=False) == "<|reserved_300|>"
+    with pytest.raises(ValueError, match="vocabulary"):
+        padded.decode([512])
 
 
 def _build_tokenizer_dir(path: Path, template: str | None = CHATML) -> Path:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import queue
+import secrets
 import threading
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -20,9 +21,11 @@ import ray
 from kvstore.blockstore_client import BlockStoreClient
 from kvstore.cache import BlockEvent, TieredKVCache
 from kvstore.config import BlockStoreClientConfig, CacheConfig
+from kvstore.hashing import PrefixHasher
 from workers.engine import Engine, EngineConfig, Sequence, Status
 from workers.loader import builtin_model, kv_spec, load_checkpoint
 from workers.sampling import SamplingParams
+from workers.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +53,25 @@ class DecodeWorker:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.worker_id = worker_id
+        # A fresh id per incarnation: after a restart (max_restarts) the router sees a new one
+        # and drops what it believed this worker held.
+        self.incarnation = secrets.token_hex(8)
         if os.path.isdir(config.model):
             model_config, model, digest = load_checkpoint(config.model, dtype=config.dtype)
+            tokenizer = load_tokenizer(config.model)
         else:
             model_config, model, digest = builtin_model(config.model, dtype=config.dtype)
+            tokenizer = load_tokenizer(None, model_config.vocab_size)
         spec = kv_spec(model_config, config.model, digest, config.block_size)
+        self.spec = spec
+        self.model_config = model_config
         remote = BlockStoreClient(config.blockstore) if config.blockstore else None
         # Bounded: a router that stops draining loses old events, not the worker's memory.
         self._events: deque[BlockEvent] = deque(maxlen=1 << 20)
         self.cache = TieredKVCache(spec, config.cache or CacheConfig(), remote=remote,
                                    on_block_event=self._events.append)
-        self.engine = Engine(model, self.cache, config.engine, eos_token_ids=model_config.eos_token_ids)
+        self.engine = Engine(model, self.cache, config.engine, eos_token_ids=model_config.eos_token_ids,
+                             detokenize=tokenizer.decode)
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._stopping = False
@@ -70,13 +81,19 @@ class DecodeWorker:
 
     # ---- API ------------------------------------------------------------------------------
 
-    async def generate(self, prompt: list[int], params: dict | None = None, namespace: str = "default"):
-        """Stream the tokens of one request, then a final dict with usage and finish reason."""
+    async def generate(self, prompt: list[int], params: dict | None = None, namespace: str = "default",
+                       skip_cache: bool = False):
+        """Stream the tokens of one request, then a final dict with usage and finish reason
+        (``finish_reason == "error"`` and ``error`` for a request the engine refused)."""
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
-        sampling = SamplingParams(**(params or {}))
+        try:
+            sampling = SamplingParams(**(params or {}))
+        except (TypeError, ValueError) as e:
+            yield {"finish_reason": "error", "error": str(e), "usage": None, "worker_id": self.worker_id}
+            return
         box: dict = {}
-        self._inbox.put(("add", prompt, sampling, namespace, loop, tokens, box))
+        self._inbox.put(("add", prompt, sampling, namespace, loop, tokens, box, skip_cache))
         self._wake.set()
         try:
             while True:
@@ -97,16 +114,35 @@ class DecodeWorker:
         self._thread.join(timeout=30)
         self.cache.close()
 
-    def block_events(self) -> list[tuple[int, bool, bytes]]:
-        """Drain (tier, stored?, block hash) events since the last call, for the router."""
+    async def prefetch(self, prompt: list[int], namespace: str = "default") -> int:
+        """Warm the cached prefix of ``prompt`` into this worker (from T1/T2 into T0, unpinned,
+        so it is also in T1); returns the tokens of it now held here."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._inbox.put(("prefetch", prompt, namespace, loop, done))
+        self._wake.set()
+        return await done
+
+    def block_events(self) -> tuple[str, list[tuple[int, bool, bytes]]]:
+        """This incarnation's id and the (tier, stored?, block hash) events since the last
+        call, for the router."""
         out = []
         while self._events:
             e = self._events.popleft()
             out.append((int(e.tier), e.stored, e.block_hash))
-        return out
+        return self.incarnation, out
+
+    def info(self) -> dict:
+        """What the session service needs to compute this worker's prefix hashes and limits."""
+        return {"worker_id": self.worker_id, "incarnation": self.incarnation, "model": self.spec.model_id,
+                "fingerprint": self.spec.fingerprint, "block_size": self.spec.block_size,
+                "vocab_size": self.model_config.vocab_size,
+                "max_context": self.model_config.max_position_embeddings,
+                "eos_token_ids": list(self.model_config.eos_token_ids)}
 
     def health(self) -> dict:
-        return {"worker_id": self.worker_id, "alive": self._thread.is_alive(), "pid": os.getpid()}
+        return {"worker_id": self.worker_id, "alive": self._thread.is_alive(), "pid": os.getpid(),
+                "incarnation": self.incarnation}
 
     def stats(self) -> dict:
         return {"worker_id": self.worker_id, "running": len(self.engine.running),
@@ -149,15 +185,41 @@ class DecodeWorker:
                 self.engine.abort(msg[1])
                 self.aborted += 1
                 continue
-            _, prompt, sampling, namespace, loop, q, box = msg
+            if msg[0] == "prefetch":
+                self._prefetch(*msg[1:])
+                continue
+            _, prompt, sampling, namespace, loop, q, box, skip_cache = msg
             try:
-                seq = self.engine.add_request(prompt, sampling, namespace)
+                seq = self.engine.add_request(prompt, sampling, namespace, skip_cache)
             except ValueError as e:
                 loop.call_soon_threadsafe(q.put_nowait, {"finish_reason": "error", "error": str(e), "usage": None,
                                                          "worker_id": self.worker_id})
                 continue
             box["seq"] = seq
             streams[seq.id] = (loop, q, seq)
+
+
+    def _prefetch(self, prompt: list[int], namespace: str, loop: asyncio.AbstractEventLoop,
+                  done: asyncio.Future) -> None:
+        try:
+            prefix = PrefixHasher.for_namespace(self.spec.fingerprint, namespace, self.spec.block_size)
+            prefix.extend(prompt)
+            loaded = self.cache.load(prefix, self.cache.lookup(prefix))
+            self.cache.release(loaded.block_table)
+            result: int | BaseException = loaded.num_tokens
+        except Exception as e:  # noqa: BLE001 - reported to the caller, the engine goes on
+            log.exception("prefetch failed")
+            result = e
+        loop.call_soon_threadsafe(_settle, done, result)
+
+
+def _settle(future: asyncio.Future, result) -> None:
+    if future.done():  # the caller gave up
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def remote_worker_class(num_gpus: float = 0, num_cpus: float = 1, max_restarts: int = 3):

@@ -74,6 +74,7 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.text_len = 0  # decoded output characters already checked for stop strings
         self.logits: list[torch.Tensor] = []  # per generated token, with EngineConfig.keep_logits
+        self.skip_cache = False  # compute the whole prompt (measures what reuse saves)
 
     @property
     def tokens(self) -> list[int]:
@@ -117,16 +118,28 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------
 
-    def add_request(self, prompt: list[int], params: SamplingParams | None = None, namespace: str = "default") -> Sequence:
-        """Queue a prompt (token ids). Returns its ``Sequence`` (tokens appear in ``output``)."""
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None, namespace: str = "default",
+                    skip_cache: bool = False) -> Sequence:
+        """Queue a prompt (token ids). Returns its ``Sequence`` (tokens appear in ``output``).
+
+        ``skip_cache`` computes the whole prompt instead of loading its cached prefix."""
         if not prompt:
             raise ValueError("prompt must contain at least one token")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            bad = next(t for t in prompt if not 0 <= t < vocab)
+            raise ValueError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
         params = params or SamplingParams()
+        limit = self.model.config.max_position_embeddings
+        if len(prompt) + params.max_tokens > limit:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's context of {limit} tokens")
         if params.stop and self.detokenize is None:
             raise ValueError("stop strings need a detokenizer")
         prefix = PrefixHasher(root_hash(self.cache.spec.fingerprint, namespace), self.block_size, namespace)
         prefix.extend(prompt)
         seq = Sequence(list(prompt), params, prefix)
+        seq.skip_cache = skip_cache
         self.waiting.append(seq)
         return seq
 
@@ -195,7 +208,7 @@ class Engine:
     def _start(self, seq: Sequence, alone: bool) -> bool:
         """Load the cached prefix and allocate blocks for the rest. False if T0 is full
         (raises ``CacheFullError`` if it would not fit even ``alone``)."""
-        hit = self.cache.lookup(seq.prefix)
+        hit = self.cache.lookup(seq.prefix, 0 if seq.skip_cache else None)
         loaded = self.cache.load(seq.prefix, hit)
         n_blocks = -(-len(seq) // self.block_size)
         try:

@@ -47,10 +47,12 @@ class ByteTokenizer(Tokenizer):
     SPECIALS = ("<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>")
     ROLES = ("system", "user", "assistant", "tool")
 
-    def __init__(self) -> None:
+    def __init__(self, vocab_size: int | None = None) -> None:
         self.special_ids = {name: 256 + i for i, name in enumerate(self.SPECIALS)}
         self.special_names = {i: name for name, i in self.special_ids.items()}
-        self.vocab_size = 256 + len(self.SPECIALS)
+        # A model's vocabulary may be padded past the byte tokenizer's (the built-in models
+        # have 512): the extra ids are reserved specials, so sampling one never breaks decoding.
+        self.vocab_size = max(256 + len(self.SPECIALS), vocab_size or 0)
         self.pad_token_id = self.special_ids["<pad>"]
         self.bos_token_id = self.special_ids["<bos>"]
         self.eos_token_id = self.special_ids["<eos>"]
@@ -67,12 +69,12 @@ class ByteTokenizer(Tokenizer):
             if 0 <= i < 256:
                 buf.append(i)
                 continue
-            if i not in self.special_names:
+            if not 0 <= i < self.vocab_size:
                 raise ValueError(f"token id {i} outside the byte tokenizer's vocabulary ({self.vocab_size})")
             if not skip_special_tokens:
                 out.append(buf.decode("utf-8", errors="replace"))
                 buf.clear()
-                out.append(self.special_names[i])
+                out.append(self.special_names.get(i, f"<|reserved_{i}|>"))
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
@@ -195,8 +197,9 @@ def _compile_template(source: str):
     return env.from_string(source)
 
 
-def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
-    """``None`` -> the built-in :class:`ByteTokenizer`; a directory with tokenizer.json -> HF."""
+def load_tokenizer(path: str | Path | None = None, vocab_size: int | None = None) -> Tokenizer:
+    """``None`` -> the built-in :class:`ByteTokenizer` (padded to ``vocab_size``); a directory
+    with tokenizer.json -> HF."""
     if path is None:
-        return ByteTokenizer()
+        return ByteTokenizer(vocab_size)
     return HFTokenizer.from_dir(path)

@@ -48,22 +48,43 @@ class Session:
     updated: float = 0.0
     pinned_until: float = 0.0
     closed: bool = False
+    messages: list[dict] = field(default_factory=list)  # chat messages, for the template's context
 
 
-# KEYS: meta, tokens, request id. ARGV: token bytes, now, request-id ttl, "1" if a request id.
-# Returns the history length in tokens after the call, or -1 if the session is missing, -2 if closed.
+class SessionChanged(SessionError):
+    """The history changed since it was read (a concurrent turn on the same session)."""
+
+
+# KEYS: meta, tokens, request id, messages. ARGV: token bytes, now, request-id ttl, "1" if a
+# request id, expected history length in tokens (-1: any), the result to remember under the
+# request id, then message JSONs to push.
+# Returns {history length after the call, remembered result, 1 if replayed}: a retried
+# request id returns what the first call stored. Length -1: the session is missing, -2: closed, -3: changed.
 _APPEND = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HGET', KEYS[1], 'closed') == '1' then return -2 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, '', 0} end
+if redis.call('HGET', KEYS[1], 'closed') == '1' then return {-2, '', 0} end
 if ARGV[4] == '1' then
   local done = redis.call('GET', KEYS[3])
-  if done then return tonumber(done) end
+  if done then
+    local sep = string.find(done, '|', 1, true)
+    return {tonumber(string.sub(done, 1, sep - 1)), string.sub(done, sep + 1), 1}
+  end
 end
+local expected = tonumber(ARGV[5])
+if expected >= 0 and redis.call('STRLEN', KEYS[2]) / 4 ~= expected then return {-3, '', 0} end
 local n = redis.call('APPEND', KEYS[2], ARGV[1]) / 4
+for i = 7, #ARGV do redis.call('RPUSH', KEYS[4], ARGV[i]) end
 redis.call('HSET', KEYS[1], 'updated', ARGV[2])
-if ARGV[4] == '1' then redis.call('SET', KEYS[3], n, 'EX', ARGV[3]) end
-return n
+if ARGV[4] == '1' then redis.call('SET', KEYS[3], n .. '|' .. ARGV[6], 'EX', ARGV[3]) end
+return {n, ARGV[6], 0}
 """
+
+
+@dataclass(slots=True)
+class Appended:
+    num_tokens: int  # history length afterwards
+    result: str  # what the call stored under its request id (the first call's, for a retry)
+    replayed: bool  # True if the request id had been applied before
 
 
 class SessionStore:
@@ -79,11 +100,20 @@ class SessionStore:
         return f"{tag}:meta", f"{tag}:tokens"
 
     @staticmethod
+    def _msgs_key(namespace: str, session_id: str) -> str:
+        return f"sess:{{{namespace}:{session_id}}}:msgs"
+
+    @staticmethod
+    def _req_key(namespace: str, session_id: str, request_id: str) -> str:
+        return f"sess:{{{namespace}:{session_id}}}:req:{request_id}"  # same hash tag: one slot
+
+    @staticmethod
     def _index(namespace: str) -> str:
         return f"sessidx:{namespace}"
 
     async def create(self, namespace: str, model: str, tokens: list[int] | None = None,
-                     metadata: dict[str, str] | None = None, parent: str = "") -> Session:
+                     metadata: dict[str, str] | None = None, parent: str = "",
+                     messages: list[dict] | None = None) -> Session:
         """A new session with an optional initial history (e.g. the system prompt's tokens)."""
         session_id = secrets.token_hex(12)
         now = time.time()
@@ -95,47 +125,79 @@ class SessionStore:
             "created": now, "updated": now, "pinned_until": 0, "closed": 0,
         })
         pipe.set(tok_key, data)
+        if messages:
+            pipe.rpush(self._msgs_key(namespace, session_id), *(json.dumps(m) for m in messages))
         pipe.zadd(self._index(namespace), {session_id: now})
         await pipe.execute()
-        return Session(session_id, namespace, model, list(tokens or []), parent, dict(metadata or {}), now, now)
+        return Session(session_id, namespace, model, list(tokens or []), parent, dict(metadata or {}), now, now,
+                       messages=list(messages or []))
 
     async def get(self, namespace: str, session_id: str) -> Session:
         meta_key, tok_key = self._keys(namespace, session_id)
         pipe = self._r.pipeline(transaction=False)
         pipe.hgetall(meta_key)
         pipe.get(tok_key)
-        meta, data = await pipe.execute()
+        pipe.lrange(self._msgs_key(namespace, session_id), 0, -1)
+        meta, data, msgs = await pipe.execute()
         if not meta:
             raise SessionNotFound(f"no session {session_id!r} in namespace {namespace!r}")
         m = {k.decode(): v.decode() for k, v in meta.items()}
         return Session(
             session_id, namespace, m["model"], np.frombuffer(data or b"", dtype="<u4").tolist(),
             m["parent"], json.loads(m["metadata"]), float(m["created"]), float(m["updated"]),
-            float(m["pinned_until"]), m["closed"] == "1",
+            float(m["pinned_until"]), m["closed"] == "1", [json.loads(x) for x in msgs],
         )
 
     async def append(self, namespace: str, session_id: str, tokens: list[int], request_id: str = "") -> int:
         """Append tokens; with a ``request_id``, a retry of the same request is a no-op.
 
         Returns the history length afterwards (for a retry: as after the first attempt)."""
+        return (await self.append_turn(namespace, session_id, tokens, request_id=request_id)).num_tokens
+
+    async def append_turn(self, namespace: str, session_id: str, tokens: list[int], *, request_id: str = "",
+                          messages: list[dict] | None = None, expected_len: int | None = None,
+                          result: str = "") -> Appended:
+        """Atomically append tokens and chat messages.
+
+        ``expected_len``: apply only if the history still has this many tokens (raises
+        ``SessionChanged`` otherwise). ``result`` is remembered with the ``request_id`` and
+        returned to retries, which change nothing."""
         if len(request_id) > _MAX_REQUEST_ID:
             raise ValueError(f"request_id longer than {_MAX_REQUEST_ID} characters")
         data = token_bytes(np.asarray(tokens, dtype=np.int64))
         meta_key, tok_key = self._keys(namespace, session_id)
-        req_key = f"{meta_key.removesuffix(':meta')}:req:{request_id}"  # same hash tag: one slot
-        n = await self._append(keys=[meta_key, tok_key, req_key],
-                               args=[data, time.time(), REQUEST_ID_TTL_S, "1" if request_id else "0"])
+        keys = [meta_key, tok_key, self._req_key(namespace, session_id, request_id),
+                self._msgs_key(namespace, session_id)]
+        args = [data, time.time(), REQUEST_ID_TTL_S, "1" if request_id else "0",
+                -1 if expected_len is None else expected_len, result, *(json.dumps(m) for m in messages or ())]
+        n, stored, replayed = await self._append(keys=keys, args=args)
+        n = int(n)
         if n == -1:
             raise SessionNotFound(f"no session {session_id!r} in namespace {namespace!r}")
         if n == -2:
             raise SessionClosed(f"session {session_id!r} is closed")
+        if n == -3:
+            raise SessionChanged(f"session {session_id!r} changed while this request ran (a concurrent turn); "
+                                 "retry it")
+        stored = stored.decode() if isinstance(stored, bytes) else str(stored)
         await self._r.zadd(self._index(namespace), {session_id: time.time()})
-        return int(n)
+        return Appended(n, stored, bool(replayed))
+
+    async def request_result(self, namespace: str, session_id: str, request_id: str) -> tuple[int, str] | None:
+        """(history length, result) remembered for a request id already applied, else None."""
+        if not request_id:
+            return None
+        done = await self._r.get(self._req_key(namespace, session_id, request_id))
+        if done is None:
+            return None
+        n, _, result = done.decode().partition("|")
+        return int(n), result
 
     async def fork(self, namespace: str, session_id: str, metadata: dict[str, str] | None = None) -> Session:
         """A new session whose history starts as a copy of ``session_id``'s."""
         parent = await self.get(namespace, session_id)
-        return await self.create(namespace, parent.model, parent.tokens, metadata or parent.metadata, parent=session_id)
+        return await self.create(namespace, parent.model, parent.tokens, metadata or parent.metadata,
+                                 parent=session_id, messages=parent.messages)
 
     async def list(self, namespace: str, limit: int = 100) -> list[str]:
         """Session ids of a namespace, most recently updated first."""
@@ -148,6 +210,12 @@ class SessionStore:
         until = time.time() + ttl_s
         await self._r.hset(self._keys(namespace, session_id)[0], "pinned_until", until)
         return until
+
+    async def unpin(self, namespace: str, session_id: str) -> float:
+        """End a pin; returns 0.0 (the new ``pinned_until``)."""
+        await self.get(namespace, session_id)
+        await self._r.hset(self._keys(namespace, session_id)[0], "pinned_until", 0)
+        return 0.0
 
     async def close(self, namespace: str, session_id: str) -> None:
         """Mark closed: no more appends, the history stays readable; idempotent."""

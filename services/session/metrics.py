@@ -1,0 +1,38 @@
+"""Prometheus metrics of one session service (a private registry, so several servers can live
+in one process, as in the tests)."""
+from __future__ import annotations
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvstore.v1 import session_pb2 as pb
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class SessionMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        p = "kvstore_session_"
+        self._requests = Counter(p + "requests", "RPCs by method and status code", ["method", "code"], registry=r)
+        self._latency = Histogram(p + "request_seconds", "RPC latency by method (Generate: whole stream)",
+                                  ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self._ttft = Histogram(p + "ttft_seconds", "time to first token of Generate", buckets=_LATENCY_BUCKETS,
+                               registry=r)
+        self._prompt = Counter(p + "prompt_tokens", "prompt tokens of finished turns", registry=r)
+        self._cached = Counter(p + "cached_tokens", "prompt tokens reused from a tier", ["tier"], registry=r)
+        self._completion = Counter(p + "completion_tokens", "tokens generated", registry=r)
+        self._failovers = Counter(p + "failovers", "workers lost during a turn (it resumed elsewhere)", registry=r)
+        self.active = Gauge(p + "active_generations", "Generate streams in progress", registry=r)
+
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        self._requests.labels(method, code.name).inc()
+        self._latency.labels(method).observe(seconds)
+
+    def turn(self, usage: pb.Usage) -> None:
+        self._ttft.observe(usage.ttft_seconds)
+        self._prompt.inc(usage.prompt_tokens)
+        self._completion.inc(usage.completion_tokens)
+        for tier, n in (("t0", usage.cached_tokens_t0), ("t1", usage.cached_tokens_t1), ("t2", usage.cached_tokens_t2)):
+            self._cached.labels(tier).inc(n)
+        self._failovers.inc(usage.failovers)

@@ -1,0 +1,176 @@
+"""The session service's gRPC server: Sessions API, health (SERVING while Redis answers and a
+worker is live), reflection, Prometheus metrics, graceful shutdown.
+
+The worker pool and tokenizer are passed in: ``kvstore serve`` (kvstore/serve.py) builds
+them, and tests restart a server over the same pool to show that sessions live in Redis.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from redis.asyncio.cluster import RedisCluster
+
+from kvstore.config import SessionServiceConfig
+from kvstore.v1 import session_pb2_grpc as pb_grpc
+from services.blockstore.auth import TokenTable
+from services.blockstore.errors import ConfigError, ServerStartError
+from services.blockstore.server import is_loopback
+from services.session.metrics import SessionMetrics
+from services.session.service import SERVICE_NAME, Limits, SessionServicer
+from services.session.state import SessionStore
+from workers.pool import WorkerPool
+from workers.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 1.0
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def validate_config(config: SessionServiceConfig) -> TokenTable:
+    for name in ("max_tokens", "default_max_tokens", "max_input_tokens", "max_concurrent_generations",
+                 "max_message_bytes"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+    if config.default_max_tokens > config.max_tokens:
+        raise ConfigError("default_max_tokens must not exceed max_tokens")
+    if not config.redis_url:
+        raise ConfigError("the session service needs redis_url (kvstore serve starts an embedded Redis)")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("TLS needs both tls_cert and tls_key (PEM file paths), or neither")
+    keys = TokenTable(config.api_keys)
+    if not keys.enabled and not is_loopback(config.host):
+        raise ConfigError(f"refusing to serve {config.host} without api_keys: set --api-keys, or listen on "
+                          "127.0.0.1")
+    return keys
+
+
+class SessionServer:
+    """``await start()`` then ``await stop()`` on the same event loop."""
+
+    def __init__(self, config: SessionServiceConfig, pool: WorkerPool, tokenizer: Tokenizer, pinner=None) -> None:
+        self.config = config
+        self._keys = validate_config(config)
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.pinner = pinner
+        self.metrics = SessionMetrics()
+        self.port = 0
+        self._redis: aioredis.Redis | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._health_task: asyncio.Task | None = None
+        self._healthy: bool | None = None
+        self._metrics_http = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> int:
+        cfg = self.config
+        try:
+            self._redis = (RedisCluster.from_url(cfg.redis_url) if cfg.redis_cluster
+                           else aioredis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=2))
+            limits = Limits(max_tokens=cfg.max_tokens, default_max_tokens=cfg.default_max_tokens,
+                            max_input_tokens=cfg.max_input_tokens,
+                            max_concurrent_generations=cfg.max_concurrent_generations)
+            servicer = SessionServicer(SessionStore(self._redis), self.pool, self.tokenizer, self._keys,
+                                       self.metrics, limits, self.pinner)
+            self._server = grpc.aio.server(options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ])
+            pb_grpc.add_SessionsServicer_to_server(servicer, self._server)
+            self._health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                                self._server)
+            self.port = self._bind()
+            if cfg.metrics_port:
+                try:
+                    self._metrics_http = start_http_server(cfg.metrics_port, addr=cfg.host,
+                                                           registry=self.metrics.registry)
+                except OSError as e:
+                    raise ServerStartError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {e}") from e
+            await self._check()
+            await self._server.start()
+            self._health_task = asyncio.create_task(self._health_loop(), name="session-health")
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        logger.info("session service on %s (auth %s)", self.address, "on" if self._keys.enabled else "off")
+        return self.port
+
+    def _bind(self) -> int:
+        cfg = self.config
+        target = f"{cfg.host}:{cfg.port}"
+        try:
+            if cfg.tls_cert:
+                try:
+                    key, cert = Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes()
+                except OSError as e:
+                    raise ConfigError(f"cannot read TLS key/cert: {e}") from e
+                port = self._server.add_secure_port(target, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                port = self._server.add_insecure_port(target)
+        except RuntimeError as e:
+            raise ServerStartError(f"cannot listen on {target}: {e}") from e
+        if not port:
+            raise ServerStartError(f"cannot listen on {target}")
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace``."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.grace_seconds if grace is None else grace)
+            self._server = None
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        if self._metrics_http is not None:
+            httpd, thread = self._metrics_http
+            await asyncio.to_thread(httpd.shutdown)
+            httpd.server_close()
+            self._metrics_http = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def _check(self) -> None:
+        reason = ""
+        try:
+            await asyncio.wait_for(self._redis.ping(), 3)
+        except Exception as e:  # noqa: BLE001 - any failure means not serving
+            reason = f"Redis: {e or type(e).__name__}"
+        if not reason and not self.pool.live_worker_ids:
+            reason = "no live decode worker"
+        healthy = not reason
+        if healthy != self._healthy and self._health is not None:
+            self._healthy = healthy
+            for service in ("", SERVICE_NAME):
+                await self._health.set(service, _SERVING if healthy else _NOT_SERVING)
+            (logger.info if healthy else logger.warning)("health: %s%s", "SERVING" if healthy else "NOT_SERVING",
+                                                         f" ({reason})" if reason else "")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            try:
+                await self._check()
+            except Exception:  # noqa: BLE001
+                logger.exception("health check failed")

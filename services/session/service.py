@@ -1,0 +1,383 @@
+"""The Sessions gRPC servicer: API keys, validation, turns over the worker pool, status codes.
+
+A Generate call: authenticate -> read the session from Redis -> render the new input as a
+token delta -> route (sticky, else longest cached prefix) -> stream tokens from the Ray
+worker (resuming elsewhere if it dies) -> append input + output to the history atomically
+(once per request id) -> final usage.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import redis.exceptions
+
+from kvstore.v1 import session_pb2 as pb
+from kvstore.v1 import session_pb2_grpc as pb_grpc
+from services.blockstore.auth import ANY_NAMESPACE, TokenTable, check_namespace, require_namespace
+from services.blockstore.errors import RequestError
+from services.session.chat import ChatFormatError, ChatFormatter
+from services.session.metrics import SessionMetrics
+from services.session.state import Session, SessionChanged, SessionClosed, SessionNotFound, SessionStore
+from workers.pool import Generated, GenerationError, NoWorkerError, WorkerLostError, WorkerPool
+from workers.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sessions"].full_name  # "kvstore.v1.Sessions"
+DEFAULT_NAMESPACE = "default"  # with authentication off
+_SESSION_ID = re.compile(r"^([A-Za-z0-9._-]{1,64}):([0-9a-f]{24})$")
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclass(slots=True)
+class Limits:
+    max_tokens: int = 4096  # per Generate
+    default_max_tokens: int = 64
+    max_input_tokens: int = 32768  # per Append/Generate input
+    max_concurrent_generations: int = 64
+    max_list: int = 1000
+    max_metadata_bytes: int = 16384
+
+
+class IncrementalDecoder:
+    """Text deltas for a growing list of token ids that never split a UTF-8 character or
+    drop a word-leading space (decodes a small window, as vLLM does)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._tok.decode(self.ids[self._prefix:self._read])
+        after = self._tok.decode(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """What is left (possibly an incomplete character) at the end of the stream."""
+        before = self._tok.decode(self.ids[self._prefix:self._read])
+        after = self._tok.decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return after[len(before):]
+
+
+class SessionServicer(pb_grpc.SessionsServicer):
+    def __init__(self, store: SessionStore, pool: WorkerPool, tokenizer: Tokenizer, api_keys: TokenTable,
+                 metrics: SessionMetrics, limits: Limits | None = None, pinner=None) -> None:
+        self._store = store
+        self._pool = pool
+        self._tok = tokenizer
+        self._chat = ChatFormatter(tokenizer)
+        self._keys = api_keys
+        self._metrics = metrics
+        self._limits = limits or Limits()
+        self._pinner = pinner  # async (namespace, tokens, ttl_s) -> None: keeps blocks in the cold tier
+        self._active = 0
+
+    @property
+    def model(self) -> str:
+        return self._pool.info["model"]
+
+    # ---- RPCs -----------------------------------------------------------------------------
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.SessionInfo:
+        async with self._rpc("CreateSession", context):
+            allowed = self._keys.authenticate(context.invocation_metadata())
+            namespace = self._namespace(allowed, request.namespace)
+            if request.model and request.model != self.model:
+                raise RequestError(grpc.StatusCode.NOT_FOUND,
+                                   f"model {request.model!r} is not served here; this service serves {self.model!r}")
+            metadata = self._checked_metadata(request.metadata)
+            messages = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
+            tokens = self._delta([], messages, False) if messages else []
+            session = await self._store.create(namespace, self.model, tokens, metadata, messages=messages)
+            return self._info(session)
+
+    async def Append(self, request: pb.AppendRequest, context) -> pb.AppendResponse:
+        async with self._rpc("Append", context):
+            session = await self._session(context, request.session_id)
+            self._check_request_id(request.request_id)
+            tokens, messages, _ = self._input(session, request.input if request.HasField("input") else None, False)
+            if not tokens:
+                raise RequestError(_INVALID, "input is empty: send messages or token ids")
+            appended = await self._store.append_turn(session.namespace, _raw_id(session), tokens,
+                                                     request_id=request.request_id, messages=messages)
+            return pb.AppendResponse(num_tokens=appended.num_tokens)
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        arrival = time.perf_counter()
+        async with self._rpc("Generate", context):
+            session = await self._session(context, request.session_id, include_closed=True)
+            self._check_request_id(request.request_id)
+            raw = _raw_id(session)
+            if done := await self._store.request_result(session.namespace, raw, request.request_id):
+                for response in _replay(*done):  # a retry of a finished turn: same answer, no new turn
+                    yield response
+                return
+            if session.closed:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"session {request.session_id!r} is closed")
+            params = self._sampling(request.sampling if request.HasField("sampling") else None)
+            tokens, messages, chat = self._input(session, request.input if request.HasField("input") else None, True)
+            prompt = session.tokens + tokens
+            if not prompt:
+                raise RequestError(_INVALID, "nothing to generate from: the session is empty and so is the input")
+            if len(prompt) + params["max_tokens"] > self._pool.info["max_context"]:
+                raise RequestError(_INVALID, f"the session ({len(prompt)} tokens with this input) plus max_tokens "
+                                             f"({params['max_tokens']}) exceeds the model's context of "
+                                             f"{self._pool.info['max_context']} tokens")
+            if request.worker_id and request.worker_id not in self._pool.worker_ids:
+                raise RequestError(_INVALID, f"unknown worker_id {request.worker_id!r}; workers: "
+                                             f"{', '.join(self._pool.worker_ids)}")
+            if self._active >= self._limits.max_concurrent_generations:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{self._active} generations in progress (max_concurrent_generations); retry later")
+            self._active += 1
+            self._metrics.active.inc()
+            try:
+                decoder = IncrementalDecoder(self._tok)
+                first_at = end = None
+                result: Generated | None = None
+                async for item in self._pool.generate(prompt, params, session.namespace, session.id,
+                                                      request.worker_id or None, request.skip_cache):
+                    if isinstance(item, Generated):
+                        result = item
+                        break
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                    yield pb.GenerateResponse(chunk=pb.TokenChunk(ids=[item], text=decoder.push(item)))
+                end = time.perf_counter()
+                if tail := decoder.flush():
+                    yield pb.GenerateResponse(chunk=pb.TokenChunk(text=tail))
+            finally:
+                self._active -= 1
+                self._metrics.active.dec()
+            output = decoder.ids
+            text = self._tok.decode(output)
+            turn_msgs = messages
+            if chat:
+                tokens_after = output + self._chat.close_assistant(session.messages + messages, output, text)
+                turn_msgs = messages + [{"role": "assistant", "content": text}]
+            else:
+                tokens_after = output
+            n = len(output)
+            usage = pb.Usage(
+                prompt_tokens=len(prompt), completion_tokens=n,
+                cached_tokens_t0=result.cached_tokens[0], cached_tokens_t1=result.cached_tokens[1],
+                cached_tokens_t2=result.cached_tokens[2], ttft_seconds=(first_at or end) - arrival,
+                tokens_per_second=(n - 1) / (end - first_at) if n > 1 and end > first_at else 0.0,
+                finish_reason=result.finish_reason, worker_id=result.worker_id, failovers=result.failovers)
+            record = json.dumps({"ids": output, "text": text, "usage": _usage_dict(usage)})
+            appended = await self._store.append_turn(
+                session.namespace, raw, tokens + tokens_after, request_id=request.request_id, messages=turn_msgs,
+                expected_len=len(session.tokens), result=record)
+            usage.num_tokens = appended.num_tokens
+            self._metrics.turn(usage)
+            yield pb.GenerateResponse(usage=usage)
+            if self._pinner is not None and session.pinned_until > time.time():
+                # The pin covers the history as it grows: re-apply it to the new blocks.
+                await self._pin_blocks(session.namespace, prompt + tokens_after, session.pinned_until - time.time())
+
+    async def Fork(self, request: pb.ForkRequest, context) -> pb.SessionInfo:
+        async with self._rpc("Fork", context):
+            session = await self._session(context, request.session_id, include_closed=True)
+            metadata = self._checked_metadata(request.metadata) if request.metadata else None
+            child = await self._store.fork(session.namespace, _raw_id(session), metadata)
+            return self._info(child)
+
+    async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.SessionInfo:
+        async with self._rpc("GetSession", context):
+            session = await self._session(context, request.session_id, include_closed=True)
+            return self._info(session, include_tokens=request.include_tokens)
+
+    async def ListSessions(self, request: pb.ListSessionsRequest, context) -> pb.ListSessionsResponse:
+        async with self._rpc("ListSessions", context):
+            allowed = self._keys.authenticate(context.invocation_metadata())
+            namespace = self._namespace(allowed, request.namespace)
+            limit = request.limit or 100
+            if limit > self._limits.max_list:
+                raise RequestError(_INVALID, f"limit {limit} is over the maximum of {self._limits.max_list}")
+            sessions = []
+            for raw in await self._store.list(namespace, limit):
+                with contextlib.suppress(SessionNotFound):  # removed since the index was read
+                    sessions.append(self._info(await self._store.get(namespace, raw)))
+            return pb.ListSessionsResponse(sessions=sessions)
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.SessionInfo:
+        async with self._rpc("CloseSession", context):
+            session = await self._session(context, request.session_id, include_closed=True)
+            await self._store.close(session.namespace, _raw_id(session))
+            session.closed = True
+            return self._info(session)
+
+    async def Pin(self, request: pb.PinRequest, context) -> pb.SessionInfo:
+        async with self._rpc("Pin", context):
+            session = await self._session(context, request.session_id, include_closed=True)
+            ttl = request.ttl_seconds
+            if ttl > 30 * 86400:
+                raise RequestError(_INVALID, f"ttl_seconds {ttl} is over the maximum of 30 days")
+            session.pinned_until = await self._store.pin(session.namespace, _raw_id(session), ttl) if ttl else \
+                await self._store.unpin(session.namespace, _raw_id(session))
+            if ttl and self._pinner is not None:
+                await self._pin_blocks(session.namespace, session.tokens, ttl)
+            return self._info(session)
+
+    async def Prefetch(self, request: pb.PrefetchRequest, context) -> pb.PrefetchResponse:
+        async with self._rpc("Prefetch", context):
+            session = await self._session(context, request.session_id)
+            if not session.tokens:
+                return pb.PrefetchResponse()
+            worker_id, held = await self._pool.prefetch(session.tokens, session.namespace, session.id)
+            return pb.PrefetchResponse(worker_id=worker_id, cached_tokens=held)
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, context) -> AsyncIterator[None]:
+        """Map exceptions to status codes (never crash on a request) and record metrics."""
+        start = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            yield
+        except RequestError as e:
+            code, message = e.code, e.message
+        except SessionNotFound as e:
+            code, message = grpc.StatusCode.NOT_FOUND, str(e)
+        except SessionClosed as e:
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
+        except SessionChanged as e:
+            code, message = grpc.StatusCode.ABORTED, str(e)
+        except (ChatFormatError, GenerationError) as e:
+            code, message = _INVALID, str(e)
+        except (NoWorkerError, WorkerLostError) as e:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(e)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"session state (Redis) is unavailable: {e}"
+            logger.warning("%s: %s", method, message)
+        except Exception as e:  # noqa: BLE001 - a request must never take the server down
+            code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}"
+            logger.exception("%s failed", method)
+        except BaseException:  # cancelled by the client, its deadline or shutdown
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._metrics.observe(method, code, time.perf_counter() - start)
+        if code is not grpc.StatusCode.OK:
+            await context.abort(code, message)
+
+    def _namespace(self, allowed: frozenset[str], requested: str) -> str:
+        if not self._keys.enabled:
+            namespace = requested or DEFAULT_NAMESPACE
+        elif requested:
+            namespace = requested
+        elif ANY_NAMESPACE not in allowed and len(allowed) == 1:
+            (namespace,) = allowed
+        else:
+            raise RequestError(_INVALID, "this API key reaches several namespaces: set namespace")
+        check_namespace(namespace)
+        require_namespace(allowed, namespace)
+        return namespace
+
+    async def _session(self, context, session_id: str, include_closed: bool = False) -> Session:
+        allowed = self._keys.authenticate(context.invocation_metadata())
+        match = _SESSION_ID.fullmatch(session_id)
+        if match is None:
+            shown = repr(session_id[:80])
+            raise RequestError(_INVALID, f"malformed session_id {shown}: expected '<namespace>:<24 hex digits>'")
+        require_namespace(allowed, match.group(1))
+        session = await self._store.get(match.group(1), match.group(2))
+        if session.closed and not include_closed:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"session {session_id!r} is closed")
+        session.id = session_id  # the public id carries the namespace
+        return session
+
+    def _input(self, session: Session, inp: pb.Input | None, generate: bool) -> tuple[list[int], list[dict], bool]:
+        """(token delta, messages to remember, chat?) for a turn's input."""
+        kind = inp.WhichOneof("kind") if inp is not None else None
+        if kind == "tokens":
+            ids = list(inp.tokens.ids)
+            self._check_size(len(ids))
+            vocab = self._pool.info["vocab_size"]
+            if bad := [t for t in ids if t >= vocab]:
+                raise RequestError(_INVALID, f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+            return ids, [], False
+        if kind == "messages":
+            messages = [{"role": m.role, "content": m.content} for m in inp.messages.items]
+            if not messages:
+                raise RequestError(_INVALID, "input.messages is empty")
+            tokens = self._delta(session.messages, messages, generate)
+            self._check_size(len(tokens))
+            return tokens, messages, True
+        # No input: a chat session still needs the generation prompt before generating.
+        chat = generate and bool(session.messages)
+        return (self._delta(session.messages, [], True) if chat else []), [], chat
+
+    def _delta(self, history: list[dict], new: list[dict], generate: bool) -> list[int]:
+        return self._chat.delta(history, new, add_generation_prompt=generate)
+
+    def _check_size(self, n: int) -> None:
+        if n > self._limits.max_input_tokens:
+            raise RequestError(_INVALID, f"input of {n} tokens is over max_input_tokens={self._limits.max_input_tokens}")
+
+    def _sampling(self, s: pb.SamplingParams | None) -> dict:
+        lim = self._limits
+        if s is None:
+            return {"max_tokens": lim.default_max_tokens}
+        max_tokens = s.max_tokens or lim.default_max_tokens
+        if max_tokens > lim.max_tokens:
+            raise RequestError(_INVALID, f"max_tokens {max_tokens} is over the limit of {lim.max_tokens}")
+        if s.temperature < 0 or not 0 <= s.top_p <= 1:
+            raise RequestError(_INVALID, "temperature must be >= 0 and top_p in (0, 1]")
+        return {"max_tokens": max_tokens, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p or 1.0,
+                "seed": s.seed if s.HasField("seed") else None, "stop_token_ids": tuple(s.stop_token_ids),
+                "stop": tuple(s.stop), "ignore_eos": s.ignore_eos}
+
+    def _checked_metadata(self, metadata) -> dict[str, str]:
+        out = dict(metadata)
+        if sum(len(k) + len(v) for k, v in out.items()) > self._limits.max_metadata_bytes:
+            raise RequestError(_INVALID, f"metadata is over {self._limits.max_metadata_bytes} bytes")
+        return out
+
+    @staticmethod
+    def _check_request_id(request_id: str) -> None:
+        if len(request_id) > 128 or "|" in request_id:
+            raise RequestError(_INVALID, "request_id must be at most 128 characters, without '|'")
+
+    async def _pin_blocks(self, namespace: str, tokens: list[int], ttl_s: float) -> None:
+        try:
+            await self._pinner(namespace, tokens, ttl_s)
+        except Exception:  # noqa: BLE001 - the pin is best effort; the session state holds it
+            logger.warning("could not pin blocks in the cold tier", exc_info=True)
+
+    def _info(self, s: Session, include_tokens: bool = False) -> pb.SessionInfo:
+        public = s.id if ":" in s.id else f"{s.namespace}:{s.id}"
+        parent = f"{s.namespace}:{s.parent}" if s.parent and ":" not in s.parent else s.parent
+        return pb.SessionInfo(session_id=public, namespace=s.namespace, model=s.model, parent_id=parent,
+                              num_tokens=len(s.tokens), metadata=s.metadata, created=s.created, updated=s.updated,
+                              pinned_until=s.pinned_until, closed=s.closed,
+                              token_ids=s.tokens if include_tokens else ())
+
+
+def _raw_id(session: Session) -> str:
+    return session.id.partition(":")[2] if ":" in session.id else session.id
+
+
+def _usage_dict(u: pb.Usage) -> dict:
+    return {f.name: getattr(u, f.name) for f in pb.Usage.DESCRIPTOR.fields}
+
+
+def _replay(num_tokens: int, record: str) -> list[pb.GenerateResponse]:
+    r = json.loads(record)
+    return [pb.GenerateResponse(chunk=pb.TokenChunk(ids=r["ids"], text=r["text"])),
+            pb.GenerateResponse(usage=pb.Usage(**dict(r["usage"], num_tokens=num_tokens)))]

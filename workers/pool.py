@@ -1,0 +1,260 @@
+"""``WorkerPool``: the session service's view of its Ray decode workers.
+
+It starts (or re-attaches to) the ``DecodeWorker`` actors, keeps the ``Router``'s picture of
+what each worker caches fresh by draining their block events, and runs generations on the
+worker the router picks. When a worker dies mid-generation, the generation resumes on
+another worker from the tokens already streamed (its prompt's KV comes back from T2), so the
+caller sees one uninterrupted stream; a worker that comes back (Ray restarts it) rejoins
+with an empty index.
+
+Everything here runs on the session service's event loop (the router is not thread-safe).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from kvstore.hashing import PrefixHasher
+from workers.actor import WorkerConfig, remote_worker_class
+from workers.router import NoWorkerError, Router, RouterConfig
+
+log = logging.getLogger(__name__)
+
+RAY_NAMESPACE = "kvstore"
+
+
+class WorkerLostError(RuntimeError):
+    """A generation lost its worker more times than ``PoolConfig.max_failovers`` allows."""
+
+
+class GenerationError(ValueError):
+    """The worker refused the request (bad sampling parameters, prompt too long, ...)."""
+
+
+@dataclass(slots=True)
+class PoolConfig:
+    """How many decode workers, what they serve, and how they are placed."""
+
+    num_workers: int = 2
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    cpus_per_worker: float = 1.0  # CPU slots per worker without GPUs (also its torch threads)
+    use_gpus: bool | None = None  # None: one GPU per worker when the cluster has GPUs
+    # Extra Ray resources per worker (e.g. {"node:10.0.0.2": 0.01}) to place them on nodes;
+    # one dict per worker, or empty for Ray's default (spread) placement.
+    worker_resources: list[dict[str, float]] = field(default_factory=list)
+    max_restarts: int = 3  # Ray restarts a crashed worker this many times
+    max_failovers: int = 2  # workers a generation may lose before it fails
+    poll_interval_s: float = 0.1  # block-event and health polling period
+    call_timeout_s: float = 10.0  # a worker not answering a poll within this is taken out
+    name_prefix: str = "kvstore-worker"
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+
+@dataclass(slots=True)
+class Generated:
+    """The end of one generation (the tokens were streamed before it)."""
+
+    finish_reason: str
+    worker_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: list[int]  # by tier, as found by the first worker that ran it
+    decode_s: float
+    failovers: int = 0
+
+
+@dataclass(slots=True)
+class _Worker:
+    worker_id: str
+    handle: ray.actor.ActorHandle
+    incarnation: str = ""
+    live: bool = False
+
+
+class WorkerPool:
+    """Start with ``await pool.start()``; ``await pool.close()`` stops polling and the workers."""
+
+    def __init__(self, config: PoolConfig | None = None) -> None:
+        self.config = config or PoolConfig()
+        if self.config.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.config.num_workers}")
+        if self.config.worker_resources and len(self.config.worker_resources) != self.config.num_workers:
+            raise ValueError(f"worker_resources has {len(self.config.worker_resources)} entries for "
+                             f"{self.config.num_workers} workers")
+        self.router = Router(self.config.router)
+        self.info: dict = {}  # the model's facts (fingerprint, block size, vocab, context)
+        self._workers: dict[str, _Worker] = {}
+        self._poller: asyncio.Task | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the workers (or re-attach to live ones of the same names) and wait until each answers."""
+        cfg = self.config
+        gpus = cfg.use_gpus if cfg.use_gpus is not None else ray.cluster_resources().get("GPU", 0) >= 1
+        worker_cfg = cfg.worker
+        if not gpus and not worker_cfg.threads:
+            worker_cfg = dataclasses.replace(worker_cfg, threads=max(1, int(cfg.cpus_per_worker)))
+        cls = remote_worker_class(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else cfg.cpus_per_worker,
+                                  max_restarts=cfg.max_restarts)
+        for i in range(cfg.num_workers):
+            worker_id = f"w{i}"
+            options = {"name": f"{cfg.name_prefix}-{i}", "namespace": RAY_NAMESPACE, "get_if_exists": True}
+            if cfg.worker_resources:
+                options["resources"] = cfg.worker_resources[i]
+            handle = cls.options(**options).remote(worker_id, worker_cfg)
+            self._workers[worker_id] = _Worker(worker_id, handle)
+        infos = await asyncio.gather(*(w.handle.info.remote() for w in self._workers.values()))
+        fingerprints = {i["fingerprint"] for i in infos}
+        if len(fingerprints) != 1:
+            raise RuntimeError("the workers serve different models (fingerprints differ)")
+        self.info = infos[0]
+        for w, info in zip(self._workers.values(), infos):
+            self._join(w, info["incarnation"])
+        self._poller = asyncio.create_task(self._poll_loop(), name="worker-pool-poll")
+        log.info("%d decode workers ready (%s, %s)", len(self._workers), self.info["model"],
+                 "GPU" if gpus else f"{cfg.cpus_per_worker:g} CPU each")
+
+    async def close(self, kill: bool = True) -> None:
+        """Stop polling; with ``kill``, flush and stop the workers too."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        if kill:
+            for w in self._workers.values():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(w.handle.shutdown.remote(), self.config.call_timeout_s)
+                ray.kill(w.handle, no_restart=True)
+            self._workers.clear()
+
+    @property
+    def worker_ids(self) -> list[str]:
+        return sorted(self._workers)
+
+    @property
+    def live_worker_ids(self) -> list[str]:
+        return sorted(w.worker_id for w in self._workers.values() if w.live)
+
+    def handle(self, worker_id: str) -> ray.actor.ActorHandle:
+        return self._workers[worker_id].handle
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def block_hashes(self, tokens: list[int], namespace: str) -> list[bytes]:
+        prefix = PrefixHasher.for_namespace(self.info["fingerprint"], namespace, self.info["block_size"])
+        prefix.extend(tokens)
+        return prefix.hashes
+
+    async def generate(self, prompt: list[int], params: dict, namespace: str, session_id: str | None = None,
+                       worker_id: str | None = None, skip_cache: bool = False) -> AsyncIterator[int | Generated]:
+        """Yield the generated token ids, then a ``Generated``. Resumes on another worker when
+        the one running it dies (at most ``max_failovers`` times)."""
+        if worker_id is not None and worker_id not in self._workers:
+            raise NoWorkerError(f"unknown worker {worker_id!r}; workers: {', '.join(self.worker_ids)}")
+        output: list[int] = []
+        first: dict | None = None
+        failovers = 0
+        max_tokens = int(params.get("max_tokens", 64))
+        while True:
+            tokens = prompt + output
+            wid = worker_id if worker_id is not None and self._workers[worker_id].live else \
+                self.router.choose(self.block_hashes(tokens, namespace), session_id)
+            handle = self._workers[wid].handle
+            attempt = dict(params, max_tokens=max_tokens - len(output))
+            self.router.started(wid)
+            stream = handle.generate.remote(tokens, attempt, namespace, skip_cache)
+            try:
+                async for ref in stream:
+                    item = await ref
+                    if isinstance(item, dict):
+                        break
+                    output.append(item)
+                    yield item
+                else:
+                    raise RayActorError()  # the stream ended without its final record
+            except RayActorError as e:
+                failovers += 1
+                log.warning("worker %s lost during a generation (%d tokens streamed): %s", wid, len(output),
+                            type(e).__name__)
+                self._lose(wid)
+                worker_id = None
+                if failovers > self.config.max_failovers:
+                    raise WorkerLostError(f"generation lost {failovers} workers; giving up") from e
+                continue
+            except (asyncio.CancelledError, GeneratorExit):
+                ray.cancel(stream)  # the caller went away: free the worker's slot and blocks
+                raise
+            finally:
+                self.router.finished(wid)
+            if item["finish_reason"] == "error":
+                raise GenerationError(item["error"])
+            usage = item["usage"]
+            first = first or usage
+            yield Generated(item["finish_reason"], wid, len(prompt), len(output), list(first["cached_tokens"]),
+                            usage["decode_s"], failovers)
+            return
+
+    async def prefetch(self, tokens: list[int], namespace: str, session_id: str) -> tuple[str, int]:
+        """Warm ``tokens``' cached prefix into the worker the session's next turn will use."""
+        wid = self.router.choose(self.block_hashes(tokens, namespace), session_id)
+        try:
+            held = await asyncio.wait_for(self._workers[wid].handle.prefetch.remote(tokens, namespace),
+                                          self.config.call_timeout_s)
+        except RayActorError:
+            self._lose(wid)
+            raise
+        return wid, held
+
+    # ---- membership -----------------------------------------------------------------------
+
+    def _join(self, w: _Worker, incarnation: str) -> None:
+        if w.incarnation and incarnation != w.incarnation:
+            log.warning("worker %s restarted: dropping what it cached", w.worker_id)
+        if w.live:
+            self.router.reset_worker(w.worker_id)
+        else:
+            self.router.add_worker(w.worker_id)
+        w.incarnation, w.live = incarnation, True
+
+    def _lose(self, worker_id: str) -> None:
+        w = self._workers.get(worker_id)
+        if w is None or not w.live:
+            return
+        w.live = False
+        moved = self.router.remove_worker(worker_id)
+        log.warning("worker %s out of service; %d sessions move to other workers", worker_id, len(moved))
+
+    async def _poll_loop(self) -> None:
+        while True:
+            start = time.monotonic()
+            await asyncio.gather(*(self._poll(w) for w in list(self._workers.values())))
+            await asyncio.sleep(max(0.0, self.config.poll_interval_s - (time.monotonic() - start)))
+
+    async def _poll(self, w: _Worker) -> None:
+        """Drain a worker's block events; notice deaths, restarts and recoveries."""
+        try:
+            incarnation, events = await asyncio.wait_for(w.handle.block_events.remote(), self.config.call_timeout_s)
+        except (RayActorError, GetTimeoutError, asyncio.TimeoutError) as e:
+            if w.live:
+                log.warning("worker %s does not answer (%s)", w.worker_id, type(e).__name__)
+            self._lose(w.worker_id)
+            return
+        except Exception:  # noqa: BLE001 - polling must go on
+            log.exception("polling worker %s failed", w.worker_id)
+            return
+        if not w.live or incarnation != w.incarnation:
+            self._join(w, incarnation)
+        self.router.apply_events(w.worker_id, events)
+
+
+__all__ = ["Generated", "GenerationError", "NoWorkerError", "PoolConfig", "WorkerLostError", "WorkerPool"]
