@@ -4,11 +4,13 @@ A slot is in exactly one state:
 - free: holds nothing;
 - private: allocated to a caller, not (yet) shareable; pinned by that caller;
 - cached: holds a committed block, findable by its hash; pinned while ref count > 0,
-  otherwise on the LRU list and evictable.
+  otherwise on the LRU list and evictable (blocks of pinned sessions on a second LRU list,
+  evicted only once the first is empty).
 Pinned slots are never handed out again, so a block in use is never evicted or overwritten.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +45,10 @@ class BlockIndex:
         self._meta: list[BlockMeta | None] = [None] * num_slots
         self._refs: list[int] = [0] * num_slots
         self._lru: OrderedDict[int, None] = OrderedDict()  # oldest first
+        # Blocks of pinned sessions: evicted only when no other block can be (own LRU order).
+        self._preferred_lru: OrderedDict[int, None] = OrderedDict()
+        self._preferred_until: dict[bytes, float] = {}
+        self._next_expiry = float("inf")  # earliest preference end: sweep once it passes
         self.evictions = 0
 
     def __contains__(self, block_hash: bytes) -> bool:
@@ -63,7 +69,7 @@ class BlockIndex:
 
     @property
     def num_evictable(self) -> int:
-        return len(self._free) + len(self._lru)
+        return len(self._free) + len(self._lru) + len(self._preferred_lru)
 
     @property
     def num_pinned(self) -> int:
@@ -72,20 +78,59 @@ class BlockIndex:
     def pin(self, slot: int) -> None:
         self._refs[slot] += 1
         self._lru.pop(slot, None)
+        self._preferred_lru.pop(slot, None)
+
+    def prefer(self, block_hashes: list[bytes], until: float) -> None:
+        """Evict these blocks (now or when they arrive) after all others, until ``until``
+        (``time.monotonic()`` seconds)."""
+        self._next_expiry = min(self._next_expiry, until)
+        for h in block_hashes:
+            self._preferred_until[h] = max(until, self._preferred_until.get(h, 0.0))
+            slot = self._slot_of.get(h)
+            if slot is not None and slot in self._lru:
+                del self._lru[slot]
+                self._preferred_lru[slot] = None
+
+    def _is_preferred(self, block_hash: bytes) -> bool:
+        until = self._preferred_until.get(block_hash)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._preferred_until[block_hash]
+            return False
+        return True
+
+    def _expire_preferences(self) -> None:
+        """Preferences that ran out: their blocks go back to the LRU, as its oldest."""
+        now = time.monotonic()
+        expired = [h for h, until in self._preferred_until.items() if until < now]
+        self._next_expiry = min((u for u in self._preferred_until.values() if u >= now), default=float("inf"))
+        for h in expired:
+            del self._preferred_until[h]
+            slot = self._slot_of.get(h)
+            if slot is not None and slot in self._preferred_lru:
+                del self._preferred_lru[slot]
+                self._lru[slot] = None
+                self._lru.move_to_end(slot, last=False)
 
     def unpin(self, slot: int) -> None:
         assert self._refs[slot] > 0, f"{self.name}: unpin of unpinned slot {slot}"
         self._refs[slot] -= 1
         if self._refs[slot]:
             return
-        if self._meta[slot] is None:
+        meta = self._meta[slot]
+        if meta is None:
             self._free.append(slot)
+        elif self._preferred_until and self._is_preferred(meta.block_hash):
+            self._preferred_lru[slot] = None
         else:
             self._lru[slot] = None  # most recently used end
 
     def touch(self, slot: int) -> None:
         if slot in self._lru:
             self._lru.move_to_end(slot)
+        elif slot in self._preferred_lru:
+            self._preferred_lru.move_to_end(slot)
 
     def allocate(self, n: int) -> tuple[list[int], list[tuple[int, BlockMeta]]]:
         """Take ``n`` slots, pinned and private: free ones first, then evict LRU blocks.
@@ -100,11 +145,13 @@ class BlockIndex:
             )
         slots: list[int] = []
         evicted: list[tuple[int, BlockMeta]] = []
+        if self._preferred_until and time.monotonic() >= self._next_expiry:
+            self._expire_preferences()
         for _ in range(n):
             if self._free:
                 slot = self._free.popleft()
             else:
-                slot, _ = self._lru.popitem(last=False)
+                slot, _ = (self._lru or self._preferred_lru).popitem(last=False)
                 meta = self._meta[slot]
                 assert meta is not None
                 del self._slot_of[meta.block_hash]
@@ -134,8 +181,8 @@ class BlockIndex:
 
     def check(self) -> None:
         """Verify internal invariants (used by tests)."""
-        free, lru = set(self._free), set(self._lru)
-        assert len(free) == len(self._free) and not free & lru
+        free, lru = set(self._free), set(self._lru) | set(self._preferred_lru)
+        assert len(free) == len(self._free) and not free & lru and not set(self._lru) & set(self._preferred_lru)
         for slot in range(self.num_slots):
             meta, refs = self._meta[slot], self._refs[slot]
             assert refs >= 0

@@ -199,6 +199,15 @@ class BlockStoreClient:
                 pass
         return deleted
 
+    def touch(self, namespace: str, hashes: Sequence[bytes], ttl_seconds: int) -> int:
+        """Keep stored blocks at least ``ttl_seconds`` more; returns how many are stored.
+        Raises ``BlockStoreUnavailable`` if the store cannot be reached."""
+        found = 0
+        for chunk in _chunks(hashes):
+            req = pb.TouchRequest(namespace=namespace, hashes=chunk, ttl_seconds=int(ttl_seconds))
+            found += self._call("Touch", lambda t, r=req: self._stub.Touch(r, timeout=t, metadata=self._metadata).found)
+        return found
+
     def stats(self) -> pb.StatsResponse:
         """Server-side counters; raises ``BlockStoreUnavailable`` if it cannot be reached."""
         return self._call("Stats", lambda t: self._stub.Stats(pb.StatsRequest(), timeout=t, metadata=self._metadata))

@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -304,6 +305,14 @@ class TieredKVCache:
                 self._check_owned(slot)
             for slot in slots:
                 self._t0.unpin(slot)
+
+    def prefer(self, block_hashes: Sequence[bytes], ttl_s: float) -> None:
+        """Evict these blocks from T0 and T1 only after all others, for ``ttl_s`` seconds
+        (the blocks of pinned sessions; they need not be cached yet)."""
+        until = time.monotonic() + ttl_s
+        with self._lock:
+            self._t0.prefer(list(block_hashes), until)
+            self._t1.prefer(list(block_hashes), until)
 
     def flush(self) -> None:
         """Wait until every background copy queued so far has completed."""

@@ -1,7 +1,15 @@
-"""The ``kvstore`` command."""
+"""The ``kvstore`` command.
+
+    kvstore serve                 # everything on embedded defaults; prints where it listens
+    kvstore demo [--address A]    # scripted agent workload (starts its own service without --address)
+    kvstore chat --address A      # interactive session
+    kvstore tiers-demo            # the cache tiers alone, with synthetic KV
+    kvstore blockstore serve      # the block store service (T2) alone
+"""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
 import sys
@@ -16,14 +24,31 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, type=type(f.default), default=f.default, dest=f.name)
 
 
+def _config(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def main(argv: list[str] | None = None) -> int:
     from kvstore.demo import DemoConfig
+    from kvstore.serve import ServeConfig
+    from kvstore.tiers_demo import DemoConfig as TiersDemoConfig
 
     parser = argparse.ArgumentParser(prog="kvstore", description="Distributed tiered KV-cache for LLM inference.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="simulated multi-turn sessions through the tiered cache")
-    _add_dataclass_flags(demo, DemoConfig)
+    _add_dataclass_flags(sub.add_parser("serve", help="run the service: Redis, block store, Ray workers, "
+                                                      "session API"), ServeConfig)
+    _add_dataclass_flags(sub.add_parser("demo", help="scripted agent workload against the service "
+                                                     "(starts one without --address)"), DemoConfig)
+    chat = sub.add_parser("chat", help="an interactive session against a running service")
+    chat.add_argument("--address", default="127.0.0.1:50052")
+    chat.add_argument("--api-key", default="")
+    chat.add_argument("--session", default="", help="continue this session id instead of creating one")
+    chat.add_argument("--system", default="You are a helpful assistant.", help="system prompt of a new session")
+    chat.add_argument("--max-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    _add_dataclass_flags(sub.add_parser("tiers-demo", help="the cache tiers alone, with synthetic KV"),
+                         TiersDemoConfig)
     blockstore = sub.add_parser("blockstore", help="the block store service (T2): `kvstore blockstore serve --help`")
     blockstore.add_argument("action", choices=["serve"])
     blockstore.add_argument("rest", nargs=argparse.REMAINDER, help="flags of `serve`")
@@ -33,17 +58,69 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(args.rest)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            from kvstore.serve import serve
 
-    if args.command == "demo":
-        from kvstore.demo import run_demo
+            return asyncio.run(serve(_config(ServeConfig, args)))
+        if args.command == "demo":
+            from kvstore.demo import run_demo
 
-        cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
-        try:
-            run_demo(cfg)
-        except (ValueError, RuntimeError) as e:
-            print(f"kvstore demo: {e}", file=sys.stderr)
-            return 2
+            totals = run_demo(_config(DemoConfig, args))
+            return 0 if totals["same"] else 1
+        if args.command == "chat":
+            return _chat(args)
+        if args.command == "tiers-demo":
+            from kvstore.tiers_demo import run_demo as run_tiers_demo
+
+            run_tiers_demo(_config(TiersDemoConfig, args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a clear message instead of a traceback for what users can fix
+        from kvstore.client import SessionAPIError
+
+        if isinstance(e, (ValueError, RuntimeError, OSError, SessionAPIError)):
+            print(f"kvstore {args.command}: {e}", file=sys.stderr)
+            return 2 if isinstance(e, ValueError) else 1
+        raise
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from kvstore.client import SessionAPIError, SessionClient
+
+    with SessionClient(args.address, api_key=args.api_key, timeout_s=None) as kv:
+        session = args.session or kv.create_session(system_prompt=args.system).session_id
+        print(f"session {session}  (/fork branches it, /info shows it, /quit or Ctrl-D ends)")
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                return 0
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                return 0
+            if line == "/info":
+                print(kv.get_session(session))
+                continue
+            if line == "/fork":
+                session = kv.fork(session).session_id
+                print(f"now in fork {session}")
+                continue
+            try:
+                reply = kv.generate(session, [{"role": "user", "content": line}], max_tokens=args.max_tokens,
+                                    temperature=args.temperature)
+                print("assistant> ", end="", flush=True)
+                for chunk in reply:
+                    print(chunk.text, end="", flush=True)
+                u = reply.usage
+                print(f"\n  [{u.prompt_tokens} prompt tokens, cached T0 {u.cached_tokens_t0} / T1 {u.cached_tokens_t1}"
+                      f" / T2 {u.cached_tokens_t2}, TTFT {1e3 * u.ttft_seconds:.0f} ms, {u.tokens_per_second:.0f} "
+                      f"tok/s on {u.worker_id}]")
+            except SessionAPIError as e:
+                print(f"\n  error: {e}")
 
 
 if __name__ == "__main__":

@@ -132,3 +132,6 @@ class SessionServiceConfig:
     default_max_tokens: int = 64
     max_input_tokens: int = 32768
     max_concurrent_generations: int = 64
+    # The block store, for Pin (keeps a pinned session's blocks in the cold tier); empty: none.
+    blockstore_address: str = ""
+    blockstore_token: str = ""

@@ -1,130 +1,160 @@
-"""A demonstration of the tiers: multi-turn sessions sharing a system prompt, served by two
-workers, each with a ``TieredKVCache`` whose T0 is too small for all sessions. Sessions move
-between the workers from turn to turn, so their history comes back from T0 (same worker, still
-hot), T1 (same worker, spilled) or T2 (the other worker's blocks, through the block store
-service and an embedded Redis).
+"""``kvstore demo``: a scripted agent workload against the session service.
 
-There is no model yet: "prefill" writes synthetic KV derived from each block's hash, and every
-reused block is checked byte for byte against what was committed under its hash.
+Several agent sessions share a long system prompt and take turns, interleaved: a user
+question, a tool result appended without generating plus a follow-up, another question; one
+session forks and its branch runs on the other worker. Every turn runs twice: once normally
+(reusing cached KV from whichever tier holds it) and once with ``skip_cache`` on a fork of the
+same history on the same worker (computing everything). The table shows the prompt tokens,
+the cached tokens per tier, both TTFTs, and whether both runs produced the same tokens.
+
+With no ``--address`` it starts the whole service on embedded defaults (``kvstore serve``),
+runs the workload and shuts everything down.
 """
 from __future__ import annotations
 
-import random
-import time
-from contextlib import ExitStack
+import statistics
 from dataclasses import dataclass
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvstore.cache import Tier, TieredKVCache
-from kvstore.blockstore_client import BlockStoreClient
-from kvstore.config import BlockStoreClientConfig, BlockStoreConfig, CacheConfig
-from kvstore.hashing import PrefixHasher
-from kvstore.spec import KVSpec
+from kvstore.client import SessionClient
 
-# The KV shape of Qwen2.5-0.5B: 24 layers, 2 KV heads of 64, bf16; 16-token blocks (192 KiB).
-DEMO_SPEC = KVSpec(24, 2, 64, torch.bfloat16, 16, model_id="demo-qwen2.5-0.5b-shape")
+TOPICS = ("a trip to Kyoto", "a database migration", "a birthday party", "a marathon plan", "a garden")
 
 
 @dataclass(slots=True)
 class DemoConfig:
-    sessions: int = 4
-    turns: int = 4
-    system_prompt_tokens: int = 384
-    user_tokens: int = 48
-    reply_tokens: int = 64
-    t0_blocks: int = 64
-    t1_blocks: int = 512
+    address: str = ""  # a running session service; empty: start one on embedded defaults
+    api_key: str = ""
+    sessions: int = 3
+    rounds: int = 3
+    max_tokens: int = 16
+    system_prompt_repeat: int = 12  # ~100 tokens each with the built-in byte tokenizer
+    # Only for the embedded service:
+    model: str = "small"
     workers: int = 2
-    t2: bool = True  # start the block store (embedded Redis) as the shared cold tier
-    seed: int = 0
+    t0_blocks: int = 160  # small, so blocks spill to T1 while the demo runs
+    t1_blocks: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("sessions", "rounds", "max_tokens", "system_prompt_repeat"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def _kv_for(block_hash: bytes) -> torch.Tensor:
-    g = torch.Generator().manual_seed(int.from_bytes(block_hash[:8], "little"))
-    return torch.randn(DEMO_SPEC.block_shape, generator=g).to(DEMO_SPEC.dtype)
+@dataclass(slots=True)
+class Row:
+    label: str
+    worker: str
+    prompt: int
+    cached: tuple[int, int, int]
+    ttft: float
+    ttft_recompute: float
+    same: bool
 
 
-def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, int]:
-    """Run the demo, print a table per turn and a summary; return the totals."""
-    console = console or Console(width=max(Console().width, 110))
-    rng = random.Random(cfg.seed)
-    spec = DEMO_SPEC
-    system = [rng.randrange(32000) for _ in range(cfg.system_prompt_tokens)]
-    histories = [PrefixHasher.for_namespace(spec.fingerprint, "demo", spec.block_size) for _ in range(cfg.sessions)]
-    for h in histories:
-        h.extend(system)
-    table = Table(title=f"{cfg.sessions} sessions x {cfg.turns} turns on {cfg.workers} workers; "
-                        f"per worker T0 {cfg.t0_blocks} blocks, T1 {cfg.t1_blocks} blocks")
-    for col in ("turn", "session", "worker", "prompt tok", "T0 hit", "T1 hit", "T2 hit", "computed", "T1->T0 MiB", "T2->T1 MiB"):
+def _system_prompt(repeat: int) -> str:
+    rule = ("You are a planning agent. Break the goal into steps, call a tool when a fact is missing, "
+            "and answer briefly. ")
+    return "".join(f"Rule {i + 1}: {rule}" for i in range(repeat))
+
+
+class _Workload:
+    def __init__(self, kv: SessionClient, cfg: DemoConfig, console: Console) -> None:
+        self.kv, self.cfg, self.console = kv, cfg, console
+        self.rows: list[Row] = []
+
+    def turn(self, label: str, session_id: str, messages: list[dict], worker_id: str = "") -> Row:
+        baseline = self.kv.fork(session_id, metadata={"demo": "recompute baseline"})
+        g = self.kv.generate(session_id, messages, max_tokens=self.cfg.max_tokens, ignore_eos=True,
+                             worker_id=worker_id).result()
+        b = self.kv.generate(baseline.session_id, messages, max_tokens=self.cfg.max_tokens, ignore_eos=True,
+                             worker_id=g.usage.worker_id, skip_cache=True).result()
+        self.kv.close_session(baseline.session_id)
+        u = g.usage
+        row = Row(label, u.worker_id, u.prompt_tokens, (u.cached_tokens_t0, u.cached_tokens_t1, u.cached_tokens_t2),
+                  u.ttft_seconds, b.usage.ttft_seconds, g.ids == b.ids)
+        self.rows.append(row)
+        self.console.log(f"{label}: {u.prompt_tokens} prompt tokens, cached T0/T1/T2 {row.cached}, "
+                         f"TTFT {1e3 * row.ttft:.0f} ms vs {1e3 * row.ttft_recompute:.0f} ms")
+        return row
+
+    def run(self) -> None:
+        cfg, kv = self.cfg, self.kv
+        system = _system_prompt(cfg.system_prompt_repeat)
+        sessions = [kv.create_session(system_prompt=system, metadata={"agent": f"agent-{i}"}).session_id
+                    for i in range(cfg.sessions)]
+        last_worker: dict[str, str] = {}
+        for r in range(cfg.rounds):
+            for i, sid in enumerate(sessions):
+                topic = TOPICS[i % len(TOPICS)]
+                if r == 0:
+                    msgs = [{"role": "user", "content": f"Help me plan {topic}."}]
+                elif r == 1:
+                    kv.append(sid, [{"role": "tool", "content": f'{{"search": "{topic}", "results": 3}}'}])
+                    msgs = [{"role": "user", "content": "Use the tool result and continue."}]
+                else:
+                    msgs = [{"role": "user", "content": f"Round {r + 1}: what is the next step?"}]
+                last_worker[sid] = self.turn(f"agent {i} round {r + 1}", sid, msgs).worker
+            if r == 0 and sessions:
+                # A branch of agent 0 explores an alternative on the other worker: it finds the
+                # shared history in T2, written there by agent 0's worker.
+                branch = kv.fork(sessions[0], metadata={"branch": "alternative"}).session_id
+                other = next((w for w in ("w0", "w1", "w2", "w3") if w != last_worker[sessions[0]]), "")
+                self.turn("fork of agent 0", branch, [{"role": "user", "content": "Try a cheaper alternative."}],
+                          worker_id=other if cfg.workers > 1 or cfg.address else "")
+
+
+def _table(rows: list[Row]) -> Table:
+    table = Table(title="Agent turns: cached KV by tier and time to first token with and without reuse")
+    for col in ("turn", "worker", "prompt", "T0", "T1", "T2", "TTFT ms", "no reuse ms", "speedup", "same tokens"):
         table.add_column(col, justify="right")
-    totals = {"prompt": 0, "t0": 0, "t1": 0, "t2": 0, "computed": 0, "verified_blocks": 0}
-    mib = 1 << 20
-    start = time.perf_counter()
-    cache_cfg = CacheConfig(t0_blocks=cfg.t0_blocks, t1_blocks=cfg.t1_blocks)
-    with ExitStack() as stack:
-        address = None
-        if cfg.t2:
-            # Imported here: the core library does not depend on the services otherwise.
-            from services.blockstore.server import BlockStoreThread
+    for r in rows:
+        table.add_row(r.label, r.worker, str(r.prompt), *(str(c) for c in r.cached), f"{1e3 * r.ttft:.1f}",
+                      f"{1e3 * r.ttft_recompute:.1f}", f"{r.ttft_recompute / r.ttft:.1f}x" if r.ttft else "-",
+                      "yes" if r.same else "NO")
+    return table
 
-            server = stack.enter_context(BlockStoreThread(BlockStoreConfig(port=0, embedded_maxmemory="512mb")))
-            address = server.address
-            console.print(f"T2: block store on {address}, embedded Redis at {server.server.redis_url}")
-        workers = []
-        for _ in range(cfg.workers):
-            client = stack.enter_context(BlockStoreClient(BlockStoreClientConfig(address=address))) if address else None
-            workers.append(stack.enter_context(TieredKVCache(spec, cache_cfg, remote=client)))
-        for turn in range(cfg.turns):
-            for s, seq in enumerate(histories):
-                w = (s + turn) % len(workers)  # sessions move between workers each turn
-                cache = workers[w]
-                seq.extend(rng.randrange(32000) for _ in range(cfg.user_tokens))
-                before = cache.stats()
-                loaded = cache.load(seq, cache.lookup(seq))
-                for i, slot in enumerate(loaded.block_table):  # reuse must be exact
-                    if not torch.equal(cache.t0.block(slot).view(torch.int16), _kv_for(seq.hashes[i]).view(torch.int16)):
-                        raise RuntimeError(f"block {i} of session {s} came back different")
-                totals["verified_blocks"] += loaded.num_blocks
-                # "Generate" the reply, then prefill the whole new tail as the next turn would.
-                seq.extend(rng.randrange(32000) for _ in range(cfg.reply_tokens))
-                n_blocks = -(-seq.num_tokens // spec.block_size)
-                block_table = loaded.block_table + cache.allocate(n_blocks - loaded.num_blocks)
-                for i in range(loaded.num_blocks, seq.num_full_blocks):
-                    cache.t0.kv[:, :, block_table[i]] = _kv_for(seq.hashes[i])
-                    cache.commit(seq, i, block_table[i])
-                cache.release(block_table)
-                after = cache.stats()
-                prompt = seq.num_tokens - cfg.reply_tokens
-                hits = [loaded.from_tier[t] * spec.block_size for t in Tier]
-                computed = prompt - sum(hits)
-                for key, value in zip(("t0", "t1", "t2"), hits):
-                    totals[key] += value
-                totals["prompt"] += prompt
-                totals["computed"] += computed
-                table.add_row(
-                    str(turn + 1), str(s), str(w), str(prompt), *map(str, hits), str(computed),
-                    f"{(after.promoted_bytes - before.promoted_bytes) / mib:.1f}",
-                    f"{(after.t2_get_bytes - before.t2_get_bytes) / mib:.1f}",
-                )
-            for cache in workers:  # time passes between turns: background writes land
-                cache.flush()
-        stats = [cache.stats() for cache in workers]
-    elapsed = time.perf_counter() - start
-    console.print(table)
-    reused = totals["t0"] + totals["t1"] + totals["t2"]
-    console.print(
-        f"reused {reused} of {totals['prompt']} prompt tokens ({reused / totals['prompt']:.0%}): "
-        f"T0 {totals['t0']}, T1 {totals['t1']}, T2 {totals['t2']}; "
-        f"{totals['verified_blocks']} reused blocks verified byte-exact"
-    )
-    console.print(
-        f"moved T0->T1 {sum(s.spilled_bytes for s in stats) / mib:.1f} MiB, "
-        f"T1->T0 {sum(s.promoted_bytes for s in stats) / mib:.1f} MiB, "
-        f"T1->T2 {sum(s.t2_put_bytes for s in stats) / mib:.1f} MiB (encoded), "
-        f"T2->T1 {sum(s.t2_get_bytes for s in stats) / mib:.1f} MiB (encoded); "
-        f"evictions T0 {sum(s.evicted_t0 for s in stats)}, T1 {sum(s.evicted_t1 for s in stats)}; {elapsed:.2f} s"
-    )
+
+def summarize(rows: list[Row]) -> dict:
+    cached = [sum(r.cached[t] for r in rows) for t in range(3)]
+    prompt = sum(r.prompt for r in rows)
+    return {"turns": len(rows), "prompt": prompt, "t0": cached[0], "t1": cached[1], "t2": cached[2],
+            "same": all(r.same for r in rows),
+            "median_speedup": statistics.median(r.ttft_recompute / r.ttft for r in rows if r.ttft) if rows else 0.0}
+
+
+def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
+    """Run the workload (starting the service if no address); print the table; return totals."""
+    console = console or Console(width=max(Console().width, 120))
+    if cfg.address:
+        return _run_against(cfg.address, cfg, console)
+    from kvstore.serve import BackgroundService, ServeConfig
+
+    serve_cfg = ServeConfig(port=0, model=cfg.model, workers=cfg.workers, t0_blocks=cfg.t0_blocks,
+                            t1_blocks=cfg.t1_blocks)
+    with console.status("starting the service: embedded Redis, block store, Ray and decode workers..."):
+        service = BackgroundService(serve_cfg).start()
+    console.print(f"service on {service.address} ({cfg.workers} workers, model {cfg.model}, block store "
+                  f"{service.service.blockstore_address})")
+    try:
+        return _run_against(service.address, cfg, console)
+    finally:
+        with console.status("shutting down..."):
+            service.stop()
+        console.print("service stopped")
+
+
+def _run_against(address: str, cfg: DemoConfig, console: Console) -> dict:
+    with SessionClient(address, api_key=cfg.api_key) as kv:
+        workload = _Workload(kv, cfg, console)
+        workload.run()
+    console.print(_table(workload.rows))
+    totals = summarize(workload.rows)
+    console.print(f"{totals['turns']} turns, {totals['prompt']} prompt tokens: reused {totals['t0']} from T0, "
+                  f"{totals['t1']} from T1, {totals['t2']} from T2; median TTFT speedup "
+                  f"{totals['median_speedup']:.1f}x; outputs with and without reuse "
+                  f"{'identical' if totals['same'] else 'DIFFERENT'}")
     return totals
+

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,15 +18,15 @@ import threading
 from dataclasses import dataclass
 
 from kvstore.config import BlockStoreClientConfig, CacheConfig, SessionServiceConfig
+from services.blockstore.server import EXIT_ON_STDIN_EOF
 from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 from services.session.server import SessionServer
 from workers.actor import WorkerConfig
+from workers.loader import builtin_config
 from workers.pool import PoolConfig, WorkerPool
 from workers.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-_SETPRIV = shutil.which("setpriv")
 
 
 @dataclass(slots=True)
@@ -50,6 +49,21 @@ class ServeConfig:
     ray_address: str = ""  # empty: start a local Ray; else e.g. "auto" or "ray://head:10001"
     metrics_port: int = 0
     max_concurrent_generations: int = 64
+
+    def __post_init__(self) -> None:
+        """Fail before starting anything on what would only fail later, inside a worker."""
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        self.cache_config()  # validates capacities
+        if not os.path.isdir(self.model):
+            builtin_config(self.model)  # raises naming the built-in models
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(t0_blocks=self.t0_blocks, t1_blocks=self.t1_blocks)
 
 
 class Service:
@@ -74,15 +88,16 @@ class Service:
             redis_url = cfg.redis_url
             if not redis_url:
                 # Embedded: blocks may be evicted (allkeys-lru); session state is small and hot.
-                self.redis = await asyncio.to_thread(
-                    EmbeddedRedis(EmbeddedRedisConfig(maxmemory=cfg.redis_maxmemory)).start)
+                # Started on this thread (blocking ~10 ms): from the main thread it gets a
+                # parent-death signal, so it never outlives `kvstore serve`.
+                self.redis = EmbeddedRedis(EmbeddedRedisConfig(maxmemory=cfg.redis_maxmemory)).start()
                 redis_url = self.redis.url
             if not self.blockstore_address:
                 self.blockstore, self.blockstore_address = await asyncio.to_thread(_start_blockstore, redis_url)
             await asyncio.to_thread(self._init_ray)
             worker = WorkerConfig(
                 model=cfg.model, block_size=cfg.block_size,
-                cache=CacheConfig(t0_blocks=cfg.t0_blocks, t1_blocks=cfg.t1_blocks),
+                cache=cfg.cache_config(),
                 blockstore=BlockStoreClientConfig(address=self.blockstore_address, token=cfg.blockstore_token))
             self.pool = WorkerPool(PoolConfig(num_workers=cfg.workers, worker=worker,
                                               cpus_per_worker=cfg.cpus_per_worker))
@@ -90,7 +105,8 @@ class Service:
             tokenizer = load_tokenizer(cfg.model if os.path.isdir(cfg.model) else None, self.pool.info["vocab_size"])
             self.server = SessionServer(SessionServiceConfig(
                 host=cfg.host, port=cfg.port, redis_url=redis_url, api_keys=cfg.api_keys,
-                metrics_port=cfg.metrics_port, max_concurrent_generations=cfg.max_concurrent_generations),
+                metrics_port=cfg.metrics_port, max_concurrent_generations=cfg.max_concurrent_generations,
+                blockstore_address=self.blockstore_address, blockstore_token=cfg.blockstore_token),
                 self.pool, tokenizer)
             await self.server.start()
         except BaseException:
@@ -134,14 +150,56 @@ class Service:
             self.redis = None
 
 
+class BackgroundLoop:
+    """An asyncio event loop in a daemon thread; ``run(coro)`` waits for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kvstore-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+
+
+class BackgroundService:
+    """A ``Service`` on a ``BackgroundLoop``, for synchronous programs (the demo, tests)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.service = Service(config)
+        self._loop: BackgroundLoop | None = None
+
+    @property
+    def address(self) -> str:
+        return self.service.address
+
+    def start(self) -> BackgroundService:
+        self._loop = BackgroundLoop()
+        try:
+            self._loop.run(self.service.start())
+        except BaseException:
+            self._loop.close()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.run(self.service.stop())
+            self._loop.close()
+            self._loop = None
+
+
 def _start_blockstore(redis_url: str) -> tuple[subprocess.Popen, str]:
     """``kvstore blockstore serve`` on a free loopback port, as its own process (it is CPU
-    bound and must not share this process's GIL); dies with us (pdeathsig)."""
+    bound and must not share this process's GIL). It holds a pipe from us on its stdin and
+    exits when that closes, so it never outlives us, however we end."""
     cmd = [sys.executable, "-m", "services.blockstore", "--port", "0", "--redis-url", redis_url]
-    if _SETPRIV and threading.current_thread() is threading.main_thread():
-        cmd = [_SETPRIV, "--pdeathsig", "TERM", "--", *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, EXIT_ON_STDIN_EOF: "1"})
     assert proc.stdout is not None
     for line in proc.stdout:
         if "listening on" in line:

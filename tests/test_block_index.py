@@ -67,3 +67,32 @@ def test_publish_never_overwrites_an_existing_block():
     index.unpin(b)
     assert index.num_evictable == 1  # b went back to the free list, a is pinned
     index.check()
+
+
+def test_preferred_blocks_are_evicted_last_until_their_preference_ends(monkeypatch):
+    import kvstore.block_index as bi
+
+    now = [100.0]
+    monkeypatch.setattr(bi.time, "monotonic", lambda: now[0])
+    index = BlockIndex(4, "T")
+    slots = cached(index, 4)
+    index.prefer([meta(0).block_hash], until=150.0)  # before release: applies on unpin
+    for s in slots:  # LRU order 0, 1, 2, 3
+        index.unpin(s)
+    index.prefer([meta(1).block_hash], until=150.0)  # after release: moves now
+    _, evicted = index.allocate(2)
+    assert [m.block_hash for _, m in evicted] == [meta(2).block_hash, meta(3).block_hash]
+    index.check()
+    _, evicted = index.allocate(1)  # nothing else left: the older preferred block goes
+    assert [m.block_hash for _, m in evicted] == [meta(0).block_hash]
+    index.check()
+
+    index = BlockIndex(3, "T")
+    slots = cached(index, 3)
+    index.prefer([meta(0).block_hash], until=150.0)
+    for s in slots:
+        index.unpin(s)
+    now[0] = 200.0  # the preference ran out: block 0 is the LRU's oldest again
+    _, evicted = index.allocate(3)
+    assert [m.block_hash for _, m in evicted][0] == meta(0).block_hash
+    index.check()

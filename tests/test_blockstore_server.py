@@ -357,6 +357,26 @@ def test_ttl_is_set_on_write_and_refreshed_on_get(stub, rc):
     assert rc.ttl(key("tenant", h)) <= 100
 
 
+def touch(stub, namespace: str, hashes, ttl: int, md=ADMIN) -> int:
+    return stub.Touch(pb.TouchRequest(namespace=namespace, hashes=hashes, ttl_seconds=ttl), metadata=md,
+                      timeout=10).found
+
+
+def test_touch_extends_ttls_of_pinned_blocks_and_never_shortens(stub, rc):
+    hashes = hashes_of("touch", 3)
+    put(stub, "tenant", [(h, make_block(h)) for h in hashes[:2]])
+    assert touch(stub, "tenant", hashes, 10 * TTL) == 2  # the third is not stored
+    assert 10 * TTL - 60 < rc.ttl(key("tenant", hashes[0])) <= 10 * TTL
+    assert touch(stub, "tenant", hashes[:1], 100) == 1  # shorter than what it has: kept
+    assert rc.ttl(key("tenant", hashes[0])) > 10 * TTL - 60
+    assert not rc.exists(key("tenant", hashes[2]))
+    for ttl in (0, 31 * 86400):
+        assert rpc_error(touch, stub, "tenant", hashes, ttl).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_error(touch, stub, "other", hashes, 10, md=TENANT).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert rpc_error(touch, stub, "tenant", hashes, 10, md=()).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert rpc_error(touch, stub, "tenant", [b"short"], 10).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_expired_blocks_are_gone(stub, rc):
     hashes = hashes_of("expiry", 2)
     put(stub, "tenant", [(h, make_block(h)) for h in hashes])

@@ -2,9 +2,12 @@ import io
 import subprocess
 import sys
 
+import pytest
+
 from rich.console import Console
 
-from kvstore.demo import DemoConfig, run_demo
+from kvstore.cli import main
+from kvstore.tiers_demo import DemoConfig, run_demo
 
 
 def test_demo_reuses_from_every_tier_and_verifies_every_block():
@@ -17,8 +20,59 @@ def test_demo_reuses_from_every_tier_and_verifies_every_block():
     assert "T0 hit" in out.getvalue()
 
 
-def test_cli_rejects_bad_flags_with_a_message():
-    r = subprocess.run([sys.executable, "-m", "kvstore.cli", "demo", "--t0-blocks", "many"], capture_output=True, text=True)
-    assert r.returncode == 2 and "invalid int value" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "kvstore.cli", "demo", "--t0-blocks", "0"], capture_output=True, text=True)
-    assert r.returncode == 2 and "t0_blocks must be positive" in r.stderr
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvstore.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_rejects_bad_flags_with_a_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["tiers-demo", "--t0-blocks", "many"])
+    assert e.value.code == 2 and "invalid int value" in capsys.readouterr().err
+    assert main(["tiers-demo", "--t0-blocks", "0"]) == 2
+    assert "t0_blocks must be positive" in capsys.readouterr().err
+    # The service demo and serve check their flags before starting anything.
+    for args, message in ((["demo", "--t0-blocks", "0"], "t0_blocks must be positive"),
+                          (["demo", "--model", "nosuch"], "unknown built-in model 'nosuch'"),
+                          (["demo", "--sessions", "0"], "sessions must be >= 1"),
+                          (["demo", "--workers", "0"], "workers must be >= 1"),
+                          (["serve", "--workers", "0"], "workers must be >= 1")):
+        assert main(args) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert main(["demo", "--address", "127.0.0.1:1", "--sessions", "1"]) == 1  # nothing listens there
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_demo_starts_the_service_reuses_every_tier_and_shuts_down():
+    """The README's first command, smaller: serve + scripted agent workload + clean exit."""
+    r = cli("demo", "--model", "tiny", "--sessions", "2", "--rounds", "3", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = r.stdout[r.stdout.index("prompt tokens: reused"):]
+    t0, t1, t2 = (int(summary.split(" from " + t)[0].split()[-1]) for t in ("T0", "T1", "T2"))
+    assert t0 > 0 and t1 > 0 and t2 > 0, summary
+    assert "outputs with and" in summary and "identical" in summary and "service stopped" in r.stdout
+
+
+def test_serve_chat_and_clean_shutdown_on_sigterm():
+    """`kvstore serve` prints its address, serves `kvstore chat`, and stops cleanly on SIGTERM."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "serve", "--port", "0", "--model", "tiny",
+                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        for line in proc.stdout:
+            if "serving sessions on" in line:
+                break
+        address = line.split("serving sessions on", 1)[1].split()[0]
+        chat = subprocess.run([sys.executable, "-m", "kvstore.cli", "chat", "--address", address, "--max-tokens", "4"],
+                              input="hello\n/fork\nagain\n/quit\n", capture_output=True, text=True, timeout=120)
+        assert chat.returncode == 0, chat.stderr
+        assert chat.stdout.count("assistant> ") == 2 and "now in fork default:" in chat.stdout
+        assert "cached T0" in chat.stdout and "on w0" in chat.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "shutting down" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_compose_file_is_valid_and_matches_the_cli():
     compose = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())
-    assert set(compose["services"]) == {"redis", "blockstore"}
+    assert set(compose["services"]) == {"redis", "blockstore", "sessions"}
     redis_cmd = compose["services"]["redis"]["command"]
     assert "allkeys-lru" in redis_cmd and "--maxmemory" in redis_cmd
     store = compose["services"]["blockstore"]
@@ -32,6 +32,13 @@ def test_compose_file_is_valid_and_matches_the_cli():
     for var in store["environment"]:
         assert var.startswith("KVSTORE_BLOCKSTORE_") and var.removeprefix("KVSTORE_BLOCKSTORE_") in fields, var
     assert compose["services"]["blockstore"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    sessions = compose["services"]["sessions"]
+    assert sessions["command"][0] == "serve" and sessions["image"] == store["image"]
+    serve_help = subprocess.run([sys.executable, "-m", "kvstore.cli", "serve", "--help"],
+                                capture_output=True, text=True, check=True).stdout
+    for flag in (a for a in sessions["command"] if a.startswith("--")):
+        assert flag in serve_help, f"compose passes {flag}, which `kvstore serve` does not take"
+    assert "blockstore:50051" in sessions["command"] and "redis://redis:6379/0" in sessions["command"]
 
 
 def test_dockerfile_copies_what_exists():

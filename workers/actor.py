@@ -123,6 +123,16 @@ class DecodeWorker:
         self._wake.set()
         return await done
 
+    def prefer(self, prompt: list[int], namespace: str, ttl_s: float) -> None:
+        """Keep the blocks of ``prompt`` (a pinned session's history) in T0/T1 longest."""
+        prefix = PrefixHasher.for_namespace(self.spec.fingerprint, namespace, self.spec.block_size)
+        prefix.extend(prompt)
+        self.cache.prefer(prefix.hashes, ttl_s)
+
+    def flush(self) -> None:
+        """Wait until blocks committed so far reached the lower tiers (T1, T2)."""
+        self.cache.flush()
+
     def block_events(self) -> tuple[str, list[tuple[int, bool, bytes]]]:
         """This incarnation's id and the (tier, stored?, block hash) events since the last
         call, for the router."""

@@ -215,6 +215,11 @@ class WorkerPool:
             raise
         return wid, held
 
+    async def prefer(self, tokens: list[int], namespace: str, ttl_s: float) -> None:
+        """Ask every live worker to evict ``tokens``' blocks last (a pinned session's)."""
+        calls = [w.handle.prefer.remote(tokens, namespace, ttl_s) for w in self._workers.values() if w.live]
+        await asyncio.gather(*(asyncio.wait_for(c, self.config.call_timeout_s) for c in calls), return_exceptions=True)
+
     # ---- membership -----------------------------------------------------------------------
 
     def _join(self, w: _Worker, incarnation: str) -> None:

@@ -111,3 +111,19 @@ class StatsResponse(_message.Message):
     redis_used_memory: int
     redis_keys: int
     def __init__(self, puts: _Optional[int] = ..., blocks_stored: _Optional[int] = ..., gets: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., corrupt: _Optional[int] = ..., lookups: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., redis_used_memory: _Optional[int] = ..., redis_keys: _Optional[int] = ...) -> None: ...
+
+class TouchRequest(_message.Message):
+    __slots__ = ("namespace", "hashes", "ttl_seconds")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    ttl_seconds: int
+    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class TouchResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: int
+    def __init__(self, found: _Optional[int] = ...) -> None: ...

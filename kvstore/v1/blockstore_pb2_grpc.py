@@ -49,6 +49,11 @@ class BlockStoreStub:
                 request_serializer=kvstore_dot_v1_dot_blockstore__pb2.LookupRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_blockstore__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.Touch = channel.unary_unary(
+                '/kvstore.v1.BlockStore/Touch',
+                request_serializer=kvstore_dot_v1_dot_blockstore__pb2.TouchRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_blockstore__pb2.TouchResponse.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/kvstore.v1.BlockStore/Delete',
                 request_serializer=kvstore_dot_v1_dot_blockstore__pb2.DeleteRequest.SerializeToString,
@@ -85,6 +90,13 @@ class BlockStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Touch(self, request, context):
+        """Keep stored blocks at least ttl_seconds more (the blocks of a pinned session).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Delete(self, request, context):
         """Remove blocks (e.g. a client found one corrupt: set `corrupt` so it is counted).
         """
@@ -116,6 +128,11 @@ def add_BlockStoreServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=kvstore_dot_v1_dot_blockstore__pb2.LookupRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_blockstore__pb2.LookupResponse.SerializeToString,
+            ),
+            'Touch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Touch,
+                    request_deserializer=kvstore_dot_v1_dot_blockstore__pb2.TouchRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_blockstore__pb2.TouchResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -209,6 +226,33 @@ class BlockStore:
             '/kvstore.v1.BlockStore/Lookup',
             kvstore_dot_v1_dot_blockstore__pb2.LookupRequest.SerializeToString,
             kvstore_dot_v1_dot_blockstore__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Touch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.BlockStore/Touch',
+            kvstore_dot_v1_dot_blockstore__pb2.TouchRequest.SerializeToString,
+            kvstore_dot_v1_dot_blockstore__pb2.TouchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 import sys
 import threading
@@ -37,6 +38,7 @@ from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig, RedisBin
 logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 1.0  # Redis ping period of the health check
+EXIT_ON_STDIN_EOF = "KVSTORE_EXIT_ON_STDIN_EOF"  # "1": stop when stdin closes (the parent died)
 ENV_PREFIX = "KVSTORE_BLOCKSTORE_"
 _FRAMING = 20  # protobuf bytes around one block in a Get message, at most
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -412,6 +414,13 @@ async def _serve(config: BlockStoreConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread
             loop.add_signal_handler(sig, stop.set)
+    if os.environ.get(EXIT_ON_STDIN_EOF) == "1":
+        # Started by a parent (`kvstore serve`) that keeps our stdin open: its end, even by
+        # SIGKILL, closes the pipe, and we follow.
+        def watch() -> None:
+            sys.stdin.buffer.read()
+            loop.call_soon_threadsafe(stop.set)
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     line = f"kvstore blockstore listening on {server.address} (redis: {redacted(server.redis_url)})"
     logger.info(line)
     print(line, flush=True)

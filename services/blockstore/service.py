@@ -20,6 +20,7 @@ from services.blockstore.wire import encode_get_response
 logger = logging.getLogger(__name__)
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
+MAX_TOUCH_TTL_S = 30 * 86400
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlockStore"].full_name  # "kvstore.v1.BlockStore"
 
 
@@ -35,6 +36,9 @@ def add_to_server(servicer: BlockStoreServicer, server: grpc.aio.Server) -> None
         "Lookup": grpc.unary_unary_rpc_method_handler(
             servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
             response_serializer=pb.LookupResponse.SerializeToString),
+        "Touch": grpc.unary_unary_rpc_method_handler(
+            servicer.Touch, request_deserializer=pb.TouchRequest.FromString,
+            response_serializer=pb.TouchResponse.SerializeToString),
         "Delete": grpc.unary_unary_rpc_method_handler(
             servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
             response_serializer=pb.DeleteResponse.SerializeToString),
@@ -97,6 +101,13 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
             n = await self._store.lookup(request.namespace, hashes)
             self._metrics.lookup()
             return pb.LookupResponse(prefix_length=n)
+
+    async def Touch(self, request: pb.TouchRequest, context: grpc.aio.ServicerContext) -> pb.TouchResponse:
+        async with self._rpc("Touch", context):
+            hashes = self._checked_hashes(context, request.namespace, request.hashes)
+            if not 0 < request.ttl_seconds <= MAX_TOUCH_TTL_S:
+                raise RequestError(_INVALID, f"ttl_seconds must be in 1..{MAX_TOUCH_TTL_S}, got {request.ttl_seconds}")
+            return pb.TouchResponse(found=await self._store.touch(request.namespace, hashes, request.ttl_seconds))
 
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         async with self._rpc("Delete", context):

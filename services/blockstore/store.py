@@ -176,6 +176,26 @@ class RedisBlockStore:
         with _redis_errors():
             return await self._delete_keys(self._keys(namespace, hashes))
 
+    async def touch(self, namespace: str, hashes: Sequence[bytes], ttl_seconds: int) -> int:
+        """Make stored blocks live at least ``ttl_seconds`` more (a pinned session's); a longer
+        TTL is kept. Returns how many of the blocks are stored."""
+        if not hashes:
+            return 0
+        keys = self._keys(namespace, hashes)
+        with _redis_errors():
+            pipe = self._pipeline()
+            for key in keys:
+                pipe.ttl(key)
+            ttls = await pipe.execute()
+            pipe = self._pipeline()
+            # TTL -2: missing; -1: no expiry (nothing to extend).
+            extend = [key for key, t in zip(keys, ttls) if 0 <= t < ttl_seconds]
+            for key in extend:
+                pipe.expire(key, ttl_seconds)
+            if extend:
+                await pipe.execute()
+        return sum(t != -2 for t in ttls)
+
     async def _delete_keys(self, keys: Sequence[bytes]) -> int:
         pipe = self._pipeline()
         for key in keys:  # one DEL per key: keys of one batch live in different cluster slots

@@ -18,7 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 from redis.asyncio.cluster import RedisCluster
 
-from kvstore.config import SessionServiceConfig
+from kvstore.blockstore_client import BlockStoreClient
+from kvstore.config import BlockStoreClientConfig, SessionServiceConfig
 from kvstore.v1 import session_pb2_grpc as pb_grpc
 from services.blockstore.auth import TokenTable
 from services.blockstore.errors import ConfigError, ServerStartError
@@ -57,12 +58,12 @@ def validate_config(config: SessionServiceConfig) -> TokenTable:
 class SessionServer:
     """``await start()`` then ``await stop()`` on the same event loop."""
 
-    def __init__(self, config: SessionServiceConfig, pool: WorkerPool, tokenizer: Tokenizer, pinner=None) -> None:
+    def __init__(self, config: SessionServiceConfig, pool: WorkerPool, tokenizer: Tokenizer) -> None:
         self.config = config
         self._keys = validate_config(config)
         self.pool = pool
         self.tokenizer = tokenizer
-        self.pinner = pinner
+        self._blockstore: BlockStoreClient | None = None
         self.metrics = SessionMetrics()
         self.port = 0
         self._redis: aioredis.Redis | None = None
@@ -84,8 +85,11 @@ class SessionServer:
             limits = Limits(max_tokens=cfg.max_tokens, default_max_tokens=cfg.default_max_tokens,
                             max_input_tokens=cfg.max_input_tokens,
                             max_concurrent_generations=cfg.max_concurrent_generations)
+            if cfg.blockstore_address:
+                self._blockstore = BlockStoreClient(BlockStoreClientConfig(
+                    address=cfg.blockstore_address, token=cfg.blockstore_token))
             servicer = SessionServicer(SessionStore(self._redis), self.pool, self.tokenizer, self._keys,
-                                       self.metrics, limits, self.pinner)
+                                       self.metrics, limits, self._blockstore)
             self._server = grpc.aio.server(options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -150,6 +154,9 @@ class SessionServer:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+        if self._blockstore is not None:
+            self._blockstore.close()
+            self._blockstore = None
 
     async def _check(self) -> None:
         reason = ""

@@ -7,6 +7,7 @@ worker (resuming elsewhere if it dies) -> append input + output to the history a
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 import redis.exceptions
 
+from kvstore.blockstore_client import BlockStoreClient
 from kvstore.v1 import session_pb2 as pb
 from kvstore.v1 import session_pb2_grpc as pb_grpc
 from services.blockstore.auth import ANY_NAMESPACE, TokenTable, check_namespace, require_namespace
@@ -75,7 +77,8 @@ class IncrementalDecoder:
 
 class SessionServicer(pb_grpc.SessionsServicer):
     def __init__(self, store: SessionStore, pool: WorkerPool, tokenizer: Tokenizer, api_keys: TokenTable,
-                 metrics: SessionMetrics, limits: Limits | None = None, pinner=None) -> None:
+                 metrics: SessionMetrics, limits: Limits | None = None,
+                 blockstore: BlockStoreClient | None = None) -> None:
         self._store = store
         self._pool = pool
         self._tok = tokenizer
@@ -83,7 +86,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
         self._keys = api_keys
         self._metrics = metrics
         self._limits = limits or Limits()
-        self._pinner = pinner  # async (namespace, tokens, ttl_s) -> None: keeps blocks in the cold tier
+        self._blockstore = blockstore  # for Pin: keeps a pinned session's blocks in the cold tier
         self._active = 0
 
     @property
@@ -185,7 +188,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
             usage.num_tokens = appended.num_tokens
             self._metrics.turn(usage)
             yield pb.GenerateResponse(usage=usage)
-            if self._pinner is not None and session.pinned_until > time.time():
+            if session.pinned_until > time.time():
                 # The pin covers the history as it grows: re-apply it to the new blocks.
                 await self._pin_blocks(session.namespace, prompt + tokens_after, session.pinned_until - time.time())
 
@@ -229,7 +232,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
                 raise RequestError(_INVALID, f"ttl_seconds {ttl} is over the maximum of 30 days")
             session.pinned_until = await self._store.pin(session.namespace, _raw_id(session), ttl) if ttl else \
                 await self._store.unpin(session.namespace, _raw_id(session))
-            if ttl and self._pinner is not None:
+            if ttl:
                 await self._pin_blocks(session.namespace, session.tokens, ttl)
             return self._info(session)
 
@@ -355,10 +358,14 @@ class SessionServicer(pb_grpc.SessionsServicer):
             raise RequestError(_INVALID, "request_id must be at most 128 characters, without '|'")
 
     async def _pin_blocks(self, namespace: str, tokens: list[int], ttl_s: float) -> None:
+        """Evicted last from the workers' T0/T1; kept at least ``ttl_s`` in T2."""
         try:
-            await self._pinner(namespace, tokens, ttl_s)
-        except Exception:  # noqa: BLE001 - the pin is best effort; the session state holds it
-            logger.warning("could not pin blocks in the cold tier", exc_info=True)
+            await self._pool.prefer(tokens, namespace, ttl_s)
+            if self._blockstore is not None and ttl_s >= 1:
+                hashes = self._pool.block_hashes(tokens, namespace)
+                await asyncio.to_thread(self._blockstore.touch, namespace, hashes, int(ttl_s))
+        except Exception:  # noqa: BLE001 - best effort: the pin is recorded and re-applied after each turn
+            logger.warning("could not apply a session pin to the cache tiers", exc_info=True)
 
     def _info(self, s: Session, include_tokens: bool = False) -> pb.SessionInfo:
         public = s.id if ":" in s.id else f"{s.namespace}:{s.id}"

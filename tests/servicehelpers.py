@@ -1,0 +1,62 @@
+"""A session service over a real Ray worker pool, driven from a background event loop so the
+tests can use the synchronous ``SessionClient`` like an agent runtime would."""
+from __future__ import annotations
+
+import time
+
+from enginehelpers import tiny
+from kvstore.cache import TieredKVCache
+from kvstore.config import BlockStoreClientConfig, CacheConfig, SessionServiceConfig
+from kvstore.serve import BackgroundLoop as LoopThread
+from services.session.server import SessionServer
+from workers.actor import WorkerConfig
+from workers.engine import Engine
+from workers.loader import kv_spec
+from workers.pool import PoolConfig, WorkerPool
+from workers.sampling import SamplingParams
+from workers.tokenizer import ByteTokenizer
+
+BLOCK = 4
+API_KEYS = "key-a=tenant-a;key-b=tenant-b;admin=*"
+
+
+def worker_config(blockstore_address: str, t0_blocks: int = 512, t1_blocks: int = 1024) -> WorkerConfig:
+    return WorkerConfig(model="tiny", dtype="float32", block_size=BLOCK,
+                        cache=CacheConfig(t0_blocks=t0_blocks, t1_blocks=t1_blocks),
+                        blockstore=BlockStoreClientConfig(address=blockstore_address), threads=1)
+
+
+def start_pool(loop: LoopThread, config: PoolConfig) -> WorkerPool:
+    pool = WorkerPool(config)
+    loop.run(pool.start())
+    return pool
+
+
+def start_server(loop: LoopThread, pool: WorkerPool, redis_url: str, **overrides) -> SessionServer:
+    """A session server on ``pool``; pass ``blockstore_address`` for Pin's cold-tier part."""
+    cfg = SessionServiceConfig(port=0, redis_url=redis_url, api_keys=API_KEYS, grace_seconds=1.0, **overrides)
+    server = SessionServer(cfg, pool, ByteTokenizer(pool.info["vocab_size"]))
+    loop.run(server.start())
+    return server
+
+
+def reference(prompt: list[int], max_tokens: int, ignore_eos: bool = True) -> list[int]:
+    """Greedy output of the in-process engine, computing everything (no reuse)."""
+    config, model, digest = tiny()
+    cache = TieredKVCache(kv_spec(config, "reference", digest, BLOCK), CacheConfig(t0_blocks=1100, t1_blocks=1))
+    engine = Engine(model, cache, eos_token_ids=config.eos_token_ids)
+    (seq,) = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos))
+    assert seq.usage.cached_tokens == [0, 0, 0]
+    cache.close()
+    return seq.output
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.05):
+    """Poll ``predicate`` until it returns a truthy value (state owned by other processes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
