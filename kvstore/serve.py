@@ -94,7 +94,7 @@ class Service:
                 redis_url = self.redis.url
             if not self.blockstore_address:
                 self.blockstore, self.blockstore_address = await asyncio.to_thread(_start_blockstore, redis_url)
-            await asyncio.to_thread(self._init_ray)
+            self.init_ray()  # blocks a few seconds; nothing is served yet
             worker = WorkerConfig(
                 model=cfg.model, block_size=cfg.block_size,
                 cache=cfg.cache_config(),
@@ -113,7 +113,9 @@ class Service:
             await self.stop()
             raise
 
-    def _init_ray(self) -> None:
+    def init_ray(self) -> None:
+        """Join ``ray_address`` or start a local Ray (unless this process already has one).
+        Call it from the main thread where possible: Ray installs signal handlers there."""
         import ray
 
         if ray.is_initialized():
@@ -178,6 +180,7 @@ class BackgroundService:
         return self.service.address
 
     def start(self) -> BackgroundService:
+        self.service.init_ray()  # in the caller's thread (usually main), not the loop's
         self._loop = BackgroundLoop()
         try:
             self._loop.run(self.service.start())

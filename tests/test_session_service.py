@@ -316,3 +316,22 @@ def test_too_many_concurrent_generations_is_resource_exhausted(service):
             gen.cancel()
     finally:
         loop.run(small.stop(grace=0))
+
+
+def test_health_reflection_and_metrics(service, kv):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    from prometheus_client import generate_latest
+
+    server = service["server"]
+    with grpc.insecure_channel(server.address) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="kvstore.v1.Sessions"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        reply = next(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        assert "kvstore.v1.Sessions" in {s.name for s in reply.list_services_response.service}
+    s = kv.create_session(system_prompt=SYSTEM)
+    kv.generate(s.session_id, messages=[{"role": "user", "content": "count me"}], max_tokens=3).result()
+    text = generate_latest(server.metrics.registry).decode()
+    assert 'kvstore_session_requests_total{code="OK",method="Generate"}' in text
+    assert "kvstore_session_ttft_seconds_count" in text and 'kvstore_session_cached_tokens_total{tier="t0"}' in text

@@ -66,7 +66,7 @@ class Generated:
     worker_id: str
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: list[int]  # by tier, as found by the first worker that ran it
+    cached_tokens: list[int]  # by tier, as found by the worker that finished it
     decode_s: float
     failovers: int = 0
 
@@ -162,7 +162,6 @@ class WorkerPool:
         if worker_id is not None and worker_id not in self._workers:
             raise NoWorkerError(f"unknown worker {worker_id!r}; workers: {', '.join(self.worker_ids)}")
         output: list[int] = []
-        first: dict | None = None
         failovers = 0
         max_tokens = int(params.get("max_tokens", 64))
         while True:
@@ -198,9 +197,8 @@ class WorkerPool:
                 self.router.finished(wid)
             if item["finish_reason"] == "error":
                 raise GenerationError(item["error"])
-            usage = item["usage"]
-            first = first or usage
-            yield Generated(item["finish_reason"], wid, len(prompt), len(output), list(first["cached_tokens"]),
+            usage = item["usage"]  # of the attempt that finished (after a failover: the resumed one)
+            yield Generated(item["finish_reason"], wid, len(prompt), len(output), list(usage["cached_tokens"]),
                             usage["decode_s"], failovers)
             return
 
