@@ -15,13 +15,19 @@ import logging
 import sys
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, env_prefix: str = "") -> None:
+    """A flag per field; defaults from ``<env_prefix><FIELD>`` variables when a prefix is given."""
+    from kvstore.config import from_env
+
+    defaults = from_env(cls, prefix=env_prefix) if env_prefix else None
     for f in dataclasses.fields(cls):
         flag = f"--{f.name.replace('_', '-')}"
+        default = getattr(defaults, f.name) if defaults is not None else f.default
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, dest=f.name)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=f.name)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, dest=f.name)
+            parser.add_argument(flag, type=type(f.default), default=default, dest=f.name,
+                                help=f"(env {env_prefix}{f.name.upper()})" if env_prefix else None)
 
 
 def _config(cls: type, args: argparse.Namespace):
@@ -36,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvstore", description="Distributed tiered KV-cache for LLM inference.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_dataclass_flags(sub.add_parser("serve", help="run the service: Redis, block store, Ray workers, "
-                                                      "session API"), ServeConfig)
+    try:
+        _add_dataclass_flags(sub.add_parser("serve", help="run the service: Redis, block store, Ray workers, "
+                                                          "session API"), ServeConfig, "KVSTORE_SERVE_")
+    except ValueError as e:
+        print(f"kvstore: bad environment: {e}", file=sys.stderr)
+        return 2
     _add_dataclass_flags(sub.add_parser("demo", help="scripted agent workload against the service "
                                                      "(starts one without --address)"), DemoConfig)
     chat = sub.add_parser("chat", help="an interactive session against a running service")

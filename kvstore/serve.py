@@ -36,6 +36,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50052  # the session service; 0 picks a free port
     api_keys: str = ""  # "key=tenant-a;key2=*"; empty: no auth, loopback only
+    tls_cert: str = ""  # PEM paths: serve the session API over TLS
+    tls_key: str = ""
     model: str = "small"  # a built-in model (tiny, small, qwen2.5-0.5b-shape) or a checkpoint directory
     workers: int = 2
     cpus_per_worker: float = 1.0
@@ -105,6 +107,7 @@ class Service:
             tokenizer = load_tokenizer(cfg.model if os.path.isdir(cfg.model) else None, self.pool.info["vocab_size"])
             self.server = SessionServer(SessionServiceConfig(
                 host=cfg.host, port=cfg.port, redis_url=redis_url, api_keys=cfg.api_keys,
+                tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
                 metrics_port=cfg.metrics_port, max_concurrent_generations=cfg.max_concurrent_generations,
                 blockstore_address=self.blockstore_address, blockstore_token=cfg.blockstore_token),
                 self.pool, tokenizer)
