@@ -24,7 +24,8 @@ Codecs:
 Integrity: the header has a CRC32, the payload a 64-bit checksum, ``payload_sum``: the sum of
 (2i+1) * w[i] mod 2**64 over the payload's little-endian 64-bit words w (the last one
 zero-padded). It covers the payload as stored, so an lz4 plane's compressed bytes (fewer
-bytes, and checked before they reach the decompressor). The weights are odd, so invertible
+bytes than decompressed), and is verified after decoding, when the payload is in cache.
+``lz4.block.decompress`` is memory-safe on damaged input. The weights are odd, so invertible
 mod 2**64: any change within one word (every single-byte error) changes the sum, and so does
 swapping two different words, unless their difference times the distance is a multiple of
 2**63. Truncation and padding are caught by the lengths. One numpy dot over the whole payload
@@ -291,7 +292,13 @@ def decode_block(
     expect_dtype: torch.dtype | None = None,
     expect_shape: tuple[int, ...] | None = None,
 ) -> tuple[BlockHeader, np.ndarray]:
-    """Verify and decode a block into ``out`` (a flat uint8 array) or a new array."""
+    """Verify and decode a block into ``out`` (a flat uint8 array) or a new array.
+
+    On a ``BlockCodecError`` after the header checks, ``out`` may hold garbage: the payload
+    checksum is verified after decoding, when the decode's own reads have brought the payload
+    into cache (one pass over cold memory fewer: ~5% of a bf16 decode here). lz4's block
+    decoder is memory-safe on any input, so damaged planes cannot do harm before that.
+    """
     mv = memoryview(buf)
     hdr = read_header(mv)
     if expect_fingerprint is not None and expect_fingerprint != hdr.fingerprint:
@@ -310,15 +317,18 @@ def decode_block(
     elif out.dtype != np.uint8 or out.ndim != 1 or out.size != hdr.raw_len:
         raise ValueError(f"out must be a flat uint8 array of {hdr.raw_len} bytes")
     payload = np.frombuffer(mv, dtype=np.uint8, offset=hdr.header_len)
-    # First pass over the payload (from cold memory): the planes' later passes hit the cache.
-    if _checksum(payload) != hdr.payload_sum:
-        raise CorruptBlockError("payload checksum mismatch")
-
     if hdr.codec is Codec.RAW:
         if hdr.planes != ((PlaneCodec.STORED, hdr.raw_len),):
             raise CorruptBlockError("raw block with a plane table")
         out[:] = payload
-        return hdr, out
+    else:
+        _decode_planes(hdr, payload, out)
+    if _checksum(payload) != hdr.payload_sum:
+        raise CorruptBlockError("payload checksum mismatch")
+    return hdr, out
+
+
+def _decode_planes(hdr: BlockHeader, payload: np.ndarray, out: np.ndarray) -> None:
     itemsize = len(hdr.planes)
     if itemsize != DTYPE_ITEMSIZE[hdr.dtype]:
         raise CorruptBlockError("plane count does not match dtype size")
@@ -343,7 +353,6 @@ def decode_block(
             raise UnsupportedBlockError(f"unknown plane codec {kind}")
         planes.append(chunk)
     _join_planes(planes, out)
-    return hdr, out
 
 
 def _mismatch(what: str, want: object, got: object) -> NoReturn:

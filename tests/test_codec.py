@@ -293,7 +293,7 @@ def test_reordered_payload_is_detected(codec):
         x, y = start + a, start + b
         assert bad[x:x + size] != bad[y:y + size]
         bad[x:x + size], bad[y:y + size] = bad[y:y + size], bad[x:x + size]
-        with pytest.raises(CorruptBlockError, match="checksum"):
+        with pytest.raises(CorruptBlockError):
             decode_block(bytes(bad))
 
 
