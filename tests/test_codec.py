@@ -280,6 +280,23 @@ def test_truncation_and_trailing_bytes_are_detected(case):
         read_header(b"")
 
 
+@pytest.mark.parametrize("codec", ["raw", "lz4"])
+def test_reordered_payload_is_detected(codec):
+    """The payload checksum depends on position: swapped 8-byte words or 4 KiB pages fail."""
+    t = torch.randn(BIG, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    enc = encode(t, codec)
+    hdr = read_header(enc)
+    assert hdr.header_len % 8 == 0  # the payload starts 8-byte aligned
+    start, n = hdr.header_len, hdr.payload_len
+    for a, b, size in ((0, 8, 8), (8, n - 16, 8), (0, 4096, 4096), (n - 8200, n - 4104, 4096)):
+        bad = bytearray(enc)
+        x, y = start + a, start + b
+        assert bad[x:x + size] != bad[y:y + size]
+        bad[x:x + size], bad[y:y + size] = bad[y:y + size], bad[x:x + size]
+        with pytest.raises(CorruptBlockError):
+            decode_block(bytes(bad))
+
+
 # --------------------------------------------------------------------------------------
 # Expectations, versions, magic
 # --------------------------------------------------------------------------------------
@@ -342,10 +359,10 @@ def test_unknown_codec_dtype_and_plane_codec_are_unsupported():
         decode_block(_patched(enc, 10, b"\x07"))
     with pytest.raises(UnsupportedBlockError, match="dtype"):
         decode_block(_patched(enc, 11, b"\x63"))
-    # Plane table: the last plane's entry (21 bytes: codec u8, length u32, checksum 2 x u64)
-    # ends where raw_len starts (20 = _TAIL size).
+    # Plane table: the last plane's entry (5 bytes: codec u8, length u32) ends where raw_len
+    # starts (28 = tail: raw_len u64, payload_len u64, payload_sum u64, header CRC u32).
     hdr = read_header(enc)
-    plane1_kind = hdr.header_len - 20 - 21
+    plane1_kind = hdr.header_len - 28 - 5
     assert enc[plane1_kind] == 1
     with pytest.raises(UnsupportedBlockError, match="plane"):
         decode_block(_patched(enc, plane1_kind, b"\x09"))
@@ -370,7 +387,7 @@ def test_bad_header_length_and_inconsistent_fields_are_corrupt():
     with pytest.raises(CorruptBlockError):
         decode_block(_patched(enc, 12, b"\x04"))
     # raw_len changed, CRC valid.
-    raw_len_off = hdr.header_len - 24
+    raw_len_off = hdr.header_len - 32
     with pytest.raises(CorruptBlockError):
         decode_block(_patched(enc, raw_len_off, struct.pack("<Q", hdr.raw_len + 2)))
 
