@@ -21,7 +21,7 @@ from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry  # (redis.retry.Retry would silently never retry here)
 from redis.backoff import NoBackoff
 
-from kvstore.codec import read_header
+from kvstore.codec import peek_block, read_header
 from services.blockstore.errors import StoreError, StoreUnavailableError
 from services.blockstore.resp import LeanRedis
 
@@ -49,6 +49,21 @@ def block_problem(data: bytes | memoryview, block_hash: bytes) -> str | None:
     if header.header_len + header.payload_len != len(data):
         return (f"length {len(data)} != header {header.header_len} + payload "
                 f"{header.payload_len} bytes")
+    return None
+
+
+def stored_block_problem(data: bytes | memoryview, block_hash: bytes) -> str | None:
+    """``block_problem`` for values read back: every stored block passed ``block_problem``
+    on Put, so the header CRC, the hash and the length are enough to catch damage or a
+    value under the wrong key (``peek_block``: ~4 us instead of ~18 per 192 KiB block)."""
+    try:
+        stored_hash, length = peek_block(data)
+    except (ValueError, IndexError, struct.error) as e:
+        return f"bad header: {e}"
+    if stored_hash != block_hash:
+        return f"header names hash {stored_hash.hex()}, not {block_hash.hex()}"
+    if length != len(data):
+        return f"length {len(data)} != {length} bytes named by its header"
     return None
 
 
@@ -158,7 +173,7 @@ class RedisBlockStore:
                 async for batch in batches:
                     for value in batch:
                         if value is not None:
-                            if problem := block_problem(value, hashes[i]):
+                            if problem := stored_block_problem(value, hashes[i]):
                                 logger.warning("corrupt block %s deleted: %s", keys[i].decode(), problem)
                                 bad.append(keys[i])
                             else:
