@@ -33,6 +33,7 @@ _MIN_FREE = 64 << 10  # a buffer with less room left grows (and is copied)
 _SLACK = 256 << 10  # room beyond the expected size of a pipeline's replies (never touched: free)
 _MAX_LINE = 64 << 10  # a status / integer / error line longer than this is a protocol error
 _POOL_SIZE = 16  # idle connections kept
+_FIRST_COMMANDS = 2  # GETEX commands sent before the rest of a pipeline (see LeanRedis.getex)
 _WAKE_BYTES = 512 << 10  # hand replies over in batches of about this much (fewer task switches)
 
 
@@ -75,6 +76,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self._replies: list[object] = []  # tuple (offset, length) for bulk strings
         self._taken = 0  # replies handed out by take()
         self._woken_at = 0  # parse position at the last wake-up
+        self._rest = b""  # commands held back until the first reply (see LeanRedis.getex)
         self._wakeup: asyncio.Future[None] | None = None
         self.progress = 0  # bytes received so far, for the inactivity timeout
         self.closed: Exception | None = None
@@ -93,13 +95,17 @@ class _Protocol(asyncio.BufferedProtocol):
         self.progress += nbytes
         try:
             self._parse()
+            if self._rest and self._replies and self.transport is not None:
+                self.transport.write(self._rest)
+                self._rest = b""
         except ProtocolError as e:
             self.fail(e)
             if self.transport is not None:
                 self.transport.abort()
             return
         if len(self._replies) > self._taken and (
-                self._pos - self._woken_at >= _WAKE_BYTES or len(self._replies) == self._expected):
+                self._taken == 0 or self._pos - self._woken_at >= _WAKE_BYTES
+                or len(self._replies) == self._expected):  # the first reply goes out at once
             self._woken_at = self._pos
             self._wake()
 
@@ -111,8 +117,9 @@ class _Protocol(asyncio.BufferedProtocol):
         self.fail(exc if isinstance(exc, Exception) else ConnectionError("connection lost"))
 
     # -- one pipeline ----------------------------------------------------------------------
-    def start(self, payload: bytes, expected: int, size_hint: int) -> None:
-        """Send ``payload`` (``expected`` commands); ``take`` hands out their replies."""
+    def start(self, payload: bytes, expected: int, size_hint: int, rest: bytes = b"") -> None:
+        """Send ``payload`` (``expected`` commands together with ``rest``, which is sent
+        once the first reply is in); ``take`` hands out their replies."""
         if self.closed is not None:
             raise ConnectionError(f"connection unusable: {self.closed}")
         if self._end != self._pos or self._taken != self._expected:
@@ -123,6 +130,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self._end = self._pos = self._taken = self._woken_at = 0
         self._expected = expected
         self._replies = []
+        self._rest = rest
         assert self.transport is not None
         self.transport.write(payload)
 
@@ -226,12 +234,13 @@ class _Connection:
     def usable(self) -> bool:
         return self._protocol.closed is None
 
-    async def stream(self, payload: bytes, expected: int, size_hint: int) -> AsyncIterator[list[Reply | _ErrorReply]]:
+    async def stream(self, payload: bytes, expected: int, size_hint: int,
+                     rest: bytes = b"") -> AsyncIterator[list[Reply | _ErrorReply]]:
         """Batches of replies, in order, as they are parsed. ConnectionError / TimeoutError,
         or the consumer stopping early, leave the connection closed (it is mid-reply)."""
         protocol = self._protocol
         try:
-            protocol.start(payload, expected, size_hint)
+            protocol.start(payload, expected, size_hint, rest)
             while not protocol.finished:
                 # Like a socket timeout: fail only after timeout_s without any data.
                 seen = protocol.progress
@@ -287,9 +296,14 @@ class LeanRedis:
         if not keys:
             return
         ex = str(int(ttl_seconds)).encode()
-        payload = b"".join(encode_command(b"GETEX", key, b"EX", ex) for key in keys)
+        commands = [encode_command(b"GETEX", key, b"EX", ex) for key in keys]
+        # Redis runs every command it has read before it writes any reply: with all of them
+        # at once, the first ~200 KB reply waited for ~12 MB of output. The first few go
+        # alone, the rest once their first reply is in, so the data starts flowing early.
+        head, rest = b"".join(commands[:_FIRST_COMMANDS]), b"".join(commands[_FIRST_COMMANDS:])
+        size_hint = len(keys) * (self._value_hint + 16)
         largest = 0
-        async with contextlib.aclosing(self._stream(payload, len(keys), len(keys) * (self._value_hint + 16))) as replies:
+        async with contextlib.aclosing(self._stream(head, len(keys), size_hint, rest)) as replies:
             async for batch in replies:
                 for reply in batch:
                     if reply is not None and not isinstance(reply, memoryview):
@@ -300,13 +314,13 @@ class LeanRedis:
         if largest:
             self._value_hint = largest
 
-    async def _stream(self, payload: bytes, expected: int, size_hint: int) -> AsyncIterator[list[Reply]]:
+    async def _stream(self, payload: bytes, expected: int, size_hint: int, rest: bytes = b"") -> AsyncIterator[list[Reply]]:
         """Replies of one pipeline in batches; an error reply raises StoreError."""
         for attempt in range(2):
             conn = await self._acquire()
             started = False
             try:
-                async with contextlib.aclosing(conn.stream(payload, expected, size_hint)) as replies:
+                async with contextlib.aclosing(conn.stream(payload, expected, size_hint, rest)) as replies:
                     async for batch in replies:
                         if errors := [r for r in batch if isinstance(r, _ErrorReply)]:
                             raise StoreError(f"ResponseError: {errors[0].message}")

@@ -77,8 +77,9 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
         async with self._rpc("Get", context):
             hashes = self._checked_hashes(context, request.namespace, request.hashes)
             counts = GetCounts()
-            limit, chunk, size, sent = self._config.get_chunk_bytes, [], 0, 0
-            # Messages go out while later blocks are still arriving from Redis.
+            limit, chunk, size, sent, first = self._config.get_chunk_bytes, [], 0, 0, True
+            # Messages go out while later blocks are still arriving from Redis; the first block
+            # goes alone, at once, so that the client starts decoding as early as it can.
             async with contextlib.aclosing(self._store.get(request.namespace, hashes, counts)) as found:
                 async for i, value in found:
                     if chunk and size + len(value) > limit:  # a single larger block goes alone
@@ -86,6 +87,9 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
                         sent, chunk, size = sent + size, [], 0
                     chunk.append((i, value))
                     size += len(value)
+                    if first:
+                        yield encode_get_response(chunk)
+                        sent, chunk, size, first = sent + size, [], 0, False
             if chunk:
                 yield encode_get_response(chunk)
             self._metrics.get(counts.hits, len(hashes) - counts.hits, counts.corrupt, sent + size)
