@@ -2,7 +2,8 @@
 
 Full path, as the tiered cache uses it, in batches of ``--batch`` blocks:
   store   = encode_block (codec) -> BlockStoreClient.put -> gRPC -> block store -> Redis
-  restore = BlockStoreClient.get <- gRPC <- block store <- Redis -> decode_block into T1 slots
+  restore = BlockStoreClient.get_iter <- gRPC <- block store <- Redis -> decode_block into T1 slots
+            (blocks decoded as they arrive, as TieredKVCache._fetch_remote does)
 The block store runs as its own process (``kvstore blockstore serve``), as in production,
 on an embedded redis-server; client, service and Redis share this machine's cores.
 Baselines on the same bytes: redis-py pipelined SET / GET of the raw blocks (same batches,
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, float] = {}
     with blockstore_process() as (address, redis_url):
+        # Created before the baselines run: the client tunes this process's allocator
+        # (kvstore.allocator), and the baselines must run under the same settings.
+        client = BlockStoreClient(BlockStoreClientConfig(address=address, timeout_s=60))
         r = redis.Redis.from_url(redis_url)
         keys = [f"raw:{i}".encode() for i in range(n)]
 
@@ -93,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         results["lz4 compress"] = median_time(lambda: [lz4.frame.compress(b) for b in raw], reps)
         results["lz4 decompress"] = median_time(lambda: [lz4.frame.decompress(f) for f in frames], reps)
 
-        client = BlockStoreClient(BlockStoreClientConfig(address=address, timeout_s=60))
         for codec in codecs:
             hashes = [secrets.token_bytes(16) for _ in range(n)]
             enc: list[bytes] = []
@@ -110,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
             def restore() -> None:
                 for b in batches:
-                    got = client.get(NAMESPACE, [hashes[i] for i in b])
-                    for i, blob in zip(b, got):
-                        if blob is None:
-                            raise RuntimeError("block store lost a block")
-                        decode_block(blob, out=t1.block_bytes(i), expect_hash=hashes[i])
+                    got = 0
+                    for k, blob in client.get_iter(NAMESPACE, [hashes[i] for i in b]):
+                        decode_block(blob, out=t1.block_bytes(b[k]), expect_hash=hashes[b[k]])
+                        got += 1
+                    if got != len(b):
+                        raise RuntimeError("block store lost a block")
 
             def clear() -> None:
                 client.delete(NAMESPACE, hashes)
