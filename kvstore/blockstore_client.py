@@ -15,13 +15,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TypeVar
 
 import grpc
 
+from kvstore.allocator import keep_freed_memory
+from kvstore.blockstore_wire import WireError, decode_get_response
 from kvstore.config import BlockStoreClientConfig
 from kvstore.v1 import blockstore_pb2 as pb
 from kvstore.v1 import blockstore_pb2_grpc as pb_grpc
@@ -117,6 +119,8 @@ class BlockStoreClient:
 
     def __init__(self, config: BlockStoreClientConfig | None = None) -> None:
         self.config = config = config or BlockStoreClientConfig()
+        if config.tune_malloc:
+            keep_freed_memory()  # received messages page-faulted through fresh buffers without it
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -134,6 +138,10 @@ class BlockStoreClient:
         else:
             self._channel = grpc.insecure_channel(config.address, options=options)
         self._stub = pb_grpc.BlockStoreStub(self._channel)
+        # Get messages arrive as bytes and are decoded by hand: blocks are views, not copies.
+        self._get_stream = self._channel.unary_stream(
+            "/kvstore.v1.BlockStore/Get", request_serializer=pb.GetRequest.SerializeToString,
+            response_deserializer=None, _registered_method=True)
         self._metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
         self.counters = ClientCounters()
@@ -155,26 +163,51 @@ class BlockStoreClient:
                 break
         return found
 
-    def get(self, namespace: str, hashes: Sequence[bytes]) -> list[bytes | None]:
-        """Stored bytes per hash (None: miss, or the store is unavailable)."""
-        return [b for chunk in _chunks(hashes) for b in self._get(namespace, chunk)]
+    def get(self, namespace: str, hashes: Sequence[bytes]) -> list[memoryview | None]:
+        """Stored bytes per hash (None: miss, or the store became unavailable), as views of
+        the received messages."""
+        found: list[memoryview | None] = [None] * len(hashes)
+        for i, data in self.get_iter(namespace, hashes):
+            found[i] = data
+        return found
 
-    def _get(self, namespace: str, hashes: list[bytes]) -> list[bytes | None]:
-        req = pb.GetRequest(namespace=namespace, hashes=hashes)
+    def get_iter(self, namespace: str, hashes: Sequence[bytes]) -> Iterator[tuple[int, memoryview]]:
+        """(index in ``hashes``, stored bytes) of each found block, in index order, as the
+        messages arrive, so that callers decode while the rest is still on the way.
 
-        def fetch(timeout: float) -> list[bytes | None]:
-            found: list[bytes | None] = [None] * len(hashes)
-            for msg in self._stub.Get(req, timeout=timeout, metadata=self._metadata):
-                for block in msg.blocks:
-                    if block.index >= len(found):
-                        raise BlockStoreError("Get", grpc.StatusCode.INTERNAL, f"index {block.index} out of range")
-                    found[block.index] = block.data
-            return found
+        Absent indexes are misses; if the store becomes unavailable the iteration just ends
+        early (the rest are misses). A retry asks only for the blocks not yet received.
+        Stopping early (``close()`` or ``break``) cancels the call.
+        """
+        for start in range(0, len(hashes), MAX_BATCH_BLOCKS):
+            chunk = list(hashes[start:start + MAX_BATCH_BLOCKS])
+            received: set[int] = set()  # positions in chunk already yielded
 
-        try:
-            return self._call("Get", fetch)
-        except BlockStoreUnavailable:
-            return [None] * len(hashes)
+            def fetch(timeout: float, chunk: list[bytes] = chunk, received: set[int] = received
+                      ) -> Iterator[tuple[int, memoryview]]:
+                asked = [i for i in range(len(chunk)) if i not in received]  # a retry resumes
+                req = pb.GetRequest(namespace=namespace, hashes=[chunk[i] for i in asked])
+                call = self._get_stream(req, timeout=timeout, metadata=self._metadata)
+                try:
+                    for msg in call:
+                        try:
+                            blocks = decode_get_response(msg)
+                        except WireError as e:
+                            raise BlockStoreError("Get", grpc.StatusCode.INTERNAL, f"malformed message: {e}") from None
+                        for index, data in blocks:
+                            if index >= len(asked):
+                                raise BlockStoreError("Get", grpc.StatusCode.INTERNAL, f"index {index} out of range")
+                            if asked[index] not in received:
+                                received.add(asked[index])
+                                yield asked[index], data
+                finally:
+                    call.cancel()  # no-op once finished; stops the stream if abandoned
+
+            try:
+                for pos, data in self._stream("Get", fetch):
+                    yield start + pos, data
+            except BlockStoreUnavailable:
+                return
 
     def put(self, namespace: str, blocks: Sequence[tuple[bytes, bytes]]) -> None:
         """Store blocks (set-if-absent), split into requests under the size limit.
@@ -238,6 +271,12 @@ class BlockStoreClient:
 
     def _call(self, method: str, attempt: Callable[[float], T]) -> T:
         """Run ``attempt(timeout)`` with retries inside one deadline, through the breaker."""
+        (result,) = self._stream(method, lambda timeout: (attempt(timeout),))
+        return result
+
+    def _stream(self, method: str, attempt: Callable[[float], Iterable[T]]) -> Iterator[T]:
+        """Yield the items of ``attempt(timeout)``, retried inside one deadline through the
+        breaker. A retry calls ``attempt`` again: it must not repeat items already yielded."""
         with self._lock:
             self.counters.calls += 1
         if not self.breaker.allow():
@@ -252,7 +291,7 @@ class BlockStoreClient:
             if remaining <= 0:
                 break
             try:
-                result = attempt(remaining)
+                yield from attempt(remaining)
             except grpc.RpcError as e:
                 if e.code() not in _TRANSIENT:
                     self.breaker.record_success()  # it answered, so it is reachable
@@ -266,7 +305,7 @@ class BlockStoreClient:
                 delay *= 2
                 continue
             self.breaker.record_success()
-            return result
+            return
         self.breaker.record_failure()
         with self._lock:
             self.counters.failures += 1

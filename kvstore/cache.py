@@ -27,7 +27,7 @@ from kvstore.codec import BlockCodecError, decode_block, encode_block
 from kvstore.config import CacheConfig, WritePolicy
 from kvstore.hashing import PrefixHasher
 from kvstore.pools import DevicePool, HostPool, restore, spill
-from kvstore.remote import RemoteTier
+from kvstore.remote import RemoteTier, iter_found
 from kvstore.spec import KVSpec
 
 log = logging.getLogger(__name__)
@@ -385,29 +385,33 @@ class TieredKVCache:
             return sources
         assert self.remote is not None
         hashes = [prefix.hashes[i] for i in wanted]
+        # Blocks are decoded as they arrive, while the rest are still on the way. A T1 slot
+        # is reserved per block that came back, so a miss, an error or a full T1 ends the
+        # prefix without evicting T1 blocks for nothing.
+        decoded: list[tuple[int, int, BlockMeta, int]] = []  # (source index, slot, meta, size)
+        unused: list[int] = []  # reserved, but the block turned out unusable
+        found = iter_found(self.remote, prefix.namespace, hashes)
         try:
-            blobs = list(self.remote.get(prefix.namespace, hashes))
-            if len(blobs) != len(hashes):
-                raise ValueError(f"T2 returned {len(blobs)} blocks for {len(hashes)} hashes")
-        except Exception as e:
+            for k, blob in found:
+                if k != len(decoded):  # a miss ends the prefix
+                    break
+                with self._lock:
+                    if not self._t1.num_evictable:
+                        break
+                    slots, evicted = self._t1.allocate(1)
+                    self._on_t1_evicted(evicted)
+                unused.append(slots[0])  # until its block decodes
+                meta = self._verify_remote_block(prefix, wanted[k], blob, slots[0])
+                if meta is None:
+                    break
+                decoded.append((wanted[k], unused.pop(), meta, len(blob)))
+        except Exception as e:  # the cold tier failing must never fail a request
             log.warning("T2 get failed, treating as miss: %s", e)
             with self._lock:
                 self._stats.t2_errors += 1
-            blobs = [None] * len(hashes)
-        # Reserve T1 slots only for the leading blocks that came back: a miss ends the prefix,
-        # and evicting T1 blocks for nothing would cost other sequences their hits.
-        usable = next((k for k, b in enumerate(blobs) if b is None), len(blobs))
-        with self._lock:
-            slots, evicted = self._t1.allocate(min(usable, self._t1.num_evictable))
-            self._on_t1_evicted(evicted)
-        cut = len(sources) if len(slots) == len(wanted) else wanted[len(slots)]
-        decoded: list[tuple[int, int, BlockMeta, int]] = []  # (source index, slot, meta, size)
-        for i, blob, slot in zip(wanted, blobs, slots):
-            meta = self._verify_remote_block(prefix, i, blob, slot)
-            if meta is None:
-                cut = i
-                break
-            decoded.append((i, slot, meta, len(blob)))  # type: ignore[arg-type]
+        finally:
+            found.close()  # stops the transfer of blocks past the cut
+        cut = len(sources) if len(decoded) == len(wanted) else wanted[len(decoded)]
         with self._lock:
             for i, slot, meta, size in decoded:
                 self._stats.t2_get_blocks += 1
@@ -417,7 +421,7 @@ class TieredKVCache:
                     slot = self._t1.find(meta.block_hash)
                     self._t1.pin(slot)
                 sources[i] = (Tier.T1, slot)
-            for slot in slots[len(decoded):]:
+            for slot in unused:
                 self._t1.unpin(slot)
             self._unpin_sources(sources[cut:])
         return sources[:cut]

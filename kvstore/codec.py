@@ -284,6 +284,30 @@ def read_header(buf: bytes | memoryview) -> BlockHeader:
                        raw_len, payload_len, payload_sum, header_len, planes)
 
 
+def peek_block(buf: bytes | memoryview) -> tuple[bytes, int]:
+    """(block hash, total length header + payload) of an encoded block, checking only its
+    magic, version, header length and header CRC: several times cheaper than ``read_header``,
+    for stores that re-check blocks which ``read_header`` accepted when they were written."""
+    mv = memoryview(buf)
+    if len(mv) < _PREFIX.size + _TAIL.size:
+        raise CorruptBlockError(f"block too short ({len(mv)} bytes)")
+    magic, version, header_len, _, _, ndim, hash_len, *_ = _PREFIX.unpack_from(mv)
+    if magic != MAGIC:
+        raise CorruptBlockError(f"bad magic {bytes(magic)!r}")
+    if version != CODEC_VERSION:
+        raise UnsupportedBlockError(f"codec version {version}, this build reads {CODEC_VERSION}")
+    if not _PREFIX.size + _TAIL.size <= header_len <= min(len(mv), MAX_HEADER_LEN):
+        raise CorruptBlockError(f"bad header length {header_len}")
+    if zlib.crc32(mv[: header_len - 4]) != _U32.unpack_from(mv, header_len - 4)[0]:
+        raise CorruptBlockError("header checksum mismatch")
+    # The CRC matched: the header is as encode_block wrote it; only lengths need care.
+    off = _PREFIX.size + 4 * ndim + 16  # after shape and fingerprint
+    if off + hash_len > header_len - _TAIL.size:
+        raise CorruptBlockError("malformed header: hash past its end")
+    _, payload_len, _, _ = _TAIL.unpack_from(mv, header_len - _TAIL.size)
+    return bytes(mv[off:off + hash_len]), header_len + payload_len
+
+
 def decode_block(
     buf: bytes | memoryview,
     *,

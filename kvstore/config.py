@@ -94,6 +94,7 @@ class BlockStoreConfig:
     metrics_port: int = 0  # >0: serve Prometheus metrics over HTTP on this port
     grace_seconds: float = 5.0  # in-flight calls get this long on shutdown
     redis_timeout_s: float = 2.0
+    tune_malloc: bool = True  # keep freed message buffers in the process (kvstore.allocator): ~2x gRPC throughput
 
 
 @dataclass(slots=True)
@@ -110,6 +111,7 @@ class BlockStoreClientConfig:
     breaker_reset_s: float = 2.0  # while open, calls fail at once; then one probe is let through
     max_request_bytes: int = 32 << 20  # puts are split to stay under this
     max_message_bytes: int = 64 << 20
+    tune_malloc: bool = True  # process-wide: keep freed message buffers for reuse (kvstore.allocator)
 
 
 @dataclass(slots=True)

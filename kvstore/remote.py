@@ -5,7 +5,7 @@ The gRPC block-store client implements this; anything else that does is usable a
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 
@@ -21,3 +21,17 @@ class RemoteTier(Protocol):
 
     def delete(self, namespace: str, hashes: Sequence[bytes], corrupt: bool = False) -> int:
         """Remove blocks; ``corrupt`` says the caller found them damaged. Returns how many."""
+
+
+def iter_found(remote: RemoteTier, namespace: str, hashes: Sequence[bytes]) -> Iterator[tuple[int, bytes | memoryview]]:
+    """(index, bytes) of the found blocks in index order, as they arrive if ``remote`` can
+    stream them (``get_iter``, as ``BlockStoreClient`` does: decoding then overlaps with the
+    transfer), else from ``get``."""
+    stream = getattr(remote, "get_iter", None)
+    if stream is not None:
+        yield from stream(namespace, hashes)
+        return
+    blobs = list(remote.get(namespace, hashes))
+    if len(blobs) != len(hashes):
+        raise ValueError(f"T2 returned {len(blobs)} blocks for {len(hashes)} hashes")
+    yield from ((i, b) for i, b in enumerate(blobs) if b is not None)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -14,6 +15,7 @@ from kvstore.blockstore_client import BlockStoreClient, BlockStoreError, Breaker
 from kvstore.cache import Tier, TieredKVCache
 from kvstore.codec import encode_block, tensor_bytes
 from kvstore.config import BlockStoreClientConfig, BlockStoreConfig, CacheConfig
+from kvstore.v1 import blockstore_pb2 as pb
 from kvhelpers import content
 from services.blockstore.server import BlockStoreThread
 from services.embedded_redis import EmbeddedRedis
@@ -182,3 +184,78 @@ def test_requests_over_the_batch_limit_are_split(store):
         got = c.get("tenant", p.hashes)
         assert got[:1030] == [b for _, b in blocks] and got[1030:] == [None] * 70
         assert c.delete("tenant", p.hashes) == 1030 and c.lookup("tenant", p.hashes) == 0
+
+
+def test_get_iter_streams_found_blocks_in_order_and_can_stop_early(store):
+    p = prefix(range(2000, 2000 + 8 * BS), namespace="tenant")
+    blobs = [encoded(p, i) for i in range(8)]
+    present = [0, 1, 2, 4, 5, 6, 7]
+    with client_for(store.address) as c:
+        c.put("tenant", [(p.hashes[i], blobs[i]) for i in present])
+        got = [(i, bytes(d)) for i, d in c.get_iter("tenant", p.hashes)]
+        assert got == [(i, blobs[i]) for i in present]  # ascending; the miss (3) is absent
+        stream = c.get_iter("tenant", p.hashes)
+        assert next(stream)[0] == 0
+        stream.close()  # cancels the call; the client stays usable
+        assert [i for i, _ in c.get_iter("tenant", p.hashes[4:])] == [0, 1, 2, 3]
+        assert c.counters.failures == 0
+
+
+def test_load_decodes_t2_blocks_as_they_arrive_and_a_gap_ends_the_prefix(store):
+    p = prefix(range(3000, 3000 + 4 * BS + 1), namespace="tenant")
+    with client_for(store.address) as c:
+        c.put("tenant", [(p.hashes[i], encoded(p, i)) for i in range(4)])
+        with TieredKVCache(SPEC, CacheConfig(t0_blocks=8, t1_blocks=8), remote=c) as cache:
+            hit = cache.lookup(p)
+            assert hit.tiers == [Tier.T2] * 4
+            c.delete("tenant", [p.hashes[2]])  # gone between lookup and load
+            loaded = cache.load(p, hit)
+            assert loaded.num_blocks == 2
+            assert all(t0_holds(cache, loaded.block_table[i], p.hashes[i]) for i in range(2))
+            stats = cache.stats()
+            assert stats.t2_get_blocks == 2 and stats.t2_errors == 0 and stats.t2_corrupt == 0
+            cache.release(loaded.block_table)
+
+
+class _FlakyBlockStore:
+    """A real gRPC server standing in for the block store: its first Get sends the first
+    message, then fails with UNAVAILABLE (a transient fault mid-stream)."""
+
+    def __init__(self, blobs: dict[bytes, bytes], fail_calls: int) -> None:
+        self.blobs = blobs
+        self.requests: list[list[bytes]] = []
+        self._fail_calls = fail_calls
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        handler = grpc.unary_stream_rpc_method_handler(
+            self._get, request_deserializer=pb.GetRequest.FromString,
+            response_serializer=pb.GetResponse.SerializeToString)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvstore.v1.BlockStore", {"Get": handler}),))
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def _get(self, request: pb.GetRequest, context: grpc.ServicerContext):
+        self.requests.append(list(request.hashes))
+        found = [pb.FoundBlock(index=i, data=self.blobs[h]) for i, h in enumerate(request.hashes) if h in self.blobs]
+        if len(self.requests) <= self._fail_calls:
+            yield pb.GetResponse(blocks=found[:2])
+            context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault")
+        yield from (pb.GetResponse(blocks=[b]) for b in found)
+
+
+@pytest.mark.parametrize("fail_calls", [1, 99])
+def test_get_iter_resumes_after_a_transient_failure_with_only_the_missing_blocks(fail_calls):
+    hashes = [bytes([i]) * 16 for i in range(6)]
+    blobs = {h: b"block %d" % i for i, h in enumerate(hashes) if i != 3}
+    flaky = _FlakyBlockStore(blobs, fail_calls)
+    try:
+        with client_for(flaky.address, token="", retries=1, backoff_s=0.01) as c:
+            got = [(i, bytes(d)) for i, d in c.get_iter("tenant", hashes)]
+            if fail_calls == 1:  # the retry asks only for what did not arrive, nothing repeats
+                assert got == [(i, b"block %d" % i) for i in (0, 1, 2, 4, 5)]
+                assert flaky.requests == [hashes, hashes[2:]]
+                assert c.counters.retries == 1 and c.counters.failures == 0
+            else:  # unavailable to the end: what arrived counts, the rest are misses
+                assert got == [(0, b"block 0"), (1, b"block 1"), (2, b"block 2"), (4, b"block 4")]
+                assert c.counters.failures == 1
+    finally:
+        flaky.server.stop(None)

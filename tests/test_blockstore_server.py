@@ -225,6 +225,7 @@ def test_get_streams_messages_of_about_chunk_bytes_with_request_indexes(stub):
         size = sum(len(b.data) for b in m.blocks)
         assert size <= CHUNK or len(m.blocks) == 1  # a larger block goes alone
     assert [b.index for m in messages for b in m.blocks] == sorted(expected)
+    assert len(messages[0].blocks) == 1  # the first block goes alone, at once
 
 
 @pytest.mark.parametrize("found", [

@@ -20,6 +20,7 @@ from kvstore.codec import (
     UnsupportedBlockError,
     decode_block,
     encode_block,
+    peek_block,
     read_header,
     tensor_bytes,
 )
@@ -473,3 +474,19 @@ def test_encode_rejects_bad_identity_fields():
     with pytest.raises(UnsupportedBlockError):
         encode_block(np.zeros(math.prod(SMALL), np.uint8), dtype=torch.int8, shape=SMALL,
                      fingerprint=FP, block_hash=BHASH, parent_hash=PARENT, token_ids=TOKENS)
+
+
+def test_peek_block_names_hash_and_length_and_checks_the_header():
+    for enc in CASES.values():
+        hdr = read_header(enc)
+        assert peek_block(enc) == (hdr.block_hash, hdr.header_len + hdr.payload_len) == (BHASH, len(enc))
+        assert peek_block(memoryview(enc)) == (BHASH, len(enc))
+    enc = CASES["lz4_bf16"]
+    assert peek_block(enc[:-1])[1] == len(enc)  # (the caller compares the length)
+    for bad in (enc[:20], b"XXXX" + enc[4:], _patched(enc, 12, b"\x04", fix_crc=False),
+                _patched(enc, 6, struct.pack("<I", len(enc) + 1), fix_crc=False),
+                _patched(enc, 12, b"\xff")):  # ndim 255 with a valid CRC: the hash lies past the header
+        with pytest.raises(CorruptBlockError):
+            peek_block(bad)
+    with pytest.raises(UnsupportedBlockError):
+        peek_block(_patched(enc, 4, struct.pack("<H", CODEC_VERSION + 1)))

@@ -14,7 +14,7 @@ from kvstore.v1 import blockstore_pb2_grpc as pb_grpc
 from services.blockstore.auth import TokenTable, check_namespace, require_namespace
 from services.blockstore.errors import RequestError, StoreError, StoreUnavailableError
 from services.blockstore.metrics import Metrics
-from services.blockstore.store import HASH_SIZES, RedisBlockStore, block_problem
+from services.blockstore.store import HASH_SIZES, GetCounts, RedisBlockStore, block_problem
 from services.blockstore.wire import encode_get_response
 
 logger = logging.getLogger(__name__)
@@ -80,20 +80,23 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
         """Streams pre-encoded GetResponse messages of about ``get_chunk_bytes``."""
         async with self._rpc("Get", context):
             hashes = self._checked_hashes(context, request.namespace, request.hashes)
-            result = await self._store.get(request.namespace, hashes)
-            limit, chunk, size, sent, hits = self._config.get_chunk_bytes, [], 0, 0, 0
-            for i, value in enumerate(result.values):
-                if value is None:
-                    continue
-                if chunk and size + len(value) > limit:  # a single larger block goes alone
-                    yield encode_get_response(chunk)
-                    sent, chunk, size = sent + size, [], 0
-                chunk.append((i, value))
-                size += len(value)
-                hits += 1
+            counts = GetCounts()
+            limit, chunk, size, sent, first = self._config.get_chunk_bytes, [], 0, 0, True
+            # Messages go out while later blocks are still arriving from Redis; the first block
+            # goes alone, at once, so that the client starts decoding as early as it can.
+            async with contextlib.aclosing(self._store.get(request.namespace, hashes, counts)) as found:
+                async for i, value in found:
+                    if chunk and size + len(value) > limit:  # a single larger block goes alone
+                        yield encode_get_response(chunk)
+                        sent, chunk, size = sent + size, [], 0
+                    chunk.append((i, value))
+                    size += len(value)
+                    if first:
+                        yield encode_get_response(chunk)
+                        sent, chunk, size, first = sent + size, [], 0, False
             if chunk:
                 yield encode_get_response(chunk)
-            self._metrics.get(hits, len(hashes) - hits, result.corrupt, sent + size)
+            self._metrics.get(counts.hits, len(hashes) - counts.hits, counts.corrupt, sent + size)
 
     async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
         async with self._rpc("Lookup", context):

@@ -27,7 +27,7 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def encode_get_response(found: Iterable[tuple[int, bytes]]) -> bytes:
+def encode_get_response(found: Iterable[tuple[int, bytes | memoryview]]) -> bytes:
     """Serialized ``GetResponse(blocks=[FoundBlock(index=i, data=d) for i, d in found])``."""
     parts: list[bytes] = []
     for index, data in found:
