@@ -209,3 +209,22 @@ def test_stop_strings_end_generation_on_the_decoded_text():
     assert seq.finish_reason == "stop" and seq.output == ref.output[: first + 2]
     with pytest.raises(ValueError, match="detokenizer"):
         make_engine().add_request(p, SamplingParams(stop=("x",)))
+
+
+def test_bad_prompts_are_refused_with_a_message_and_skip_cache_recomputes():
+    engine = make_engine()
+    with pytest.raises(ValueError, match="token id 512 is outside the model's vocabulary"):
+        engine.add_request([1, 512, 3], GREEDY)
+    with pytest.raises(ValueError, match="token id -1"):
+        engine.add_request([-1], GREEDY)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        engine.add_request([1] * 4090, GREEDY)
+    assert not engine.has_work()
+    p = prompt(77, 30)
+    (first,) = engine.generate([p], GREEDY)
+    (again,) = engine.generate([p], GREEDY)
+    engine_seq = engine.add_request(p, GREEDY, skip_cache=True)
+    while engine.has_work():
+        engine.step()
+    assert again.usage.cached_tokens[0] == 28 and engine_seq.usage.cached_tokens == [0, 0, 0]
+    assert first.output == again.output == engine_seq.output

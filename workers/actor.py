@@ -208,7 +208,6 @@ class DecodeWorker:
             box["seq"] = seq
             streams[seq.id] = (loop, q, seq)
 
-
     def _prefetch(self, prompt: list[int], namespace: str, loop: asyncio.AbstractEventLoop,
                   done: asyncio.Future) -> None:
         try:
