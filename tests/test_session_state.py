@@ -81,3 +81,26 @@ def test_pin_close_and_errors(store_factory):
         with pytest.raises(ValueError):
             await st.create("tenant", "m", tokens=[2**33])
     asyncio.run(scenario())
+
+
+def test_turns_are_atomic_checked_against_concurrent_changes_and_replayed(store_factory):
+    from services.session.state import SessionChanged
+
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m", tokens=[1], messages=[{"role": "system", "content": "be brief"}])
+        turn = await st.append_turn("tenant", s.id, [2, 3], request_id="t1", expected_len=1, result="answer-1",
+                                    messages=[{"role": "user", "content": "hi"}])
+        assert (turn.num_tokens, turn.result, turn.replayed) == (3, "answer-1", False)
+        retry = await st.append_turn("tenant", s.id, [2, 3], request_id="t1", expected_len=1, result="other")
+        assert (retry.num_tokens, retry.result, retry.replayed) == (3, "answer-1", True)
+        assert await st.request_result("tenant", s.id, "t1") == (3, "answer-1")
+        assert await st.request_result("tenant", s.id, "never") is None
+        with pytest.raises(SessionChanged):  # another turn landed since this one read the history
+            await st.append_turn("tenant", s.id, [9], request_id="t2", expected_len=1)
+        got = await st.get("tenant", s.id)
+        assert got.tokens == [1, 2, 3]
+        assert got.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+        fork = await st.fork("tenant", s.id)
+        assert (await st.get("tenant", fork.id)).messages == got.messages
+    asyncio.run(scenario())
