@@ -39,6 +39,19 @@ def test_load_spreads_requests_without_a_cached_prefix():
     assert r.choose([H[9]]) == first
 
 
+def test_ties_go_round_robin_when_requests_come_one_at_a_time():
+    r = router("a", "b", "c")
+    picks = []
+    for i in range(6):  # each finishes before the next arrives: no load to tell them apart
+        w = r.choose([H[i]])
+        r.started(w)
+        r.finished(w)
+        picks.append(w)
+    assert sorted(picks) == ["a", "a", "b", "b", "c", "c"]
+    r.apply_events("c", stored(0, H[:1]))
+    assert r.choose(H[:2]) == "c"  # a cached prefix still wins over the rotation
+
+
 def test_a_queue_outweighs_a_short_prefix():
     r = router("a", "b")
     r.apply_events("a", stored(0, H[:2]))

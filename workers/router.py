@@ -23,6 +23,7 @@ class WorkerState:
     t0: set[bytes] = field(default_factory=set)
     t1: set[bytes] = field(default_factory=set)
     load: int = 0  # requests in flight
+    routed: int = 0  # requests sent here so far (spreads ties: sequential requests have no load)
 
 
 @dataclass(slots=True)
@@ -87,12 +88,14 @@ class Router:
         if not self._workers:
             raise NoWorkerError("no decode worker is available")
         if session_id and (w := self._affinity.get(session_id)) in self._workers:
+            self._workers[w].routed += 1
             return w
         best = max(
             self._workers.values(),
             key=lambda s: (self.prefix_score(s.worker_id, block_hashes) - self.config.load_weight * s.load,
-                           -s.load, s.worker_id),
+                           -s.load, -s.routed, s.worker_id),
         )
+        best.routed += 1
         if session_id:
             self._affinity[session_id] = best.worker_id
         return best.worker_id
