@@ -21,11 +21,23 @@ def test_longest_cached_prefix_wins_and_t0_outweighs_t1():
     r = router("a", "b", "c")
     r.apply_events("a", stored(0, H[:3]))
     r.apply_events("b", stored(0, H[:5]))
-    r.apply_events("c", stored(1, H[:6]))  # longer, but only in host memory: 3.0 < 5.0
+    r.apply_events("c", stored(1, H[:6]))  # longer, but only in host memory
+    # Blocks another worker holds count at the T2 weight: a 3 + 3 x 0.8, b 5 + 0.8, c 6 x 0.9.
+    assert [r.prefix_score(w, H[:8]) for w in "abc"] == pytest.approx([5.4, 5.8, 5.4])
     assert r.choose(H[:8]) == "b"
-    r.apply_events("b", [(0, False, H[1])])  # evicted: b's prefix now ends after block 0
-    assert r.choose(H[:8]) == "c"
-    assert r.prefix_score("a", [H[0], H[9], H[1]]) == 1.0  # a gap ends the prefix
+    r.apply_events("b", [(0, False, H[1])])  # evicted: b's local prefix now ends after block 0
+    assert r.prefix_score("b", H[:8]) == pytest.approx(1 + 5 * 0.8)
+    r.apply_events("a", stored(0, H[3:4]))  # a: 4 + 2 x 0.8 = 5.6 > c's 5.4
+    assert r.choose(H[:8]) == "a"
+    assert r.prefix_score("a", [H[0], H[9], H[1]]) == 1.0  # a block nobody holds ends the prefix
+
+
+def test_a_loaded_worker_hands_a_shared_prefix_to_an_idle_one_through_t2():
+    r = router("a", "b")
+    r.apply_events("a", stored(0, H[:10]))  # a holds a long shared prefix; b could fetch it from T2
+    assert r.choose(H[:10]) == "a"
+    r.started("a")
+    assert r.choose(H[:10]) == "b"  # 10 - 4 (one queued) < 10 x 0.8
 
 
 def test_load_spreads_requests_without_a_cached_prefix():

@@ -1,8 +1,9 @@
 """Prefix-aware routing of requests to decode workers.
 
 A session sticks to the worker that served it (its KV is hottest there). A request without
-affinity goes to the worker holding the longest cached prefix of its blocks, T0 (device)
-weighted above T1 (host), less a penalty for the worker's queue. The router learns what each
+affinity goes to the worker that can reuse the most of its prefix, weighting blocks by where
+they would come from (its T0, its T1, or T2 for blocks other workers hold), less a penalty
+for the worker's queue; ties rotate. The router learns what each
 worker holds from the workers' block events (``DecodeWorker.block_events``). When a worker
 dies or restarts, its index is dropped and its sessions lose their affinity: their next turn
 goes elsewhere and resumes from T2.
@@ -28,8 +29,14 @@ class WorkerState:
 
 @dataclass(slots=True)
 class RouterConfig:
-    t0_weight: float = 1.0  # per cached block
-    t1_weight: float = 0.5
+    """What a block of prompt already cached is worth, by where it would come from, in units
+    of a block held in T0. Measured by bench/ttft.py at 2k history (small model, CPU): against
+    recompute, a T1 hit saves as much TTFT as a T0 hit, a T2 hit ~88% of it. Blocks another
+    worker holds are (write-through) in T2, so every worker can get them at the T2 price."""
+
+    t0_weight: float = 1.0
+    t1_weight: float = 0.9
+    t2_weight: float = 0.8  # blocks of the prefix held by some other worker (so in T2)
     load_weight: float = 4.0  # blocks of cached prefix one queued request is worth
 
 
@@ -71,17 +78,31 @@ class Router:
             (tier_set.add if stored else tier_set.discard)(block_hash)
 
     def prefix_score(self, worker_id: str, block_hashes: Sequence[bytes]) -> float:
-        """Weighted length of the contiguous prefix the worker holds (T0, then T0 or T1)."""
-        state = self._workers[worker_id]
-        score = 0.0
-        for h in block_hashes:
+        """Weighted length of the prefix this worker can reuse: its contiguous run in T0/T1,
+        then the blocks that continue the prefix in some other worker's tiers (fetched from T2)."""
+        return self._score(self._workers[worker_id], block_hashes, self._global_prefix(block_hashes))
+
+    def _score(self, state: WorkerState, block_hashes: Sequence[bytes], global_prefix: int) -> float:
+        cfg = self.config
+        score, local = 0.0, 0
+        for h in block_hashes[:global_prefix]:
             if h in state.t0:
-                score += self.config.t0_weight
+                score += cfg.t0_weight
             elif h in state.t1:
-                score += self.config.t1_weight
+                score += cfg.t1_weight
             else:
                 break
-        return score
+            local += 1
+        return score + (global_prefix - local) * cfg.t2_weight
+
+    def _global_prefix(self, block_hashes: Sequence[bytes]) -> int:
+        """Leading blocks held by at least one worker (T0 or T1)."""
+        n = 0
+        for h in block_hashes:
+            if not any(h in s.t0 or h in s.t1 for s in self._workers.values()):
+                break
+            n += 1
+        return n
 
     def choose(self, block_hashes: Sequence[bytes], session_id: str | None = None) -> str:
         """The worker for a request (and, for a session, its new affinity)."""
@@ -90,9 +111,10 @@ class Router:
         if session_id and (w := self._affinity.get(session_id)) in self._workers:
             self._workers[w].routed += 1
             return w
+        reachable = self._global_prefix(block_hashes)
         best = max(
             self._workers.values(),
-            key=lambda s: (self.prefix_score(s.worker_id, block_hashes) - self.config.load_weight * s.load,
+            key=lambda s: (self._score(s, block_hashes, reachable) - self.config.load_weight * s.load,
                            -s.load, -s.routed, s.worker_id),
         )
         best.routed += 1
