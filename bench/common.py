@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -12,14 +13,17 @@ from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 
 
 @contextlib.contextmanager
-def blockstore_process(maxmemory: str = "4gb") -> Iterator[tuple[str, str]]:
+def blockstore_process(maxmemory: str = "4gb", pids: dict[str, int] | None = None) -> Iterator[tuple[str, str]]:
     """An embedded redis-server and ``kvstore blockstore serve`` as its own process (as in
-    production); yields (block store address, redis url)."""
+    production); yields (block store address, redis url). ``pids``, if given, receives the
+    process ids as "block store" and "redis" (for ``cpu_seconds``)."""
     with EmbeddedRedis(EmbeddedRedisConfig(maxmemory=maxmemory)) as red:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kvstore.cli", "blockstore", "serve", "--port", "0", "--redis-url", red.url],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
+        if pids is not None:
+            pids.update({"block store": proc.pid, "redis": red.pid})
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -43,3 +47,14 @@ def median_time(fn: Callable[[], object], reps: int, before: Callable[[], object
         if rep:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads); None where
+    /proc is not available."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
