@@ -14,6 +14,7 @@ bench:
 	.venv/bin/python bench/tiers.py
 	.venv/bin/python bench/remote.py
 	.venv/bin/python bench/ttft.py --reps 5
+	.venv/bin/python bench/trace.py
 
 proto:
 	./scripts/bootstrap.sh "[test]"
