@@ -4,11 +4,10 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 
+from kvstore.serve import start_blockstore_process
 from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 
 
@@ -18,20 +17,11 @@ def blockstore_process(maxmemory: str = "4gb", pids: dict[str, int] | None = Non
     production); yields (block store address, redis url). ``pids``, if given, receives the
     process ids as "block store" and "redis" (for ``cpu_seconds``)."""
     with EmbeddedRedis(EmbeddedRedisConfig(maxmemory=maxmemory)) as red:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstore.cli", "blockstore", "serve", "--port", "0", "--redis-url", red.url],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
+        proc, address = start_blockstore_process(red.url)
         if pids is not None:
             pids.update({"block store": proc.pid, "redis": red.pid})
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if "listening on" in line:
-                    yield line.split("listening on", 1)[1].split()[0], red.url
-                    break
-            else:
-                raise RuntimeError(f"block store exited with {proc.wait()} before listening")
+            yield address, red.url
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -239,13 +239,12 @@ def _compress_planes(
     return parts, planes
 
 
-def read_header(buf: bytes | memoryview) -> BlockHeader:
-    """Parse and verify a block's header (not its payload)."""
-    mv = memoryview(buf)
+def _checked_prefix(mv: memoryview) -> tuple:
+    """The fixed prefix's fields, once magic, version, header length and header CRC hold."""
     if len(mv) < _PREFIX.size + _TAIL.size:
         raise CorruptBlockError(f"block too short ({len(mv)} bytes)")
-    (magic, version, header_len, codec_id, dtype_id, ndim, hash_len, parent_len, pad, n_planes,
-     n_tokens) = _PREFIX.unpack_from(mv)
+    fields = _PREFIX.unpack_from(mv)
+    magic, version, header_len = fields[:3]
     if magic != MAGIC:
         raise CorruptBlockError(f"bad magic {bytes(magic)!r}")
     if version != CODEC_VERSION:
@@ -254,6 +253,14 @@ def read_header(buf: bytes | memoryview) -> BlockHeader:
         raise CorruptBlockError(f"bad header length {header_len}")
     if zlib.crc32(mv[: header_len - 4]) != _U32.unpack_from(mv, header_len - 4)[0]:
         raise CorruptBlockError("header checksum mismatch")
+    return fields
+
+
+def read_header(buf: bytes | memoryview) -> BlockHeader:
+    """Parse and verify a block's header (not its payload)."""
+    mv = memoryview(buf)
+    (_, _, header_len, codec_id, dtype_id, ndim, hash_len, parent_len, pad, n_planes,
+     n_tokens) = _checked_prefix(mv)
     # Sizes add up before a Struct is built: a (CRC-valid) n_tokens of 2**32 must not be one.
     body_len = (4 * ndim + 16 + hash_len + parent_len + 4 * n_tokens + pad
                 + _PLANE.size * n_planes + _TAIL.size)
@@ -289,17 +296,7 @@ def peek_block(buf: bytes | memoryview) -> tuple[bytes, int]:
     magic, version, header length and header CRC: several times cheaper than ``read_header``,
     for stores that re-check blocks which ``read_header`` accepted when they were written."""
     mv = memoryview(buf)
-    if len(mv) < _PREFIX.size + _TAIL.size:
-        raise CorruptBlockError(f"block too short ({len(mv)} bytes)")
-    magic, version, header_len, _, _, ndim, hash_len, *_ = _PREFIX.unpack_from(mv)
-    if magic != MAGIC:
-        raise CorruptBlockError(f"bad magic {bytes(magic)!r}")
-    if version != CODEC_VERSION:
-        raise UnsupportedBlockError(f"codec version {version}, this build reads {CODEC_VERSION}")
-    if not _PREFIX.size + _TAIL.size <= header_len <= min(len(mv), MAX_HEADER_LEN):
-        raise CorruptBlockError(f"bad header length {header_len}")
-    if zlib.crc32(mv[: header_len - 4]) != _U32.unpack_from(mv, header_len - 4)[0]:
-        raise CorruptBlockError("header checksum mismatch")
+    _, _, header_len, _, _, ndim, hash_len, *_ = _checked_prefix(mv)
     # The CRC matched: the header is as encode_block wrote it; only lengths need care.
     off = _PREFIX.size + 4 * ndim + 16  # after shape and fingerprint
     if off + hash_len > header_len - _TAIL.size:

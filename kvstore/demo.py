@@ -101,7 +101,7 @@ class _Workload:
                 # A branch of agent 0 explores an alternative on the other worker: it finds the
                 # shared history in T2, written there by agent 0's worker.
                 branch = kv.fork(sessions[0], metadata={"branch": "alternative"}).session_id
-                other = next((w for w in ("w0", "w1", "w2", "w3") if w != last_worker[sessions[0]]), "")
+                other = "w1" if last_worker[sessions[0]] == "w0" else "w0"  # the pool names workers w0, w1, ...
                 self.turn("fork of agent 0", branch, [{"role": "user", "content": "Try a cheaper alternative."}],
                           worker_id=other if cfg.workers > 1 or cfg.address else "")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -16,6 +15,8 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+
+import ray
 
 from kvstore.config import BlockStoreClientConfig, CacheConfig, SessionServiceConfig
 from services.blockstore.server import EXIT_ON_STDIN_EOF
@@ -95,7 +96,7 @@ class Service:
                 self.redis = EmbeddedRedis(EmbeddedRedisConfig(maxmemory=cfg.redis_maxmemory)).start()
                 redis_url = self.redis.url
             if not self.blockstore_address:
-                self.blockstore, self.blockstore_address = await asyncio.to_thread(_start_blockstore, redis_url)
+                self.blockstore, self.blockstore_address = await asyncio.to_thread(start_blockstore_process, redis_url)
             self.init_ray()  # blocks a few seconds; nothing is served yet
             worker = WorkerConfig(
                 model=cfg.model, block_size=cfg.block_size,
@@ -119,8 +120,6 @@ class Service:
     def init_ray(self) -> None:
         """Join ``ray_address`` or start a local Ray (unless this process already has one).
         Call it from the main thread where possible: Ray installs signal handlers there."""
-        import ray
-
         if ray.is_initialized():
             return
         if self.config.ray_address:
@@ -139,8 +138,6 @@ class Service:
             await self.pool.close()
             self.pool = None
         if self._ray_started:
-            import ray
-
             await asyncio.to_thread(ray.shutdown)
             self._ray_started = False
         if self.blockstore is not None:
@@ -199,7 +196,7 @@ class BackgroundService:
             self._loop = None
 
 
-def _start_blockstore(redis_url: str) -> tuple[subprocess.Popen, str]:
+def start_blockstore_process(redis_url: str) -> tuple[subprocess.Popen, str]:
     """``kvstore blockstore serve`` on a free loopback port, as its own process (it is CPU
     bound and must not share this process's GIL). It holds a pipe from us on its stdin and
     exits when that closes, so it never outlives us, however we end."""

@@ -3,7 +3,6 @@ runs on node A, turn 2 is forced to node B, which finds the history in T2 (the s
 store) and produces the same output as computing everything."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import ray

@@ -125,9 +125,12 @@ class DecodeWorker:
 
     def prefer(self, prompt: list[int], namespace: str, ttl_s: float) -> None:
         """Keep the blocks of ``prompt`` (a pinned session's history) in T0/T1 longest."""
+        self.cache.prefer(self._prefix(prompt, namespace).hashes, ttl_s)
+
+    def _prefix(self, tokens: list[int], namespace: str) -> PrefixHasher:
         prefix = PrefixHasher.for_namespace(self.spec.fingerprint, namespace, self.spec.block_size)
-        prefix.extend(prompt)
-        self.cache.prefer(prefix.hashes, ttl_s)
+        prefix.extend(tokens)
+        return prefix
 
     def flush(self) -> None:
         """Wait until blocks committed so far reached the lower tiers (T1, T2)."""
@@ -211,8 +214,7 @@ class DecodeWorker:
     def _prefetch(self, prompt: list[int], namespace: str, loop: asyncio.AbstractEventLoop,
                   done: asyncio.Future) -> None:
         try:
-            prefix = PrefixHasher.for_namespace(self.spec.fingerprint, namespace, self.spec.block_size)
-            prefix.extend(prompt)
+            prefix = self._prefix(prompt, namespace)
             loaded = self.cache.load(prefix, self.cache.lookup(prefix))
             self.cache.release(loaded.block_table)
             result: int | BaseException = loaded.num_tokens

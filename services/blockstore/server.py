@@ -13,19 +13,16 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from kvstore.allocator import keep_freed_memory
 from kvstore.config import BlockStoreConfig, from_env
@@ -34,6 +31,7 @@ from services.blockstore.errors import ConfigError, ServerStartError, StoreError
 from services.blockstore.metrics import Metrics
 from services.blockstore.service import SERVICE_NAME, BlockStoreServicer, add_to_server
 from services.blockstore.store import RedisBlockStore
+from services.grpc_server import MetricsEndpoint, bind, is_loopback
 from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig, RedisBinaryNotFound, RedisStartError
 
 logger = logging.getLogger(__name__)
@@ -44,16 +42,6 @@ ENV_PREFIX = "KVSTORE_BLOCKSTORE_"
 _FRAMING = 20  # protobuf bytes around one block in a Get message, at most
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def validate_config(config: BlockStoreConfig) -> TokenTable:
@@ -165,14 +153,10 @@ class BlockStoreServer:
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-            self._port = self._bind(self._server)
+            self._port = bind(self._server, cfg.host, cfg.port, cfg.tls_cert, cfg.tls_key)
             await self._check_redis()  # health is right from the first call served
             if cfg.metrics_port:
-                try:
-                    self._metrics_http = start_http_server(cfg.metrics_port, addr=cfg.host,
-                                                           registry=self.metrics.registry)
-                except OSError as e:
-                    raise ServerStartError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {e}") from e
+                self._metrics_http = MetricsEndpoint(cfg.host, cfg.metrics_port, self.metrics.registry)
             await self._server.start()
             self._health_task = asyncio.create_task(self._health_loop(), name="blockstore-health")
         except BaseException:
@@ -182,24 +166,6 @@ class BlockStoreServer:
                     redacted(self.redis_url), " cluster" if cfg.redis_cluster else "",
                     "on" if self._tokens.enabled else "off", "on" if cfg.tls_cert else "off")
         return self._port
-
-    def _bind(self, server: grpc.aio.Server) -> int:
-        cfg = self.config
-        target = f"{self._bracketed_host()}:{cfg.port}"
-        try:
-            if cfg.tls_cert:
-                try:
-                    key, cert = Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes()
-                except OSError as e:
-                    raise ConfigError(f"cannot read TLS key/cert: {e}") from e
-                port = server.add_secure_port(target, grpc.ssl_server_credentials([(key, cert)]))
-            else:
-                port = server.add_insecure_port(target)
-        except RuntimeError as e:
-            raise ServerStartError(f"cannot listen on {target}: {e}") from e
-        if not port:
-            raise ServerStartError(f"cannot listen on {target}")
-        return port
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop: health goes NOT_SERVING, new calls are refused, in-flight calls get ``grace``
@@ -229,10 +195,7 @@ class BlockStoreServer:
         if self._store is not None:
             await self._store.close()
         if self._metrics_http is not None:
-            httpd, thread = self._metrics_http
-            await asyncio.to_thread(httpd.shutdown)
-            httpd.server_close()
-            thread.join()
+            await self._metrics_http.stop()
             self._metrics_http = None
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
@@ -16,6 +15,7 @@ from services.blockstore.errors import RequestError, StoreError, StoreUnavailabl
 from services.blockstore.metrics import Metrics
 from services.blockstore.store import HASH_SIZES, GetCounts, RedisBlockStore, block_problem
 from services.blockstore.wire import encode_get_response
+from services.grpc_server import rpc_status
 
 logger = logging.getLogger(__name__)
 
@@ -137,32 +137,23 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Map exceptions to status codes (never crash on a request) and record metrics."""
-        start = time.perf_counter()
-        code, message = grpc.StatusCode.OK, ""
         in_flight = self._metrics.in_flight.labels(method)
         in_flight.inc()
         try:
-            yield
-        except RequestError as e:
-            code, message = e.code, e.message
-        except StoreUnavailableError as e:
-            code, message = grpc.StatusCode.UNAVAILABLE, f"Redis is unavailable: {e}"
-            logger.debug("%s: %s", method, message)  # the health change is logged once
-            await self._on_unavailable(e)
-        except StoreError as e:
-            code, message = grpc.StatusCode.INTERNAL, f"Redis error: {e}"
-            logger.error("%s: %s", method, message)
-        except Exception as e:  # noqa: BLE001 - a request must never take the server down
-            code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}"
-            logger.exception("%s failed", method)
-        except BaseException:  # cancelled by the client, its deadline or shutdown
-            code = grpc.StatusCode.CANCELLED
-            raise
+            async with rpc_status(method, context, self._classify, self._metrics.observe):
+                yield
         finally:
             in_flight.dec()
-            self._metrics.observe(method, code, time.perf_counter() - start)
-        if code is not grpc.StatusCode.OK:
-            await context.abort(code, message)
+
+    async def _classify(self, e: Exception) -> tuple[grpc.StatusCode, str] | None:
+        if isinstance(e, StoreUnavailableError):
+            await self._on_unavailable(e)
+            logger.debug("Redis is unavailable: %s", e)  # the health change is logged once
+            return grpc.StatusCode.UNAVAILABLE, f"Redis is unavailable: {e}"
+        if isinstance(e, StoreError):
+            logger.error("Redis error: %s", e)
+            return grpc.StatusCode.INTERNAL, f"Redis error: {e}"
+        return None
 
     def _admit(self, context: grpc.aio.ServicerContext, namespace: str, count: int) -> None:
         """Authenticate, validate the namespace, authorize it, and check the batch size."""

@@ -9,21 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 from redis.asyncio.cluster import RedisCluster
 
 from kvstore.blockstore_client import BlockStoreClient
 from kvstore.config import BlockStoreClientConfig, SessionServiceConfig
 from kvstore.v1 import session_pb2_grpc as pb_grpc
 from services.blockstore.auth import TokenTable
-from services.blockstore.errors import ConfigError, ServerStartError
-from services.blockstore.server import is_loopback
+from services.blockstore.errors import ConfigError
+from services.grpc_server import MetricsEndpoint, bind, is_loopback
 from services.session.metrics import SessionMetrics
 from services.session.service import SERVICE_NAME, Limits, SessionServicer
 from services.session.state import SessionStore
@@ -100,13 +98,9 @@ class SessionServer:
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                                 self._server)
-            self.port = self._bind()
+            self.port = bind(self._server, cfg.host, cfg.port, cfg.tls_cert, cfg.tls_key)
             if cfg.metrics_port:
-                try:
-                    self._metrics_http = start_http_server(cfg.metrics_port, addr=cfg.host,
-                                                           registry=self.metrics.registry)
-                except OSError as e:
-                    raise ServerStartError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {e}") from e
+                self._metrics_http = MetricsEndpoint(cfg.host, cfg.metrics_port, self.metrics.registry)
             await self._check()
             await self._server.start()
             self._health_task = asyncio.create_task(self._health_loop(), name="session-health")
@@ -115,24 +109,6 @@ class SessionServer:
             raise
         logger.info("session service on %s (auth %s)", self.address, "on" if self._keys.enabled else "off")
         return self.port
-
-    def _bind(self) -> int:
-        cfg = self.config
-        target = f"{cfg.host}:{cfg.port}"
-        try:
-            if cfg.tls_cert:
-                try:
-                    key, cert = Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes()
-                except OSError as e:
-                    raise ConfigError(f"cannot read TLS key/cert: {e}") from e
-                port = self._server.add_secure_port(target, grpc.ssl_server_credentials([(key, cert)]))
-            else:
-                port = self._server.add_insecure_port(target)
-        except RuntimeError as e:
-            raise ServerStartError(f"cannot listen on {target}: {e}") from e
-        if not port:
-            raise ServerStartError(f"cannot listen on {target}")
-        return port
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace``."""
@@ -147,9 +123,7 @@ class SessionServer:
                 await self._health_task
             self._health_task = None
         if self._metrics_http is not None:
-            httpd, thread = self._metrics_http
-            await asyncio.to_thread(httpd.shutdown)
-            httpd.server_close()
+            await self._metrics_http.stop()
             self._metrics_http = None
         if self._redis is not None:
             await self._redis.aclose()

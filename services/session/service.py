@@ -24,6 +24,7 @@ from kvstore.v1 import session_pb2 as pb
 from kvstore.v1 import session_pb2_grpc as pb_grpc
 from services.blockstore.auth import ANY_NAMESPACE, TokenTable, check_namespace, require_namespace
 from services.blockstore.errors import RequestError
+from services.grpc_server import rpc_status
 from services.session.chat import ChatFormatError, ChatFormatter
 from services.session.metrics import SessionMetrics
 from services.session.state import Session, SessionChanged, SessionClosed, SessionNotFound, SessionStore
@@ -246,38 +247,9 @@ class SessionServicer(pb_grpc.SessionsServicer):
 
     # ---- helpers --------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _rpc(self, method: str, context) -> AsyncIterator[None]:
+    def _rpc(self, method: str, context):
         """Map exceptions to status codes (never crash on a request) and record metrics."""
-        start = time.perf_counter()
-        code, message = grpc.StatusCode.OK, ""
-        try:
-            yield
-        except RequestError as e:
-            code, message = e.code, e.message
-        except SessionNotFound as e:
-            code, message = grpc.StatusCode.NOT_FOUND, str(e)
-        except SessionClosed as e:
-            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
-        except SessionChanged as e:
-            code, message = grpc.StatusCode.ABORTED, str(e)
-        except (ChatFormatError, GenerationError) as e:
-            code, message = _INVALID, str(e)
-        except (NoWorkerError, WorkerLostError) as e:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(e)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-            code, message = grpc.StatusCode.UNAVAILABLE, f"session state (Redis) is unavailable: {e}"
-            logger.warning("%s: %s", method, message)
-        except Exception as e:  # noqa: BLE001 - a request must never take the server down
-            code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}"
-            logger.exception("%s failed", method)
-        except BaseException:  # cancelled by the client, its deadline or shutdown
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            self._metrics.observe(method, code, time.perf_counter() - start)
-        if code is not grpc.StatusCode.OK:
-            await context.abort(code, message)
+        return rpc_status(method, context, _classify, self._metrics.observe)
 
     def _namespace(self, allowed: frozenset[str], requested: str) -> str:
         if not self._keys.enabled:
@@ -374,6 +346,27 @@ class SessionServicer(pb_grpc.SessionsServicer):
                               num_tokens=len(s.tokens), metadata=s.metadata, created=s.created, updated=s.updated,
                               pinned_until=s.pinned_until, closed=s.closed,
                               token_ids=s.tokens if include_tokens else ())
+
+
+_STATUS_OF = {  # the service's own errors, by the status code they mean
+    SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    SessionClosed: grpc.StatusCode.FAILED_PRECONDITION,
+    SessionChanged: grpc.StatusCode.ABORTED,
+    ChatFormatError: _INVALID,
+    GenerationError: _INVALID,
+    NoWorkerError: grpc.StatusCode.UNAVAILABLE,
+    WorkerLostError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+async def _classify(e: Exception) -> tuple[grpc.StatusCode, str] | None:
+    for cls, code in _STATUS_OF.items():
+        if isinstance(e, cls):
+            return code, str(e)
+    if isinstance(e, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        logger.warning("session state (Redis) is unavailable: %s", e)
+        return grpc.StatusCode.UNAVAILABLE, f"session state (Redis) is unavailable: {e}"
+    return None
 
 
 def _raw_id(session: Session) -> str:
