@@ -196,13 +196,16 @@ class BackgroundService:
             self._loop = None
 
 
-def start_blockstore_process(redis_url: str) -> tuple[subprocess.Popen, str]:
+def start_blockstore_process(redis_url: str, *, env: dict[str, str] | None = None,
+                             cwd: str | None = None) -> tuple[subprocess.Popen, str]:
     """``kvstore blockstore serve`` on a free loopback port, as its own process (it is CPU
     bound and must not share this process's GIL). It holds a pipe from us on its stdin and
-    exits when that closes, so it never outlives us, however we end."""
+    exits when that closes, so it never outlives us, however we end. ``env`` adds to our
+    environment (e.g. KVSTORE_BLOCKSTORE_* settings); ``cwd`` is where it runs."""
     cmd = [sys.executable, "-m", "services.blockstore", "--port", "0", "--redis-url", redis_url]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE,
-                            text=True, start_new_session=True, env={**os.environ, EXIT_ON_STDIN_EOF: "1"})
+                            text=True, start_new_session=True, cwd=cwd,
+                            env={**os.environ, **(env or {}), EXIT_ON_STDIN_EOF: "1"})
     assert proc.stdout is not None
     for line in proc.stdout:
         if "listening on" in line:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from services.blockstore import resp
 from services.blockstore.errors import StoreError, StoreUnavailableError
 from services.blockstore.resp import LeanRedis, encode_command
 from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
@@ -81,6 +82,35 @@ def test_a_large_pipeline_arrives_in_batches_in_order_and_the_buffer_grows(redis
     assert len(batches) > 1  # handed over while later replies were still arriving
     assert [bytes(v) for batch in batches for v in batch] == list(values.values())
     assert again == list(values.values())
+
+
+def test_a_window_keeps_few_commands_in_flight_and_loses_nothing(redis_server, rc, monkeypatch):
+    values = {f"w{i}".encode(): os.urandom(150_000 + i) for i in range(0, 40, 2)}  # every other key
+    rc.mset(values)
+    keys = [f"w{i}".encode() for i in range(40)]
+    in_flight: list[tuple[int, int]] = []  # (commands sent, replies parsed) after each top-up
+    send_more = resp._Protocol._send_more
+
+    def recording(self):
+        send_more(self)
+        in_flight.append((self._sent, len(self._replies)))
+
+    monkeypatch.setattr(resp._Protocol, "_send_more", recording)
+
+    async def main(window: int):
+        lean = LeanRedis(redis_server.url, timeout_s=5, window_bytes=window)
+        lean._value_hint = 150_000
+        try:
+            return await getex(lean, keys)
+        finally:
+            await lean.close()
+
+    assert run(main(1)) == [values.get(k) for k in keys]  # a window of 2 commands (the least)
+    assert in_flight[0] == (2, 0) and in_flight[-1][0] == 40
+    assert all(sent - parsed <= 2 for sent, parsed in in_flight)
+    in_flight.clear()
+    assert run(main(1 << 30)) == [values.get(k) for k in keys]  # a window wider than the pipeline
+    assert in_flight == [(40, 0)]
 
 
 def test_an_error_reply_is_a_store_error_and_the_pool_recovers(redis_server, rc):

@@ -604,6 +604,7 @@ def test_refuses_to_start_on_a_non_loopback_host_without_tokens():
     (dict(tls_cert="/some/cert.pem"), "tls_key"),
     (dict(redis_cluster=True), "redis_url"),
     (dict(ttl_seconds=0), "ttl_seconds"),
+    (dict(redis_window_bytes=0), "redis_window_bytes must be positive"),
     (dict(max_block_bytes=128 << 20), "max_message_bytes"),
 ])
 def test_bad_configuration_raises_config_error(overrides, message):

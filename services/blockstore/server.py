@@ -47,7 +47,7 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def validate_config(config: BlockStoreConfig) -> TokenTable:
     """Check a configuration; returns its parsed tokens. Raises ConfigError naming the fix."""
     for name in ("ttl_seconds", "max_batch_blocks", "max_block_bytes", "max_message_bytes",
-                 "get_chunk_bytes", "redis_timeout_s"):
+                 "get_chunk_bytes", "redis_timeout_s", "redis_window_bytes"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
     for name in ("port", "metrics_port"):
@@ -141,7 +141,8 @@ class BlockStoreServer:
                 self._embedded = EmbeddedRedis(EmbeddedRedisConfig(
                     maxmemory=cfg.embedded_maxmemory, maxmemory_policy="allkeys-lru")).start()
             self._store = RedisBlockStore(self.redis_url, cluster=cfg.redis_cluster,
-                                          ttl_seconds=cfg.ttl_seconds, timeout_s=cfg.redis_timeout_s)
+                                          ttl_seconds=cfg.ttl_seconds, timeout_s=cfg.redis_timeout_s,
+                                          window_bytes=cfg.redis_window_bytes)
             self._server = grpc.aio.server(options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -314,6 +315,7 @@ _HELP = {
     "metrics_port": "serve Prometheus metrics over HTTP on this port (0: off)",
     "grace_seconds": "how long in-flight calls may finish on shutdown",
     "redis_timeout_s": "Redis connect and read timeout; an outage surfaces within it",
+    "redis_window_bytes": "GETEX replies kept in flight per Get (at least 2 commands)",
     "tune_malloc": "keep freed large buffers in the process (glibc mallopt; faster streaming)",
 }
 

@@ -139,11 +139,15 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
         """Map exceptions to status codes (never crash on a request) and record metrics."""
         in_flight = self._metrics.in_flight.labels(method)
         in_flight.inc()
-        try:
-            async with rpc_status(method, context, self._classify, self._metrics.observe):
-                yield
-        finally:
+
+        def observe(method: str, code: grpc.StatusCode, seconds: float) -> None:
+            # Called once per call, before an error status goes out: a caller that sees the
+            # status also sees the gauge back down.
             in_flight.dec()
+            self._metrics.observe(method, code, seconds)
+
+        async with rpc_status(method, context, self._classify, observe):
+            yield
 
     async def _classify(self, e: Exception) -> tuple[grpc.StatusCode, str] | None:
         if isinstance(e, StoreUnavailableError):

@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 
 from kvstore.codec import peek_block, read_header
 from services.blockstore.errors import StoreError, StoreUnavailableError
-from services.blockstore.resp import LeanRedis
+from services.blockstore.resp import WINDOW_BYTES, LeanRedis
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ class RedisBlockStore:
     raise ``StoreUnavailableError`` (cannot reach it within ``timeout_s``) or ``StoreError``.
     """
 
-    def __init__(self, url: str, *, cluster: bool, ttl_seconds: int, timeout_s: float) -> None:
+    def __init__(self, url: str, *, cluster: bool, ttl_seconds: int, timeout_s: float,
+                 window_bytes: int = WINDOW_BYTES) -> None:
         self.url = url
         self.cluster = cluster
         self.ttl = ttl_seconds
@@ -122,7 +123,8 @@ class RedisBlockStore:
             self._client = aioredis.Redis.from_url(url, connection_class=BigBufferConnection, **options)
         # Restores read GETEX replies through the lean client (a third of redis-py's CPU);
         # Redis Cluster and TLS keep redis-py for them (routing, redirections, certificates).
-        self._lean = LeanRedis(url, timeout_s=timeout_s) if not cluster and LeanRedis.supports(url) else None
+        self._lean = (LeanRedis(url, timeout_s=timeout_s, window_bytes=window_bytes)
+                      if not cluster and LeanRedis.supports(url) else None)
 
     @staticmethod
     def key_prefix(namespace: str) -> bytes:
