@@ -94,7 +94,8 @@ class BlockStoreConfig:
     metrics_port: int = 0  # >0: serve Prometheus metrics over HTTP on this port
     grace_seconds: float = 5.0  # in-flight calls get this long on shutdown
     redis_timeout_s: float = 2.0
-    # GETEX replies kept in flight per Get (single Redis); a deeper queue measured slower.
+    # GETEX replies kept in flight per Get (single Redis): a deeper queue measured slower with
+    # Redis on this host; for a Redis across a network, about bandwidth x round trip.
     redis_window_bytes: int = 256 << 10
     tune_malloc: bool = True  # keep freed message buffers in the process (kvstore.allocator): ~2x gRPC throughput
 

@@ -315,7 +315,7 @@ _HELP = {
     "metrics_port": "serve Prometheus metrics over HTTP on this port (0: off)",
     "grace_seconds": "how long in-flight calls may finish on shutdown",
     "redis_timeout_s": "Redis connect and read timeout; an outage surfaces within it",
-    "redis_window_bytes": "GETEX replies kept in flight per Get (at least 2 commands)",
+    "redis_window_bytes": "GETEX replies kept in flight per Get, at least 2 commands (remote Redis: ~bandwidth x RTT)",
     "tune_malloc": "keep freed large buffers in the process (glibc mallopt; faster streaming)",
 }
 
