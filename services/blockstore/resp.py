@@ -7,10 +7,11 @@ per pipeline, replies are parsed in place and values are memoryviews of that buf
 handed over in batches while the rest still arrives, so the service can send them on
 meanwhile. A pipeline is sent as a sliding window (``window_bytes`` of replies in flight, at
 least two commands; one more command per reply read), not all at once: Redis then writes each
-reply as soon as it has run the command, from buffers that stay in cache, and spent less than
-half the CPU per restored byte here than with a whole 64-command prefix load queued. Only what the block store needs is implemented: RESP2 bulk strings, simple
-strings, integers and errors (no arrays), AUTH and SELECT from the URL, TCP or unix sockets
-without TLS (``rediss://`` stays on redis-py, see ``LeanRedis.supports``).
+reply as soon as it has run the command, and here spent less than half the CPU per restored
+byte of what it spent with a whole 64-command prefix load queued (``bench/remote_ab.py``).
+Only what the block store needs is implemented: RESP2 bulk strings, simple strings,
+integers and errors (no arrays), AUTH and SELECT from the URL, TCP or unix sockets without
+TLS (``rediss://`` stays on redis-py, see ``LeanRedis.supports``).
 
 Failure semantics mirror the redis-py setup in ``store``: no reply progress for
 ``timeout_s`` or a refused / broken connection raise ``StoreUnavailableError``; a broken
@@ -135,6 +136,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self._expected = len(commands)
         self._replies = []
         self._held, self._sent, self._ahead = list(commands), 0, ahead or len(commands)
+        assert self.transport is not None  # set by connection_made before the first pipeline
         self._send_more()
 
     @property
@@ -311,7 +313,7 @@ class LeanRedis:
         # A window of about ``window_bytes`` of replies, not the whole pipeline: Redis runs
         # every command it has read before it writes a reply, so with all 64 of a prefix
         # load at once the first ~200 KB reply waited for ~12 MB of output, and Redis spent
-        # twice the CPU per byte on its reply buffers than with two in flight (measured).
+        # twice the CPU per byte or more than with two in flight (bench/remote_ab.py).
         ahead = max(2, self._window_bytes // max(1, self._value_hint))
         size_hint = len(keys) * (self._value_hint + 16)
         largest = 0
