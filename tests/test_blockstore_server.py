@@ -411,6 +411,21 @@ def test_corrupt_stored_value_is_a_miss_deleted_and_counted(stub, rc, kind, capl
     assert any("corrupt block" in r.getMessage() and hashes[1].hex() in r.getMessage() for r in caplog.records)
 
 
+def test_get_through_the_narrowest_redis_window(redis_server, rc):
+    """Two GETEX in flight at a time (the least): hits, misses and a corrupt value, in order."""
+    cfg = BlockStoreConfig(port=0, redis_url=redis_server.url, tokens=TOKENS, get_chunk_bytes=CHUNK,
+                           redis_window_bytes=1)
+    hashes = hashes_of("narrow-window", 24)
+    blocks = {i: make_block(hashes[i]) for i in range(24) if i % 5}  # 0, 5, 10, 15, 20 missing
+    with BlockStoreThread(cfg) as server, grpc.insecure_channel(server.address) as ch:
+        narrow = pb_grpc.BlockStoreStub(ch)
+        put(narrow, "tenant", [(hashes[i], d) for i, d in blocks.items()])
+        rc.set(key("tenant", hashes[7]), blocks[7][:-1])  # truncated: a miss, and deleted
+        assert get(narrow, "tenant", hashes) == {i: d for i, d in blocks.items() if i != 7}
+        assert rc.exists(key("tenant", hashes[7])) == 0
+        assert get(narrow, "tenant", hashes[::-1]) == {23 - i: d for i, d in blocks.items() if i != 7}
+
+
 def test_delete_reported_corrupt_is_counted(stub):
     hashes = hashes_of("client-corrupt", 3)
     put(stub, "tenant", [(h, make_block(h)) for h in hashes])
