@@ -27,27 +27,17 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlockStore"].full_name  # "kvstor
 def add_to_server(servicer: BlockStoreServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer`` as ``pb_grpc.add_BlockStoreServicer_to_server`` does, except that
     Get yields already serialized GetResponse messages (see ``wire``)."""
-    handlers = {
-        "Put": grpc.unary_unary_rpc_method_handler(
-            servicer.Put, request_deserializer=pb.PutRequest.FromString,
-            response_serializer=pb.PutResponse.SerializeToString),
-        "Get": grpc.unary_stream_rpc_method_handler(
-            servicer.Get, request_deserializer=pb.GetRequest.FromString, response_serializer=bytes),
-        "Lookup": grpc.unary_unary_rpc_method_handler(
-            servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
-            response_serializer=pb.LookupResponse.SerializeToString),
-        "Touch": grpc.unary_unary_rpc_method_handler(
-            servicer.Touch, request_deserializer=pb.TouchRequest.FromString,
-            response_serializer=pb.TouchResponse.SerializeToString),
-        "Delete": grpc.unary_unary_rpc_method_handler(
-            servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
-            response_serializer=pb.DeleteResponse.SerializeToString),
-        "Stats": grpc.unary_unary_rpc_method_handler(
-            servicer.Stats, request_deserializer=pb.StatsRequest.FromString,
-            response_serializer=pb.StatsResponse.SerializeToString),
-    }
-    if missing := set(pb.DESCRIPTOR.services_by_name["BlockStore"].methods_by_name) - set(handlers):
-        raise NotImplementedError(f"BlockStore methods without a handler: {sorted(missing)}")
+    handlers = {}
+    for name, method in pb.DESCRIPTOR.services_by_name["BlockStore"].methods_by_name.items():
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        assert name == "Get" or not method.server_streaming, f"{name} streams: give it a handler"
+        if name == "Get":
+            handlers[name] = grpc.unary_stream_rpc_method_handler(
+                servicer.Get, request_deserializer=request.FromString, response_serializer=bytes)
+        else:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                getattr(servicer, name), request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
