@@ -24,14 +24,13 @@ from redis.backoff import NoBackoff
 from kvstore.codec import peek_block, read_header
 from services.blockstore.errors import StoreError, StoreUnavailableError
 from services.blockstore.resp import WINDOW_BYTES, LeanRedis
+from services.redis_errors import UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
 HASH_SIZES = (16, 32)
 _SOCKET_READ_SIZE = 1 << 20  # redis-py reads 32 KiB at a time by default; blocks are ~200 KB
 _STREAM_LIMIT = 8 << 20
-_UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, rex.TryAgainError,
-                rex.RedisClusterException, OSError, TimeoutError)
 
 
 def block_problem(data: bytes | memoryview, block_hash: bytes) -> str | None:
@@ -94,7 +93,7 @@ def _redis_errors() -> Iterator[None]:
     """Translate redis-py exceptions into the service's typed errors."""
     try:
         yield
-    except _UNAVAILABLE as e:
+    except UNAVAILABLE as e:
         raise StoreUnavailableError(f"{type(e).__name__}: {e}") from e
     except rex.RedisError as e:
         raise StoreError(f"{type(e).__name__}: {e}") from e
