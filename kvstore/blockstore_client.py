@@ -107,7 +107,6 @@ class CircuitBreaker:
 
 @dataclass(slots=True)
 class ClientCounters:
-    calls: int = 0
     failures: int = 0  # calls that ended unavailable after retries
     retries: int = 0
     short_circuited: int = 0  # calls not attempted because the circuit was open
@@ -277,8 +276,6 @@ class BlockStoreClient:
     def _stream(self, method: str, attempt: Callable[[float], Iterable[T]]) -> Iterator[T]:
         """Yield the items of ``attempt(timeout)``, retried inside one deadline through the
         breaker. A retry calls ``attempt`` again: it must not repeat items already yielded."""
-        with self._lock:
-            self.counters.calls += 1
         if not self.breaker.allow():
             with self._lock:
                 self.counters.short_circuited += 1
@@ -304,6 +301,12 @@ class BlockStoreClient:
                 time.sleep(delay)
                 delay *= 2
                 continue
+            except BaseException:
+                # The caller stopped reading (GeneratorExit) or the answer was malformed: the
+                # store answered either way, and a half-open probe must not stay pending
+                # (the breaker would never let another call through).
+                self.breaker.record_success()
+                raise
             self.breaker.record_success()
             return
         self.breaker.record_failure()

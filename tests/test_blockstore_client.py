@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from kvhelpers import SPEC, prefill, prefix, t0_holds
+from kvstore import blockstore_client
 from kvstore.blockstore_client import BlockStoreClient, BlockStoreError, BreakerState, CircuitBreaker
 from kvstore.cache import Tier, TieredKVCache
 from kvstore.codec import encode_block, tensor_bytes
@@ -173,6 +174,25 @@ def test_circuit_breaker_states():
     assert b.allow()
     b.record_success()
     assert b.state is BreakerState.CLOSED and b.allow() and b.allow()
+
+
+def test_a_probe_stopped_early_or_malformed_still_closes_the_circuit(store, monkeypatch):
+    p = prefix(range(5000, 5000 + 3 * BS), namespace="tenant")
+    with client_for(store.address, breaker_failures=1, breaker_reset_s=0.05) as c:
+        c.put("tenant", [(p.hashes[i], encoded(p, i)) for i in range(3)])
+        c.breaker.record_failure()  # open
+        time.sleep(0.06)
+        stream = c.get_iter("tenant", p.hashes)  # the half-open probe...
+        assert next(stream)[0] == 0
+        stream.close()  # ...abandoned after its first block
+        assert c.breaker.state is BreakerState.CLOSED and c.lookup("tenant", p.hashes) == 3
+
+        c.breaker.record_failure()
+        time.sleep(0.06)
+        monkeypatch.setattr(blockstore_client, "decode_get_response", lambda msg: [(99, b"")])
+        with pytest.raises(BlockStoreError, match="out of range"):
+            list(c.get_iter("tenant", p.hashes))  # a probe answered with nonsense
+        assert c.breaker.state is BreakerState.CLOSED
 
 
 def test_requests_over_the_batch_limit_are_split(store):
