@@ -27,7 +27,7 @@ from kvstore.codec import BlockCodecError, decode_block, encode_block
 from kvstore.config import CacheConfig, WritePolicy
 from kvstore.hashing import PrefixHasher
 from kvstore.pools import DevicePool, HostPool, restore, spill
-from kvstore.remote import RemoteTier, iter_found
+from kvstore.remote import RemoteTier
 from kvstore.spec import KVSpec
 
 log = logging.getLogger(__name__)
@@ -390,8 +390,10 @@ class TieredKVCache:
         # prefix without evicting T1 blocks for nothing.
         decoded: list[tuple[int, int, BlockMeta, int]] = []  # (source index, slot, meta, size)
         unused: list[int] = []  # reserved, but the block turned out unusable
-        found = iter_found(self.remote, prefix.namespace, hashes)
+        corrupt: list[bytes] = []  # deleted once the transfer is over (not inside its deadline)
+        found = None
         try:
+            found = self.remote.get_iter(prefix.namespace, hashes)
             for k, blob in found:
                 if k != len(decoded):  # a miss ends the prefix
                     break
@@ -403,6 +405,7 @@ class TieredKVCache:
                 unused.append(slots[0])  # until its block decodes
                 meta = self._verify_remote_block(prefix, wanted[k], blob, slots[0])
                 if meta is None:
+                    corrupt.append(prefix.hashes[wanted[k]])
                     break
                 decoded.append((wanted[k], unused.pop(), meta, len(blob)))
         except Exception as e:  # the cold tier failing must never fail a request
@@ -410,7 +413,13 @@ class TieredKVCache:
             with self._lock:
                 self._stats.t2_errors += 1
         finally:
-            found.close()  # stops the transfer of blocks past the cut
+            if found is not None:
+                found.close()  # stops the transfer of blocks past the cut
+        if corrupt:  # remove it for every worker, not just this one
+            try:
+                self.remote.delete(prefix.namespace, corrupt, corrupt=True)
+            except Exception as e:
+                log.warning("could not delete corrupt T2 block %s: %s", corrupt[0].hex(), e)
         cut = len(sources) if len(decoded) == len(wanted) else wanted[len(decoded)]
         with self._lock:
             for i, slot, meta, size in decoded:
@@ -426,10 +435,8 @@ class TieredKVCache:
             self._unpin_sources(sources[cut:])
         return sources[:cut]
 
-    def _verify_remote_block(self, prefix: PrefixHasher, i: int, blob: bytes | None, slot: int) -> BlockMeta | None:
-        """Decode a T2 block straight into a T1 slot; None (and logged) if unusable. No lock."""
-        if blob is None:
-            return None
+    def _verify_remote_block(self, prefix: PrefixHasher, i: int, blob: bytes | memoryview, slot: int) -> BlockMeta | None:
+        """Decode a T2 block straight into a T1 slot; None (logged, counted) if unusable. No lock."""
         h = prefix.hashes[i]
         try:
             hdr, _ = decode_block(
@@ -442,10 +449,6 @@ class TieredKVCache:
             log.warning("T2 block %s unusable, recomputing: %s", h.hex(), e)
             with self._lock:
                 self._stats.t2_corrupt += 1
-            try:  # remove it for every worker, not just this one
-                self.remote.delete(prefix.namespace, [h], corrupt=True)  # type: ignore[union-attr]
-            except Exception as de:
-                log.warning("could not delete corrupt T2 block %s: %s", h.hex(), de)
             return None
         return BlockMeta(h, hdr.parent_hash, hdr.token_ids, prefix.namespace, in_remote=True)
 

@@ -13,8 +13,10 @@ class RemoteTier(Protocol):
     def lookup(self, namespace: str, hashes: Sequence[bytes]) -> int:
         """How many of the leading ``hashes`` are stored (the longest present prefix)."""
 
-    def get(self, namespace: str, hashes: Sequence[bytes]) -> list[bytes | None]:
-        """The stored bytes of each block, None for a miss."""
+    def get_iter(self, namespace: str, hashes: Sequence[bytes]) -> Iterator[tuple[int, bytes | memoryview]]:
+        """(index in ``hashes``, stored bytes) of the found blocks, in index order; absent
+        indexes are misses. A streaming tier yields blocks as they arrive, so that the cache
+        decodes while the rest is on the way; closing the iterator stops the transfer."""
 
     def put(self, namespace: str, blocks: Sequence[tuple[bytes, bytes]]) -> None:
         """Store (hash, encoded block) pairs; set-if-absent, so retries are harmless."""
@@ -22,16 +24,3 @@ class RemoteTier(Protocol):
     def delete(self, namespace: str, hashes: Sequence[bytes], corrupt: bool = False) -> int:
         """Remove blocks; ``corrupt`` says the caller found them damaged. Returns how many."""
 
-
-def iter_found(remote: RemoteTier, namespace: str, hashes: Sequence[bytes]) -> Iterator[tuple[int, bytes | memoryview]]:
-    """(index, bytes) of the found blocks in index order, as they arrive if ``remote`` can
-    stream them (``get_iter``, as ``BlockStoreClient`` does: decoding then overlaps with the
-    transfer), else from ``get``."""
-    stream = getattr(remote, "get_iter", None)
-    if stream is not None:
-        yield from stream(namespace, hashes)
-        return
-    blobs = list(remote.get(namespace, hashes))
-    if len(blobs) != len(hashes):
-        raise ValueError(f"T2 returned {len(blobs)} blocks for {len(hashes)} hashes")
-    yield from ((i, b) for i, b in enumerate(blobs) if b is not None)

@@ -3,7 +3,7 @@ integration with the real component."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 class MemoryRemote:
@@ -29,10 +29,11 @@ class MemoryRemote:
                 n += 1
             return n
 
-    def get(self, namespace: str, hashes: Sequence[bytes]) -> list[bytes | None]:
-        with self._lock:
+    def get_iter(self, namespace: str, hashes: Sequence[bytes]) -> Iterator[tuple[int, bytes]]:
+        with self._lock:  # (a generator: runs, and may fail, once iterated, as the real one)
             self._check("get")
-            return [self.blocks.get((namespace, h)) for h in hashes]
+            found = [(i, self.blocks.get((namespace, h))) for i, h in enumerate(hashes)]
+        yield from ((i, b) for i, b in found if b is not None)
 
     def put(self, namespace: str, blocks: Sequence[tuple[bytes, bytes]]) -> None:
         with self._lock:
