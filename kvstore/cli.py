@@ -10,31 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import sys
 
-
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, env_prefix: str = "") -> None:
-    """A flag per field; defaults from ``<env_prefix><FIELD>`` variables when a prefix is given."""
-    from kvstore.config import from_env
-
-    defaults = from_env(cls, prefix=env_prefix) if env_prefix else None
-    for f in dataclasses.fields(cls):
-        flag = f"--{f.name.replace('_', '-')}"
-        default = getattr(defaults, f.name) if defaults is not None else f.default
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=f.name)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=default, dest=f.name,
-                                help=f"(env {env_prefix}{f.name.upper()})" if env_prefix else None)
+from kvstore.config import add_config_flags, config_from_args, from_env
 
 
-def _config(cls: type, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kvstore`` parser; raises ValueError for a bad KVSTORE_SERVE_* variable."""
     from kvstore.demo import DemoConfig
     from kvstore.serve import ServeConfig
     from kvstore.tiers_demo import DemoConfig as TiersDemoConfig
@@ -42,14 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvstore", description="Distributed tiered KV-cache for LLM inference.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
-    try:
-        _add_dataclass_flags(sub.add_parser("serve", help="run the service: Redis, block store, Ray workers, "
-                                                          "session API"), ServeConfig, "KVSTORE_SERVE_")
-    except ValueError as e:
-        print(f"kvstore: bad environment: {e}", file=sys.stderr)
-        return 2
-    _add_dataclass_flags(sub.add_parser("demo", help="scripted agent workload against the service "
-                                                     "(starts one without --address)"), DemoConfig)
+    add_config_flags(sub.add_parser("serve", help="run the service: Redis, block store, Ray workers, "
+                                                  "session API"),
+                     from_env(ServeConfig, prefix="KVSTORE_SERVE_"), env_prefix="KVSTORE_SERVE_")
+    add_config_flags(sub.add_parser("demo", help="scripted agent workload against the service "
+                                                 "(starts one without --address)"), DemoConfig())
     chat = sub.add_parser("chat", help="an interactive session against a running service")
     chat.add_argument("--address", default="127.0.0.1:50052")
     chat.add_argument("--api-key", default="")
@@ -57,11 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--system", default="You are a helpful assistant.", help="system prompt of a new session")
     chat.add_argument("--max-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.0)
-    _add_dataclass_flags(sub.add_parser("tiers-demo", help="the cache tiers alone, with synthetic KV"),
-                         TiersDemoConfig)
+    add_config_flags(sub.add_parser("tiers-demo", help="the cache tiers alone, with synthetic KV"),
+                     TiersDemoConfig())
     blockstore = sub.add_parser("blockstore", help="the block store service (T2): `kvstore blockstore serve --help`")
     blockstore.add_argument("action", choices=["serve"])
     blockstore.add_argument("rest", nargs=argparse.REMAINDER, help="flags of `serve`")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kvstore.demo import DemoConfig
+    from kvstore.serve import ServeConfig
+    from kvstore.tiers_demo import DemoConfig as TiersDemoConfig
+
+    try:
+        parser = build_parser()
+    except ValueError as e:
+        print(f"kvstore: bad environment: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.command == "blockstore":
         from services.blockstore.server import main as serve
@@ -72,18 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from kvstore.serve import serve
 
-            return asyncio.run(serve(_config(ServeConfig, args)))
+            return asyncio.run(serve(config_from_args(ServeConfig, args)))
         if args.command == "demo":
             from kvstore.demo import run_demo
 
-            totals = run_demo(_config(DemoConfig, args))
+            totals = run_demo(config_from_args(DemoConfig, args))
             return 0 if totals["same"] else 1
         if args.command == "chat":
             return _chat(args)
         if args.command == "tiers-demo":
             from kvstore.tiers_demo import run_demo as run_tiers_demo
 
-            run_tiers_demo(_config(TiersDemoConfig, args))
+            run_tiers_demo(config_from_args(TiersDemoConfig, args))
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a clear message instead of a traceback for what users can fix

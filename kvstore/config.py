@@ -2,6 +2,7 @@
 variables (``KVSTORE_<FIELD>``) and, in the CLI, by flags of the same names."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -48,6 +49,28 @@ class CacheConfig:
                 raise ValueError(f"CacheConfig.{name} must be positive, got {getattr(self, name)}")
         if self.codec not in ("raw", "lz4"):
             raise ValueError(f"CacheConfig.codec must be 'raw' or 'lz4', got {self.codec!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: Any, env_prefix: str = "",
+                     help: dict[str, str] | None = None) -> None:
+    """One flag per field of the config dataclass instance ``defaults`` (``--redis-url`` for
+    ``redis_url``; ``--x/--no-x`` for booleans), defaulting to its values (e.g. built by
+    ``from_env`` with ``env_prefix``, which the help then names). The help shows the built-in
+    default, never a value from the environment (tokens, URLs with passwords)."""
+    for f in dataclasses.fields(defaults):
+        flag, default = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name)
+        shown = str(f.default).replace("%", "%%") if f.default != "" else "''"
+        text = " ".join(filter(None, [(help or {}).get(f.name), f"(default: {shown}"
+                                      + (f"; env {env_prefix}{f.name.upper()})" if env_prefix else ")")]))
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=default, type=type(f.default), help=text)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The config dataclass ``cls`` from flags added by ``add_config_flags``."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def from_env(cls: type[T], prefix: str = "KVSTORE_", env: dict[str, str] | None = None, **overrides: Any) -> T:

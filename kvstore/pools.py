@@ -100,7 +100,7 @@ def spill(t0: DevicePool, t1: HostPool, t0_slots: Sequence[int], t1_slots: Seque
             staged = t0.kv[:, :, s:s + n].permute(2, 0, 1, 3, 4, 5).contiguous()
             t1.kv[d:d + n].copy_(staged, non_blocking=True)
         torch.cuda.current_stream(t0.device).synchronize()
-    elif background:
+    elif background and t0.bytes is not None:  # a CPU T0 (numpy views); other devices below
         for s, d, n in runs:
             np.copyto(t1.bytes[d:d + n], np.moveaxis(t0.bytes[:, :, s:s + n], 2, 0))
     else:

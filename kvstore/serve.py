@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import ray
 
-from kvstore.config import BlockStoreClientConfig, CacheConfig, SessionServiceConfig
+from kvstore.config import BlockStoreClientConfig, CacheConfig, SessionServiceConfig, from_env
 from services.blockstore.server import EXIT_ON_STDIN_EOF
 from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 from services.session.server import SessionServer
@@ -66,7 +66,9 @@ class ServeConfig:
             builtin_config(self.model)  # raises naming the built-in models
 
     def cache_config(self) -> CacheConfig:
-        return CacheConfig(t0_blocks=self.t0_blocks, t1_blocks=self.t1_blocks)
+        """The workers' cache: KVSTORE_<FIELD> settings (codec, policies, ...), then the
+        capacities from here."""
+        return from_env(CacheConfig, t0_blocks=self.t0_blocks, t1_blocks=self.t1_blocks)
 
 
 class Service:
@@ -90,10 +92,12 @@ class Service:
         try:
             redis_url = cfg.redis_url
             if not redis_url:
-                # Embedded: blocks may be evicted (allkeys-lru); session state is small and hot.
+                # Embedded, shared by blocks and sessions: volatile-lru evicts only keys with
+                # a TTL, i.e. blocks, never a session's history (which has none).
                 # Started on this thread (blocking ~10 ms): from the main thread it gets a
                 # parent-death signal, so it never outlives `kvstore serve`.
-                self.redis = EmbeddedRedis(EmbeddedRedisConfig(maxmemory=cfg.redis_maxmemory)).start()
+                self.redis = EmbeddedRedis(EmbeddedRedisConfig(
+                    maxmemory=cfg.redis_maxmemory, maxmemory_policy="volatile-lru")).start()
                 redis_url = self.redis.url
             if not self.blockstore_address:
                 self.blockstore, self.blockstore_address = await asyncio.to_thread(start_blockstore_process, redis_url)
@@ -166,6 +170,7 @@ class BackgroundLoop:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
+        self.loop.close()  # its selector and self-pipe
 
 
 class BackgroundService:

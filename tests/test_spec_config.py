@@ -243,3 +243,14 @@ def test_from_env_values_are_validated(env, match):
 def test_from_env_invalid_override_is_rejected():
     with pytest.raises(ValueError, match="t1_blocks"):
         from_env(CacheConfig, env={"KVSTORE_T1_BLOCKS": "10"}, t1_blocks=-1)
+
+
+def test_serve_passes_cache_settings_from_the_environment_to_its_workers(monkeypatch):
+    from kvstore.serve import ServeConfig
+
+    monkeypatch.setenv("KVSTORE_CODEC", "raw")
+    monkeypatch.setenv("KVSTORE_T1_T2_POLICY", "write_back")
+    monkeypatch.setenv("KVSTORE_T0_BLOCKS", "7")  # the serve flag wins over it
+    cache = ServeConfig(t0_blocks=96, t1_blocks=512).cache_config()
+    assert (cache.codec, cache.t1_t2_policy, cache.t0_blocks, cache.t1_blocks) == \
+        ("raw", WritePolicy.WRITE_BACK, 96, 512)

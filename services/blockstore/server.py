@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -25,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.allocator import keep_freed_memory
-from kvstore.config import BlockStoreConfig, from_env
+from kvstore.config import BlockStoreConfig, add_config_flags, config_from_args, from_env
 from services.blockstore.auth import TokenTable
 from services.blockstore.errors import ConfigError, ServerStartError, StoreError
 from services.blockstore.metrics import Metrics
@@ -335,14 +334,7 @@ def build_parser(defaults: BlockStoreConfig) -> argparse.ArgumentParser:
     parser = _Parser(prog="kvstore blockstore serve",
                      description="Serve the kvstore block store (T2) over gRPC, backed by Redis. "
                                  f"Flags default to {ENV_PREFIX}<FIELD> environment variables.")
-    for f in dataclasses.fields(BlockStoreConfig):
-        flag, default = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name)
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
-                                help=_HELP.get(f.name))
-        else:
-            parser.add_argument(flag, dest=f.name, default=default, type=type(f.default),
-                                help=f"{_HELP.get(f.name, '')} (default: %(default)s)")
+    add_config_flags(parser, defaults, ENV_PREFIX, _HELP)
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     return parser
 
@@ -364,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvstore blockstore: unknown --log-level {args.log_level!r}", file=sys.stderr)
         return 2
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = BlockStoreConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BlockStoreConfig)})
+    config = config_from_args(BlockStoreConfig, args)
     try:
         return asyncio.run(_serve(config))
     except ConfigError as e:
