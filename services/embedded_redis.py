@@ -25,6 +25,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from services.net import is_loopback
+
 logger = logging.getLogger(__name__)
 
 CLUSTER_BUS_OFFSET = 10000
@@ -86,10 +88,6 @@ def _free_port(host: str, with_bus: bool = False) -> int:
                     continue
                 return port
     raise RedisStartError(f"no free port (with free bus port) found on {host}")
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
@@ -231,7 +229,7 @@ class EmbeddedRedis:
             "--maxmemory", c.maxmemory, "--maxmemory-policy", c.maxmemory_policy,
             "--save", c.save, "--appendonly", "yes" if c.appendonly else "no",
         ]
-        if _is_loopback(c.host):  # elsewhere keep protected mode: there is no password
+        if is_loopback(c.host):  # elsewhere keep protected mode: there is no password
             args += ["--protected-mode", "no"]
         if c.cluster_enabled:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]

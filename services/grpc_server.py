@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +14,7 @@ import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.blockstore.errors import ConfigError, RequestError, ServerStartError
+from services.net import host_port
 
 logger = logging.getLogger(__name__)
 
@@ -22,21 +22,10 @@ logger = logging.getLogger(__name__)
 Classify = Callable[[Exception], Awaitable[tuple[grpc.StatusCode, str] | None]]
 
 
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def bind(server: grpc.aio.Server, host: str, port: int, tls_cert: str = "", tls_key: str = "") -> int:
     """Listen on ``host:port`` (IPv6 hosts bracketed; port 0: a free one), with TLS when a
     certificate is given; returns the bound port."""
-    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    target = f"{host}:{port}"
+    target = host_port(host, port)
     try:
         if tls_cert:
             try:

@@ -30,7 +30,8 @@ from services.blockstore.errors import ConfigError, ServerStartError, StoreError
 from services.blockstore.metrics import Metrics
 from services.blockstore.service import SERVICE_NAME, BlockStoreServicer, add_to_server
 from services.blockstore.store import RedisBlockStore
-from services.grpc_server import MetricsEndpoint, bind, is_loopback
+from services.grpc_server import MetricsEndpoint, bind
+from services.net import host_port, is_loopback
 from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig, RedisBinaryNotFound, RedisStartError
 
 logger = logging.getLogger(__name__)
@@ -109,11 +110,7 @@ class BlockStoreServer:
     @property
     def address(self) -> str:
         """``host:port`` served (IPv6 hosts in brackets)."""
-        return f"{self._bracketed_host()}:{self._port}"
-
-    def _bracketed_host(self) -> str:
-        host = self.config.host
-        return f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return host_port(self.config.host, self._port)
 
     @property
     def port(self) -> int:

@@ -21,7 +21,8 @@ from kvstore.config import BlockStoreClientConfig, SessionServiceConfig
 from kvstore.v1 import session_pb2_grpc as pb_grpc
 from services.blockstore.auth import TokenTable
 from services.blockstore.errors import ConfigError
-from services.grpc_server import MetricsEndpoint, bind, is_loopback
+from services.grpc_server import MetricsEndpoint, bind
+from services.net import host_port, is_loopback
 from services.session.metrics import SessionMetrics
 from services.session.service import SERVICE_NAME, Limits, SessionServicer
 from services.session.state import SessionStore
@@ -73,7 +74,7 @@ class SessionServer:
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        return host_port(self.config.host, self.port)
 
     async def start(self) -> int:
         cfg = self.config
