@@ -28,6 +28,7 @@ from kvstore.config import BlockStoreConfig
 from kvstore.spec import KVSpec
 from kvstore.v1 import blockstore_pb2 as pb
 from kvstore.v1 import blockstore_pb2_grpc as pb_grpc
+from services.blockstore import resp
 from services.blockstore.errors import ConfigError, ServerStartError
 from services.blockstore.server import BlockStoreServer, BlockStoreThread, main, redacted
 from services.blockstore.wire import encode_get_response
@@ -411,8 +412,16 @@ def test_corrupt_stored_value_is_a_miss_deleted_and_counted(stub, rc, kind, capl
     assert any("corrupt block" in r.getMessage() and hashes[1].hex() in r.getMessage() for r in caplog.records)
 
 
-def test_get_through_the_narrowest_redis_window(redis_server, rc):
+def test_get_through_the_narrowest_redis_window(redis_server, rc, monkeypatch):
     """Two GETEX in flight at a time (the least): hits, misses and a corrupt value, in order."""
+    ahead: list[int] = []  # commands sent beyond the replies parsed, after each top-up
+    send_more = resp._Protocol._send_more
+
+    def recording(self):
+        send_more(self)
+        ahead.append(self._sent - len(self._replies))
+
+    monkeypatch.setattr(resp._Protocol, "_send_more", recording)
     cfg = BlockStoreConfig(port=0, redis_url=redis_server.url, tokens=TOKENS, get_chunk_bytes=CHUNK,
                            redis_window_bytes=1)
     hashes = hashes_of("narrow-window", 24)
@@ -424,6 +433,7 @@ def test_get_through_the_narrowest_redis_window(redis_server, rc):
         assert get(narrow, "tenant", hashes) == {i: d for i, d in blocks.items() if i != 7}
         assert rc.exists(key("tenant", hashes[7])) == 0
         assert get(narrow, "tenant", hashes[::-1]) == {23 - i: d for i, d in blocks.items() if i != 7}
+    assert ahead and max(ahead) == 2  # the configured window reached the Redis client
 
 
 def test_delete_reported_corrupt_is_counted(stub):
@@ -480,6 +490,11 @@ def test_health_reflection_and_metrics(server, channel, stub):
     def sample(name: str, **labels: str) -> float:
         return registry.get_sample_value(name, labels) or 0
 
+    def present(name: str, **labels: str) -> float:
+        value = registry.get_sample_value(name, labels)
+        assert value is not None, f"no sample {name}{labels}"
+        return value
+
     ok, bad = sample("kvstore_blockstore_requests_total", method="Lookup", code="OK"), \
         sample("kvstore_blockstore_requests_total", method="Lookup", code="UNAUTHENTICATED")
     lookup(stub, "tenant", [hash_of("metrics")])
@@ -488,7 +503,7 @@ def test_health_reflection_and_metrics(server, channel, stub):
     assert sample("kvstore_blockstore_requests_total", method="Lookup", code="UNAUTHENTICATED") == bad + 1
     assert sample("kvstore_blockstore_request_seconds_count", method="Lookup") >= 2
     assert sample("kvstore_blockstore_redis_up") == 1
-    assert sample("kvstore_blockstore_in_flight", method="Lookup") == 0
+    assert present("kvstore_blockstore_in_flight", method="Lookup") == 0
 
 
 def test_redis_down_is_unavailable_fast_then_service_recovers():
