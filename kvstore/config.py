@@ -109,7 +109,7 @@ class BlockStoreConfig:
     max_batch_blocks: int = 1024
     max_block_bytes: int = 32 << 20
     max_message_bytes: int = 64 << 20  # gRPC receive/send limit (default 4 MiB is too small)
-    get_chunk_bytes: int = 1 << 20  # Get streams found blocks in messages of about this size (1 MiB measured fastest)
+    get_chunk_bytes: int = 1 << 20  # Get streams found blocks in messages of about this size (see docs/architecture.md)
     # "token=ns1,ns2;token2=*". Empty: no authentication, allowed only on a loopback host.
     tokens: str = ""
     tls_cert: str = ""  # PEM paths; both set: serve TLS
