@@ -176,7 +176,7 @@ class DecodeWorker:
                 outputs = self.engine.step()
             except Exception:  # keep serving the other requests
                 log.exception("engine step failed")
-                continue
+                outputs = []  # still send the final records of what it finished (its errors)
             for out in outputs:
                 loop, q, seq = streams[out.seq.id]
                 loop.call_soon_threadsafe(q.put_nowait, out.token)

@@ -182,7 +182,14 @@ class Engine:
             batch = self._schedule_decode()
         if not batch:
             return []
-        logits = self._forward(batch)
+        try:
+            logits = self._forward(batch)
+        except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the others
+            log.exception("forward pass failed for sequences %s", [seq.id for seq in batch])
+            for seq in batch:
+                seq.error = f"the model's forward pass failed: {type(e).__name__}: {e}"
+                self._finish(seq, "error")
+            return []
         return self._postprocess(batch, logits)
 
     def _schedule_prefill(self) -> list[Sequence]:
@@ -271,7 +278,13 @@ class Engine:
             self._commit_full_blocks(seq)
             if self.config.keep_logits:
                 seq.logits.append(row.float().cpu().clone())
-            token = sample(row, seq.params, seq.generator)
+            try:
+                token = sample(row, seq.params, seq.generator)
+            except Exception as e:  # noqa: BLE001 - e.g. NaN logits: fail this request, not the engine
+                log.exception("sampling failed for sequence %d", seq.id)
+                seq.error = f"sampling failed: {type(e).__name__}: {e}"
+                self._finish(seq, "error")
+                continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 seq.usage.ttft_s = now - seq.arrival
