@@ -78,6 +78,51 @@ def test_bad_request_and_cancellation(worker):
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+def _hold_inbox(self):
+    """In the actor: the engine thread stops taking requests until ``_release_inbox``."""
+    import threading
+
+    gate = threading.Event()
+    drain = type(self)._drain_inbox.__get__(self)
+
+    def held(streams):
+        gate.wait()
+        drain(streams)
+
+    self._gate, self._drain_inbox = gate, held
+
+
+def _release_inbox(self):
+    del self._drain_inbox  # back to the class's method
+    self._gate.set()
+
+
+def _inbox_size(self):
+    return self._inbox.qsize()
+
+
+def _wait(w, condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
+
+
+def test_cancelling_before_the_engine_took_the_request_still_aborts_it(worker):
+    before = ray.get(worker.stats.remote())["aborted"]
+    ray.get(worker.__ray_call__.remote(_hold_inbox))
+    try:
+        gen = worker.generate.remote(prompt(53, 12), {"max_tokens": 2000, "ignore_eos": True})
+        _wait(worker, lambda: ray.get(worker.__ray_call__.remote(_inbox_size)) == 1)  # the add is queued
+        ray.cancel(gen)
+        _wait(worker, lambda: ray.get(worker.__ray_call__.remote(_inbox_size)) == 2)  # and the abort after it
+    finally:
+        ray.get(worker.__ray_call__.remote(_release_inbox))
+    _wait(worker, lambda: ray.get(worker.stats.remote())["aborted"] == before + 1)
+    s = ray.get(worker.stats.remote())
+    assert s["running"] == s["waiting"] == 0 and s["cache"]["t0_pinned"] == 0
+
+
 def _fail_prefills_of_length(self, n):
     """In the actor: the forward pass fails for any batch holding a prompt of ``n`` tokens."""
     forward = type(self.engine)._forward.__get__(self.engine)

@@ -92,19 +92,24 @@ class DecodeWorker:
         except (TypeError, ValueError) as e:
             yield {"finish_reason": "error", "error": str(e), "usage": None, "worker_id": self.worker_id}
             return
-        box: dict = {}
+        box: dict = {}  # the engine thread puts the request's Sequence here
         self._inbox.put(("add", prompt, sampling, namespace, loop, tokens, box, skip_cache))
         self._wake.set()
+        ended = False
         try:
             while True:
                 item = await tokens.get()
                 if isinstance(item, dict):
+                    ended = True
                     yield item
                     return
                 yield item
         finally:
-            if "seq" in box and box["seq"].status is not Status.FINISHED:
-                self._inbox.put(("abort", box["seq"]))  # the caller went away: free its blocks
+            if not ended:
+                # The caller went away: free the request's slot and blocks. Sent even if the
+                # engine thread has not added the request yet: the inbox is FIFO, so the abort
+                # finds the sequence in ``box`` once the add ran.
+                self._inbox.put(("abort", box))
                 self._wake.set()
 
     def shutdown(self) -> None:
@@ -195,8 +200,10 @@ class DecodeWorker:
             except queue.Empty:
                 return
             if msg[0] == "abort":
-                self.engine.abort(msg[1])
-                self.aborted += 1
+                seq = msg[1].get("seq")  # None: the add was refused (its caller had the error)
+                if seq is not None and seq.status is not Status.FINISHED:
+                    self.engine.abort(seq)
+                    self.aborted += 1
                 continue
             if msg[0] == "prefetch":
                 self._prefetch(*msg[1:])
