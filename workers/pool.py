@@ -66,7 +66,7 @@ class Generated:
     worker_id: str
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: list[int]  # by tier, as found by the worker that finished it
+    cached_tokens: list[int]  # by tier, as found by the worker that finished it (zeros: it died first)
     decode_s: float
     failovers: int = 0
 
@@ -187,6 +187,11 @@ class WorkerPool:
                             type(e).__name__)
                 self._lose(wid)
                 worker_id = None
+                if len(output) >= max_tokens:
+                    # It died after streaming the last token, before its final record: the
+                    # generation is complete (a retry would ask for 0 tokens and be refused).
+                    yield Generated("length", wid, len(prompt), len(output), [0, 0, 0], 0.0, failovers)
+                    return
                 if failovers > self.config.max_failovers:
                     raise WorkerLostError(f"generation lost {failovers} workers; giving up") from e
                 continue
