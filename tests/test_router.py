@@ -101,6 +101,17 @@ def test_restart_clears_stale_index():
     assert "zombie" not in r.workers
 
 
+def test_forget_drops_a_sessions_affinity():
+    r = router("a", "b")
+    r.apply_events("a", stored(0, H[:4]))
+    assert r.choose(H[:4], session_id="s1") == "a"
+    r.forget("s1")
+    r.forget("never-seen")  # unknown ids are a no-op
+    r.apply_events("b", stored(0, H[:8]))
+    assert r.choose(H[:8], session_id="s1") == "b"  # routed by prefix again, not stuck to a
+    assert r.remove_worker("a") == []
+
+
 # ---- WorkerPool over fake worker handles (no Ray) ----------------------------------------------
 
 
@@ -160,3 +171,12 @@ def test_a_worker_dying_after_the_last_token_ends_the_generation_without_a_retry
     assert (done.finish_reason, done.worker_id, done.cached_tokens, done.failovers) == ("length", "w0", [0, 0, 0], 1)
     assert pool.live_worker_ids == ["w1"]
 
+
+def test_pool_forget_drops_the_routers_affinity():
+    pool = fake_pool(FakeWorker("w0", [5]), FakeWorker("w1", [6]))
+    first = run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id
+    pool.router.started(first)  # busy: only the session's affinity would send it there again
+    assert run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id == first
+    pool.forget("s")
+    pool.forget("unknown")
+    assert run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id != first

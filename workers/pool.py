@@ -223,6 +223,11 @@ class WorkerPool:
         calls = [w.handle.prefer.remote(tokens, namespace, ttl_s) for w in self._workers.values() if w.live]
         await asyncio.gather(*(asyncio.wait_for(c, self.config.call_timeout_s) for c in calls), return_exceptions=True)
 
+    def forget(self, session_id: str) -> None:
+        """Forget a closed session's worker affinity (the router keeps one per session
+        otherwise, forever); unknown ids are ignored."""
+        self.router.forget(session_id)
+
     # ---- membership -----------------------------------------------------------------------
 
     def _join(self, w: _Worker, incarnation: str) -> None:

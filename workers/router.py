@@ -63,6 +63,10 @@ class Router:
             del self._affinity[s]
         return moved
 
+    def forget(self, session_id: str) -> None:
+        """Drop a session's affinity (it was closed); unknown ids are ignored."""
+        self._affinity.pop(session_id, None)
+
     def reset_worker(self, worker_id: str) -> None:
         """A worker restarted: its caches are empty, so its index entries are stale."""
         self.remove_worker(worker_id)
