@@ -119,6 +119,7 @@ def test_cancelling_before_the_engine_took_the_request_still_aborts_it(worker):
     finally:
         ray.get(worker.__ray_call__.remote(_release_inbox))
     _wait(worker, lambda: ray.get(worker.stats.remote())["aborted"] == before + 1)
+    ray.get(worker.flush.remote())  # write-through copies pin their T0 source until done
     s = ray.get(worker.stats.remote())
     assert s["running"] == s["waiting"] == 0 and s["cache"]["t0_pinned"] == 0
 
@@ -153,5 +154,6 @@ def test_a_request_the_engine_fails_ends_with_an_error_record_and_others_go_on(w
     assert tokens == [] and final["finish_reason"] == "error"
     assert "forward pass failed: RuntimeError: injected forward failure" in final["error"]
     assert [first] + rest[:-1] == ref.output and rest[-1]["finish_reason"] == "length"
+    ray.get(worker.flush.remote())  # write-through copies pin their T0 source until done
     s = ray.get(worker.stats.remote())
     assert s["running"] == s["waiting"] == 0 and s["cache"]["t0_pinned"] == 0

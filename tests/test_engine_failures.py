@@ -11,6 +11,7 @@ from workers.sampling import SamplingParams
 
 def assert_all_t0_free(engine):
     assert not engine.has_work()
+    engine.cache.flush()  # write-through copies to T1 pin their T0 source until done
     engine.cache.check_invariants()
     assert engine.cache.stats().t0_pinned == 0
 
