@@ -184,6 +184,20 @@ def test_preemption_when_t0_is_full_keeps_outputs_exact():
     assert engine.cache.stats().t0_pinned == 0
 
 
+def test_max_num_seqs_bounds_the_running_batch():
+    prompts = [prompt(24 + i, 6 + 5 * i) for i in range(3)]
+    engine = make_engine()
+    engine.config.max_num_seqs = 2
+    seqs = [engine.add_request(p, GREEDY) for p in prompts]
+    engine.step()
+    assert engine.running == seqs[:2] and list(engine.waiting) == seqs[2:]
+    while engine.has_work():
+        engine.step()
+        assert len(engine.running) <= 2
+    for seq, p in zip(seqs, prompts):
+        assert seq.output == reference(p).output
+
+
 def test_prompt_that_cannot_fit_fails_alone():
     engine = make_engine(t0=4, t1=8)
     seq = engine.add_request(prompt(30, 40), GREEDY)
@@ -209,6 +223,25 @@ def test_stop_strings_end_generation_on_the_decoded_text():
     assert seq.finish_reason == "stop" and seq.output == ref.output[: first + 2]
     with pytest.raises(ValueError, match="detokenizer"):
         make_engine().add_request(p, SamplingParams(stop=("x",)))
+
+
+def test_a_stop_string_split_across_several_tokens_stops_where_the_full_text_would():
+    def decode(ids):  # a toy detokenizer: 0 to 3 letters per token (some tokens print nothing)
+        return "".join(chr(ord("a") + i % 26) * (i % 4) for i in ids)
+
+    p = prompt(16, 12)
+    ref = reference(p, SamplingParams(max_tokens=40, ignore_eos=True))
+    text = decode(ref.output)
+    stop = text[len(text) // 3:len(text) // 3 + 7]
+    # Where decoding the whole output after every token first shows the stop string:
+    end = next(k for k in range(1, len(ref.output) + 1) if stop in decode(ref.output[:k]))
+    at = text.index(stop)
+    start = next(k for k in range(end) if len(decode(ref.output[:k + 1])) > at)  # its first token
+    assert end - start >= 3  # it spans several tokens
+    engine = make_engine()
+    engine.detokenize = decode
+    seq = run(engine, p, SamplingParams(max_tokens=40, stop=("not in the text", stop), ignore_eos=True))
+    assert seq.finish_reason == "stop" and seq.output == ref.output[:end]
 
 
 def test_bad_prompts_are_refused_with_a_message_and_skip_cache_recomputes():

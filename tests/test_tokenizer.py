@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from workers.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, Tokenizer, load_tokenizer
 
 TEXTS = ["", "hello world", "héllo wörld — 日本語 🚀 ∑x²", "tab\tnew\nline \x00 nul", "<|user|> not special"]
 
@@ -59,6 +59,17 @@ def test_byte_specials_and_chat():
         padded.decode([512])
 
 
+def test_incremental_decoder_never_splits_a_character():
+    tok = ByteTokenizer()
+    text = "héllo 日本語 🚀!"
+    dec = IncrementalDecoder(tok.decode)
+    deltas = [dec.push(i) for i in tok.encode(text)]
+    assert deltas[:4] == ["h", "", "é", "l"]  # "é" is two bytes: nothing until both are in
+    assert "".join(deltas) == text and dec.flush() == ""
+    dec.push(list("日".encode())[0])
+    assert dec.flush() == "\ufffd"  # an incomplete character at the end comes out on flush
+
+
 def _build_tokenizer_dir(path: Path, template: str | None = CHATML) -> Path:
     from tokenizers import Tokenizer as Tok
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -101,6 +112,9 @@ def test_hf_tokenizer(tmp_path):
     assert ids[:len(no_prompt)] == no_prompt and len(ids) > len(no_prompt)
     with pytest.raises(Exception, match="bad role wizard"):
         tok.apply_chat_template([{"role": "wizard", "content": "x"}])
+    for text in TEXTS:  # word-leading spaces survive decoding one token at a time
+        dec = IncrementalDecoder(tok.decode)
+        assert "".join(dec.push(i) for i in tok.encode(text)) + dec.flush() == text
 
 
 def test_hf_tokenizer_matches_transformers(tmp_path):

@@ -27,6 +27,7 @@ from kvstore.cache import CacheFullError, Tier, TieredKVCache
 from kvstore.hashing import PrefixHasher, root_hash
 from workers.model import ForwardBatch, Transformer
 from workers.sampling import SamplingParams, sample
+from workers.tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class Sequence:
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        self.text_len = 0  # decoded output characters already checked for stop strings
+        self.decoder: IncrementalDecoder | None = None  # the output's text, for stop strings
+        self.stop_tail = ""  # the text's end, where a stop string completed by new text starts
         self.logits: list[torch.Tensor] = []  # per generated token, with EngineConfig.keep_logits
         self.skip_cache = False  # compute the whole prompt (measures what reuse saves)
 
@@ -82,7 +84,12 @@ class Sequence:
 
     @property
     def output(self) -> list[int]:
+        """A copy: per token, use ``num_output_tokens``."""
         return self.prefix.tokens[self.prompt_len:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.prefix.num_tokens - self.prompt_len
 
     def __len__(self) -> int:
         return self.prefix.num_tokens
@@ -140,6 +147,8 @@ class Engine:
         prefix.extend(prompt)
         seq = Sequence(list(prompt), params, prefix)
         seq.skip_cache = skip_cache
+        if params.stop:
+            seq.decoder = IncrementalDecoder(self.detokenize)
         self.waiting.append(seq)
         return seq
 
@@ -167,8 +176,8 @@ class Engine:
         try:
             while seq.status is not Status.FINISHED:
                 self.step()
-                yield from seq.output[sent:]
-                sent = len(seq.output)
+                yield from seq.tokens[seq.prompt_len + sent:]
+                sent = seq.num_output_tokens
         finally:
             if seq.status is not Status.FINISHED:
                 self.abort(seq)
@@ -195,12 +204,12 @@ class Engine:
     def _schedule_prefill(self) -> list[Sequence]:
         batch: list[Sequence] = []
         budget = self.config.max_prefill_tokens
-        while self.waiting and len(self.running) + len(batch) < self.config.max_num_seqs:
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if batch and len(seq) - seq.num_computed > budget:
                 break
             try:
-                if not self._start(seq, alone=not (self.running or batch)):
+                if not self._start(seq, alone=not self.running):
                     break
             except CacheFullError as e:  # can never fit: fail this request, not the engine
                 self.waiting.popleft()
@@ -208,6 +217,7 @@ class Engine:
                 self._finish(seq, "error")
                 continue
             self.waiting.popleft()
+            self.running.append(seq)  # the batch's sequences are running from here on
             budget -= len(seq) - seq.num_computed
             batch.append(seq)
         return batch
@@ -272,8 +282,6 @@ class Engine:
         now = time.perf_counter()
         out: list[StepOutput] = []
         for seq, row in zip(batch, logits):
-            if seq not in self.running:
-                self.running.append(seq)
             seq.num_computed = len(seq)
             self._commit_full_blocks(seq)
             if self.config.keep_logits:
@@ -307,14 +315,14 @@ class Engine:
         p = seq.params
         if token in p.stop_token_ids or (token in self.eos and not p.ignore_eos):
             return "stop"
-        if p.stop and self.detokenize is not None:
-            text = self.detokenize(seq.output)
-            # Only text that appeared since the last check can complete a stop string.
-            window = text[max(0, seq.text_len - max(map(len, p.stop))):]
-            seq.text_len = len(text)
+        if seq.decoder is not None and (new := seq.decoder.push(token)):
+            # Only new text can complete a stop string, which then starts at most its length
+            # minus one characters before it: decoding the whole output per token was quadratic.
+            window = seq.stop_tail + new
             if any(s in window for s in p.stop):
                 return "stop"
-        if len(seq.output) >= p.max_tokens:
+            seq.stop_tail = window[max(0, len(window) - max(map(len, p.stop)) + 1):]
+        if seq.num_output_tokens >= p.max_tokens:
             return "length"
         return None
 
