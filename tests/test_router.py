@@ -180,3 +180,15 @@ def test_pool_forget_drops_the_routers_affinity():
     pool.forget("s")
     pool.forget("unknown")
     assert run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id != first
+
+
+def test_a_sticky_session_is_routed_without_hashing_its_history():
+    pool = fake_pool(FakeWorker("w0", [5]), FakeWorker("w1", [6]))
+    hashed = []
+    block_hashes = pool.block_hashes
+    pool.block_hashes = lambda tokens, namespace: hashed.append(len(tokens)) or block_hashes(tokens, namespace)
+    first = run_generate(pool, [1] * 8, 1, session_id="s")[1].worker_id
+    assert run_generate(pool, [1] * 9, 1, session_id="s")[1].worker_id == first
+    assert run_generate(pool, [1] * 10, 1)[1].worker_id  # no session: routed by prefix
+    assert hashed == [8, 10]
+    assert pool.router.sticky("s") == first and pool.router.sticky("other") is None and pool.router.sticky(None) is None

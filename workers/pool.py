@@ -155,6 +155,11 @@ class WorkerPool:
         prefix.extend(tokens)
         return prefix.hashes
 
+    def _route(self, tokens: list[int], namespace: str, session_id: str | None) -> str:
+        # A session's affinity decides without the prefix: hash its history only when it does not.
+        wid = self.router.sticky(session_id)
+        return wid if wid is not None else self.router.choose(self.block_hashes(tokens, namespace), session_id)
+
     async def generate(self, prompt: list[int], params: dict, namespace: str, session_id: str | None = None,
                        worker_id: str | None = None, skip_cache: bool = False) -> AsyncIterator[int | Generated]:
         """Yield the generated token ids, then a ``Generated``. Resumes on another worker when
@@ -167,7 +172,7 @@ class WorkerPool:
         while True:
             tokens = prompt + output
             wid = worker_id if worker_id is not None and self._workers[worker_id].live else \
-                self.router.choose(self.block_hashes(tokens, namespace), session_id)
+                self._route(tokens, namespace, session_id)
             handle = self._workers[wid].handle
             attempt = dict(params, max_tokens=max_tokens - len(output))
             self.router.started(wid)
@@ -209,7 +214,7 @@ class WorkerPool:
 
     async def prefetch(self, tokens: list[int], namespace: str, session_id: str) -> tuple[str, int]:
         """Warm ``tokens``' cached prefix into the worker the session's next turn will use."""
-        wid = self.router.choose(self.block_hashes(tokens, namespace), session_id)
+        wid = self._route(tokens, namespace, session_id)
         try:
             held = await asyncio.wait_for(self._workers[wid].handle.prefetch.remote(tokens, namespace),
                                           self.config.call_timeout_s)
