@@ -22,7 +22,7 @@ from kvstore.blockstore_client import BlockStoreClient
 from kvstore.cache import BlockEvent, TieredKVCache
 from kvstore.config import BlockStoreClientConfig, CacheConfig
 from kvstore.hashing import PrefixHasher
-from workers.engine import Engine, EngineConfig, Sequence, Status
+from workers.engine import Engine, EngineConfig, Sequence, Status, hashed_prefix
 from workers.loader import builtin_model, kv_spec, load_checkpoint
 from workers.sampling import SamplingParams
 from workers.tokenizer import load_tokenizer
@@ -133,9 +133,7 @@ class DecodeWorker:
         self.cache.prefer(self._prefix(prompt, namespace).hashes, ttl_s)
 
     def _prefix(self, tokens: list[int], namespace: str) -> PrefixHasher:
-        prefix = PrefixHasher.for_namespace(self.spec.fingerprint, namespace, self.spec.block_size)
-        prefix.extend(tokens)
-        return prefix
+        return hashed_prefix(self.spec.fingerprint, namespace, self.spec.block_size, tokens)
 
     def flush(self) -> None:
         """Wait until blocks committed so far reached the lower tiers (T1, T2)."""

@@ -24,12 +24,19 @@ from enum import Enum
 import torch
 
 from kvstore.cache import CacheFullError, Tier, TieredKVCache
-from kvstore.hashing import PrefixHasher, root_hash
+from kvstore.hashing import PrefixHasher
 from workers.model import ForwardBatch, Transformer
 from workers.sampling import SamplingParams, sample
 from workers.tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
+
+
+def hashed_prefix(fingerprint: bytes, namespace: str, block_size: int, tokens: Seq[int]) -> PrefixHasher:
+    """``tokens`` with the hashes of their full blocks, as every worker and the router name them."""
+    prefix = PrefixHasher.for_namespace(fingerprint, namespace, block_size)
+    prefix.extend(tokens)
+    return prefix
 
 
 class Status(Enum):
@@ -143,8 +150,7 @@ class Engine:
                              f"model's context of {limit} tokens")
         if params.stop and self.detokenize is None:
             raise ValueError("stop strings need a detokenizer")
-        prefix = PrefixHasher(root_hash(self.cache.spec.fingerprint, namespace), self.block_size, namespace)
-        prefix.extend(prompt)
+        prefix = hashed_prefix(self.cache.spec.fingerprint, namespace, self.block_size, prompt)
         seq = Sequence(list(prompt), params, prefix)
         seq.skip_cache = skip_cache
         if params.stop:

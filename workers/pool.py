@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from kvstore.hashing import PrefixHasher
 from workers.actor import WorkerConfig, remote_worker_class
+from workers.engine import hashed_prefix
 from workers.router import NoWorkerError, Router, RouterConfig
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,7 @@ class WorkerPool:
     # ---- requests -------------------------------------------------------------------------
 
     def block_hashes(self, tokens: list[int], namespace: str) -> list[bytes]:
-        prefix = PrefixHasher.for_namespace(self.info["fingerprint"], namespace, self.info["block_size"])
-        prefix.extend(tokens)
-        return prefix.hashes
+        return hashed_prefix(self.info["fingerprint"], namespace, self.info["block_size"], tokens).hashes
 
     def _route(self, tokens: list[int], namespace: str, session_id: str | None) -> str:
         # A session's affinity decides without the prefix: hash its history only when it does not.
