@@ -15,7 +15,7 @@ from kvstore.blockstore_client import BlockStoreClient
 from kvstore.cache import Tier
 from kvstore.config import BlockStoreClientConfig, BlockStoreConfig
 from services.blockstore.server import BlockStoreThread
-from workers.engine import Status
+from workers.engine import RequestFailed, Status
 from workers.sampling import SamplingParams
 
 HERE = Path(__file__).parent
@@ -261,3 +261,20 @@ def test_bad_prompts_are_refused_with_a_message_and_skip_cache_recomputes():
         engine.step()
     assert again.usage.cached_tokens[0] == 28 and engine_seq.usage.cached_tokens == [0, 0, 0]
     assert first.output == again.output == engine_seq.output
+
+
+def test_stream_yields_the_generated_tokens_and_closing_it_aborts():
+    p = prompt(78, 19)
+    params = SamplingParams(max_tokens=12, temperature=0.7, seed=1, ignore_eos=True)  # the README's use
+    engine = make_engine()
+    assert list(engine.stream(p, params, namespace="tenant-a")) == reference(p, params).output
+    tokens = engine.stream(prompt(79, 9), GREEDY)
+    first = [next(tokens), next(tokens)]
+    tokens.close()  # the caller stopped reading
+    assert first == reference(prompt(79, 9)).output[:2]
+    assert not engine.has_work()
+    engine.cache.flush()  # write-through copies to T1 pin their T0 source until done
+    assert engine.cache.stats().t0_pinned == 0
+    small = make_engine(t0=4, t1=8)
+    with pytest.raises(RequestFailed, match="does not fit in T0"):
+        list(small.stream(prompt(80, 40), GREEDY))

@@ -113,7 +113,10 @@ class EngineConfig:
 class StepOutput:
     seq: Sequence
     token: int
-    finished: bool
+
+
+class RequestFailed(RuntimeError):
+    """``Engine.stream``'s request ended with finish reason "error" (the message says why)."""
 
 
 class Engine:
@@ -176,7 +179,8 @@ class Engine:
         return seqs
 
     def stream(self, prompt: list[int], params: SamplingParams | None = None, namespace: str = "default") -> Iterator[int]:
-        """Yield a prompt's tokens as they are generated (steps other requests too)."""
+        """Yield a prompt's tokens as they are generated (steps other requests too). Raises
+        ``RequestFailed`` if the engine could not finish it; closing the iterator aborts it."""
         seq = self.add_request(prompt, params, namespace)
         sent = 0
         try:
@@ -187,6 +191,8 @@ class Engine:
         finally:
             if seq.status is not Status.FINISHED:
                 self.abort(seq)
+        if seq.finish_reason == "error":
+            raise RequestFailed(seq.error)
 
     # ---- one step -----------------------------------------------------------------------
 
@@ -307,7 +313,7 @@ class Engine:
             reason = self._stop_reason(seq, token)
             if reason:
                 self._finish(seq, reason)
-            out.append(StepOutput(seq, token, reason is not None))
+            out.append(StepOutput(seq, token))
         return out
 
     def _commit_full_blocks(self, seq: Sequence) -> None:

@@ -64,10 +64,7 @@ class Generated:
 
     finish_reason: str
     worker_id: str
-    prompt_tokens: int
-    completion_tokens: int
     cached_tokens: list[int]  # by tier, as found by the worker that finished it (zeros: it died first)
-    decode_s: float
     failovers: int = 0
 
 
@@ -193,7 +190,7 @@ class WorkerPool:
                 if len(output) >= max_tokens:
                     # It died after streaming the last token, before its final record: the
                     # generation is complete (a retry would ask for 0 tokens and be refused).
-                    yield Generated("length", wid, len(prompt), len(output), [0, 0, 0], 0.0, failovers)
+                    yield Generated("length", wid, [0, 0, 0], failovers)
                     return
                 if failovers > self.config.max_failovers:
                     raise WorkerLostError(f"generation lost {failovers} workers; giving up") from e
@@ -206,8 +203,7 @@ class WorkerPool:
             if item["finish_reason"] == "error":
                 raise GenerationError(item["error"])
             usage = item["usage"]  # of the attempt that finished (after a failover: the resumed one)
-            yield Generated(item["finish_reason"], wid, len(prompt), len(output), list(usage["cached_tokens"]),
-                            usage["decode_s"], failovers)
+            yield Generated(item["finish_reason"], wid, list(usage["cached_tokens"]), failovers)
             return
 
     async def prefetch(self, tokens: list[int], namespace: str, session_id: str) -> tuple[str, int]:
