@@ -15,7 +15,8 @@ from kvstore.blockstore_client import BlockStoreClient
 from kvstore.cache import Tier
 from kvstore.config import BlockStoreClientConfig, BlockStoreConfig
 from services.blockstore.server import BlockStoreThread
-from workers.engine import RequestFailed, Status
+from services.blockstore.store import RedisBlockStore
+from workers.engine import RequestFailed, Status, hashed_prefix
 from workers.sampling import SamplingParams
 
 HERE = Path(__file__).parent
@@ -142,15 +143,19 @@ def test_corrupt_t2_block_is_recomputed_with_identical_output(store, redis_serve
         out1 = run(first, p1).output
         first.cache.close()
         r = redis_server.client()
-        keys = sorted(r.keys("kv:default:*"))
-        assert keys
-        for key in keys[::3]:  # damage a payload byte of every third block
+        history = p1 + out1  # its last token was sampled, never computed: its block is not stored
+        hashes = hashed_prefix(first.cache.spec.fingerprint, "default", BLOCK, history[:-1]).hashes
+        keys = [RedisBlockStore.key_prefix("default") + h.hex().encode() for h in hashes]
+        assert len(keys) >= 9 and r.exists(*keys) == len(keys)  # this conversation's blocks, all in T2
+        for key in keys[5], keys[8]:  # damage a payload byte of two of them
             value = bytearray(r.get(key))
             value[-3] ^= 0xFF
             r.set(key, bytes(value))
         engine = make_engine(remote=c)
         seq = run(engine, turn2(out1))
-        assert engine.cache.stats().t2_corrupt >= 1
+        # The first damaged block ends the reused prefix, so the second is never read.
+        assert engine.cache.stats().t2_corrupt == 1
+        assert seq.usage.cached_tokens[Tier.T2] == 5 * BLOCK
         assert_same(seq, reference(turn2(out1)))
 
 

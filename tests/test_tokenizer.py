@@ -106,8 +106,14 @@ def test_hf_tokenizer(tmp_path):
     rendered = tok.render_chat(MESSAGES)
     assert rendered.startswith("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHello")
     assert rendered.endswith("<|im_start|>assistant\n")
-    assert ids == tok.encode(rendered)
-    assert ids.count(tok._tok.token_to_id("<|im_start|>")) == 5  # specials are single tokens
+    # The template's text with its specials as single tokens (the text between them is
+    # encoded on its own: a special ends a pre-token).
+    start, end = tok._tok.token_to_id("<|im_start|>"), tok._tok.token_to_id("<|im_end|>")
+    expected = []
+    for role, content in [("system", "You are helpful.")] + [(m["role"], m["content"]) for m in MESSAGES]:
+        expected += [start, *tok.encode(f"{role}\n{content}"), end, *tok.encode("\n")]
+    expected += [start, *tok.encode("assistant\n")]
+    assert ids == expected
     no_prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=False)
     assert ids[:len(no_prompt)] == no_prompt and len(ids) > len(no_prompt)
     with pytest.raises(Exception, match="bad role wizard"):
@@ -136,6 +142,8 @@ def test_hf_tokenizer_fallback_and_errors(tmp_path):
     tok = HFTokenizer.from_dir(d)
     text = tok.render_chat([{"role": "user", "content": "hi"}])
     assert text == "user: hi\nassistant:"
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == tok.encode(text)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert ids == tok.encode("user: hi\n") + tok.encode("assistant:")  # no BOS: the config has none
+    assert tok.decode(ids) == text
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path / "empty")
