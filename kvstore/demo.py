@@ -13,6 +13,7 @@ runs the workload and shuts everything down.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -61,9 +62,12 @@ def _system_prompt(repeat: int) -> str:
 
 
 class _Workload:
-    def __init__(self, kv: SessionClient, cfg: DemoConfig, console: Console) -> None:
+    def __init__(self, kv: SessionClient, cfg: DemoConfig, console: Console, worker_ids: Sequence[str] = ()) -> None:
         self.kv, self.cfg, self.console = kv, cfg, console
         self.rows: list[Row] = []
+        # Workers to place the fork on: the embedded pool's, else the ids turns report (the
+        # session API has no call listing workers).
+        self.workers = list(worker_ids)
 
     def turn(self, label: str, session_id: str, messages: list[dict], worker_id: str = "") -> Row:
         baseline = self.kv.fork(session_id, metadata={"demo": "recompute baseline"})
@@ -73,6 +77,8 @@ class _Workload:
                              worker_id=g.usage.worker_id, skip_cache=True).result()
         self.kv.close_session(baseline.session_id)
         u = g.usage
+        if u.worker_id not in self.workers:
+            self.workers.append(u.worker_id)
         row = Row(label, u.worker_id, u.prompt_tokens, (u.cached_tokens_t0, u.cached_tokens_t1, u.cached_tokens_t2),
                   u.ttft_seconds, b.usage.ttft_seconds, g.ids == b.ids)
         self.rows.append(row)
@@ -101,9 +107,10 @@ class _Workload:
                 # A branch of agent 0 explores an alternative on the other worker: it finds the
                 # shared history in T2, written there by agent 0's worker.
                 branch = kv.fork(sessions[0], metadata={"branch": "alternative"}).session_id
-                other = "w1" if last_worker[sessions[0]] == "w0" else "w0"  # the pool names workers w0, w1, ...
+                # No other worker known (one worker, or all turns so far on one): the router picks.
+                other = next((w for w in self.workers if w != last_worker[sessions[0]]), "")
                 self.turn("fork of agent 0", branch, [{"role": "user", "content": "Try a cheaper alternative."}],
-                          worker_id=other if cfg.workers > 1 or cfg.address else "")
+                          worker_id=other)
 
 
 def _table(rows: list[Row]) -> Table:
@@ -139,16 +146,16 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     console.print(f"service on {service.address} ({cfg.workers} workers, model {cfg.model}, block store "
                   f"{service.service.blockstore_address})")
     try:
-        return _run_against(service.address, cfg, console)
+        return _run_against(service.address, cfg, console, service.service.pool.worker_ids)
     finally:
         with console.status("shutting down..."):
             service.stop()
         console.print("service stopped")
 
 
-def _run_against(address: str, cfg: DemoConfig, console: Console) -> dict:
+def _run_against(address: str, cfg: DemoConfig, console: Console, worker_ids: Sequence[str] = ()) -> dict:
     with SessionClient(address, api_key=cfg.api_key) as kv:
-        workload = _Workload(kv, cfg, console)
+        workload = _Workload(kv, cfg, console, worker_ids)
         workload.run()
     console.print(_table(workload.rows))
     totals = summarize(workload.rows)

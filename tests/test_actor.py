@@ -1,5 +1,6 @@
 """The DecodeWorker Ray actor on a real local Ray: streamed tokens equal the in-process
 engine's, concurrent streams, prefix reuse across requests, cancellation frees blocks."""
+import sys
 import time
 
 import pytest
@@ -70,3 +71,89 @@ def test_bad_request_and_cancellation(worker):
             break
         time.sleep(0.01)
     assert s["aborted"] == 1 and s["running"] == 0 and s["cache"]["t0_pinned"] == 0
+
+
+# The functions below run inside the actor (``__ray_call__``), whose process cannot import
+# this test module: ship them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _hold_inbox(self):
+    """In the actor: the engine thread stops taking requests until ``_release_inbox``."""
+    import threading
+
+    gate = threading.Event()
+    drain = type(self)._drain_inbox.__get__(self)
+
+    def held(streams):
+        gate.wait()
+        drain(streams)
+
+    self._gate, self._drain_inbox = gate, held
+
+
+def _release_inbox(self):
+    del self._drain_inbox  # back to the class's method
+    self._gate.set()
+
+
+def _inbox_size(self):
+    return self._inbox.qsize()
+
+
+def _wait(w, condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
+
+
+def test_cancelling_before_the_engine_took_the_request_still_aborts_it(worker):
+    before = ray.get(worker.stats.remote())["aborted"]
+    ray.get(worker.__ray_call__.remote(_hold_inbox))
+    try:
+        gen = worker.generate.remote(prompt(53, 12), {"max_tokens": 2000, "ignore_eos": True})
+        _wait(worker, lambda: ray.get(worker.__ray_call__.remote(_inbox_size)) == 1)  # the add is queued
+        ray.cancel(gen)
+        _wait(worker, lambda: ray.get(worker.__ray_call__.remote(_inbox_size)) == 2)  # and the abort after it
+    finally:
+        ray.get(worker.__ray_call__.remote(_release_inbox))
+    _wait(worker, lambda: ray.get(worker.stats.remote())["aborted"] == before + 1)
+    ray.get(worker.flush.remote())  # write-through copies pin their T0 source until done
+    s = ray.get(worker.stats.remote())
+    assert s["running"] == s["waiting"] == 0 and s["cache"]["t0_pinned"] == 0
+
+
+def _fail_prefills_of_length(self, n):
+    """In the actor: the forward pass fails for any batch holding a prompt of ``n`` tokens."""
+    forward = type(self.engine)._forward.__get__(self.engine)
+
+    def failing(batch):
+        if any(seq.prompt_len == n for seq in batch):
+            raise RuntimeError("injected forward failure")
+        return forward(batch)
+
+    self.engine._forward = failing
+
+
+def _restore_forward(self):
+    del self.engine._forward
+
+
+def test_a_request_the_engine_fails_ends_with_an_error_record_and_others_go_on(worker):
+    good_prompt = prompt(54, 12)
+    (ref,) = make_engine().generate([good_prompt], GREEDY)
+    ray.get(worker.__ray_call__.remote(_fail_prefills_of_length, 33))
+    try:
+        good = worker.generate.remote(good_prompt, {"max_tokens": GREEDY.max_tokens, "ignore_eos": True})
+        first = ray.get(next(good))  # decoding when the bad request arrives
+        tokens, final = stream(worker, prompt(55, 33))
+        rest = [ray.get(r) for r in good]
+    finally:
+        ray.get(worker.__ray_call__.remote(_restore_forward))
+    assert tokens == [] and final["finish_reason"] == "error"
+    assert "forward pass failed: RuntimeError: injected forward failure" in final["error"]
+    assert [first] + rest[:-1] == ref.output and rest[-1]["finish_reason"] == "length"
+    ray.get(worker.flush.remote())  # write-through copies pin their T0 source until done
+    s = ray.get(worker.stats.remote())
+    assert s["running"] == s["waiting"] == 0 and s["cache"]["t0_pinned"] == 0

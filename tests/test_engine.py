@@ -15,7 +15,8 @@ from kvstore.blockstore_client import BlockStoreClient
 from kvstore.cache import Tier
 from kvstore.config import BlockStoreClientConfig, BlockStoreConfig
 from services.blockstore.server import BlockStoreThread
-from workers.engine import Status
+from services.blockstore.store import RedisBlockStore
+from workers.engine import RequestFailed, Status, hashed_prefix
 from workers.sampling import SamplingParams
 
 HERE = Path(__file__).parent
@@ -142,15 +143,19 @@ def test_corrupt_t2_block_is_recomputed_with_identical_output(store, redis_serve
         out1 = run(first, p1).output
         first.cache.close()
         r = redis_server.client()
-        keys = sorted(r.keys("kv:default:*"))
-        assert keys
-        for key in keys[::3]:  # damage a payload byte of every third block
+        history = p1 + out1  # its last token was sampled, never computed: its block is not stored
+        hashes = hashed_prefix(first.cache.spec.fingerprint, "default", BLOCK, history[:-1]).hashes
+        keys = [RedisBlockStore.key_prefix("default") + h.hex().encode() for h in hashes]
+        assert len(keys) >= 9 and r.exists(*keys) == len(keys)  # this conversation's blocks, all in T2
+        for key in keys[5], keys[8]:  # damage a payload byte of two of them
             value = bytearray(r.get(key))
             value[-3] ^= 0xFF
             r.set(key, bytes(value))
         engine = make_engine(remote=c)
         seq = run(engine, turn2(out1))
-        assert engine.cache.stats().t2_corrupt >= 1
+        # The first damaged block ends the reused prefix, so the second is never read.
+        assert engine.cache.stats().t2_corrupt == 1
+        assert seq.usage.cached_tokens[Tier.T2] == 5 * BLOCK
         assert_same(seq, reference(turn2(out1)))
 
 
@@ -184,6 +189,20 @@ def test_preemption_when_t0_is_full_keeps_outputs_exact():
     assert engine.cache.stats().t0_pinned == 0
 
 
+def test_max_num_seqs_bounds_the_running_batch():
+    prompts = [prompt(24 + i, 6 + 5 * i) for i in range(3)]
+    engine = make_engine()
+    engine.config.max_num_seqs = 2
+    seqs = [engine.add_request(p, GREEDY) for p in prompts]
+    engine.step()
+    assert engine.running == seqs[:2] and list(engine.waiting) == seqs[2:]
+    while engine.has_work():
+        engine.step()
+        assert len(engine.running) <= 2
+    for seq, p in zip(seqs, prompts):
+        assert seq.output == reference(p).output
+
+
 def test_prompt_that_cannot_fit_fails_alone():
     engine = make_engine(t0=4, t1=8)
     seq = engine.add_request(prompt(30, 40), GREEDY)
@@ -211,6 +230,25 @@ def test_stop_strings_end_generation_on_the_decoded_text():
         make_engine().add_request(p, SamplingParams(stop=("x",)))
 
 
+def test_a_stop_string_split_across_several_tokens_stops_where_the_full_text_would():
+    def decode(ids):  # a toy detokenizer: 0 to 3 letters per token (some tokens print nothing)
+        return "".join(chr(ord("a") + i % 26) * (i % 4) for i in ids)
+
+    p = prompt(16, 12)
+    ref = reference(p, SamplingParams(max_tokens=40, ignore_eos=True))
+    text = decode(ref.output)
+    stop = text[len(text) // 3:len(text) // 3 + 7]
+    # Where decoding the whole output after every token first shows the stop string:
+    end = next(k for k in range(1, len(ref.output) + 1) if stop in decode(ref.output[:k]))
+    at = text.index(stop)
+    start = next(k for k in range(end) if len(decode(ref.output[:k + 1])) > at)  # its first token
+    assert end - start >= 3  # it spans several tokens
+    engine = make_engine()
+    engine.detokenize = decode
+    seq = run(engine, p, SamplingParams(max_tokens=40, stop=("not in the text", stop), ignore_eos=True))
+    assert seq.finish_reason == "stop" and seq.output == ref.output[:end]
+
+
 def test_bad_prompts_are_refused_with_a_message_and_skip_cache_recomputes():
     engine = make_engine()
     with pytest.raises(ValueError, match="token id 512 is outside the model's vocabulary"):
@@ -228,3 +266,20 @@ def test_bad_prompts_are_refused_with_a_message_and_skip_cache_recomputes():
         engine.step()
     assert again.usage.cached_tokens[0] == 28 and engine_seq.usage.cached_tokens == [0, 0, 0]
     assert first.output == again.output == engine_seq.output
+
+
+def test_stream_yields_the_generated_tokens_and_closing_it_aborts():
+    p = prompt(78, 19)
+    params = SamplingParams(max_tokens=12, temperature=0.7, seed=1, ignore_eos=True)  # the README's use
+    engine = make_engine()
+    assert list(engine.stream(p, params, namespace="tenant-a")) == reference(p, params).output
+    tokens = engine.stream(prompt(79, 9), GREEDY)
+    first = [next(tokens), next(tokens)]
+    tokens.close()  # the caller stopped reading
+    assert first == reference(prompt(79, 9)).output[:2]
+    assert not engine.has_work()
+    engine.cache.flush()  # write-through copies to T1 pin their T0 source until done
+    assert engine.cache.stats().t0_pinned == 0
+    small = make_engine(t0=4, t1=8)
+    with pytest.raises(RequestFailed, match="does not fit in T0"):
+        list(small.stream(prompt(80, 40), GREEDY))

@@ -1,6 +1,12 @@
-"""Router decisions from block events: longest prefix (T0 over T1), load, stickiness, failover."""
-import pytest
+"""Router decisions from block events: longest prefix (T0 over T1), load, stickiness, failover;
+and the pool's failover over fake worker handles."""
+import asyncio
+from types import SimpleNamespace
 
+import pytest
+from ray.exceptions import RayActorError
+
+from workers.pool import Generated, PoolConfig, WorkerPool, _Worker
 from workers.router import NoWorkerError, Router
 
 H = [bytes([i]) * 16 for i in range(10)]
@@ -93,3 +99,96 @@ def test_restart_clears_stale_index():
     assert r.prefix_score("a", H[:6]) == 0 and r.workers == ["a", "b"]
     r.apply_events("zombie", stored(0, H[:6]))  # events of an unknown worker are ignored
     assert "zombie" not in r.workers
+
+
+def test_forget_drops_a_sessions_affinity():
+    r = router("a", "b")
+    r.apply_events("a", stored(0, H[:4]))
+    assert r.choose(H[:4], session_id="s1") == "a"
+    r.forget("s1")
+    r.forget("never-seen")  # unknown ids are a no-op
+    r.apply_events("b", stored(0, H[:8]))
+    assert r.choose(H[:8], session_id="s1") == "b"  # routed by prefix again, not stuck to a
+    assert r.remove_worker("a") == []
+
+
+# ---- WorkerPool over fake worker handles (no Ray) ----------------------------------------------
+
+
+class FakeWorker:
+    """A ``DecodeWorker`` handle: ``generate`` streams ``tokens`` (up to max_tokens), then its
+    final record, or dies (``RayActorError``) before it when ``dies``."""
+
+    def __init__(self, worker_id: str, tokens: list[int], dies: bool = False) -> None:
+        self.worker_id, self.tokens, self.dies = worker_id, tokens, dies
+        self.calls: list[tuple[list[int], dict]] = []
+        self.generate = SimpleNamespace(remote=self._generate)
+
+    def _generate(self, tokens, params, namespace, skip_cache):
+        self.calls.append((tokens, params))
+
+        async def stream():
+            for t in self.tokens[:params["max_tokens"]]:
+                yield asyncio.sleep(0, t)  # an awaitable, like an ObjectRef
+            if self.dies:
+                raise RayActorError()
+            yield asyncio.sleep(0, {"finish_reason": "length", "error": None, "worker_id": self.worker_id,
+                                    "usage": {"cached_tokens": [8, 0, 0], "decode_s": 0.1}})
+
+        return stream()
+
+
+def fake_pool(*workers: FakeWorker) -> WorkerPool:
+    pool = WorkerPool(PoolConfig(num_workers=len(workers)))
+    pool.info = {"fingerprint": b"f" * 16, "block_size": 4}
+    for w in workers:
+        pool._workers[w.worker_id] = _Worker(w.worker_id, w, live=True)
+        pool.router.add_worker(w.worker_id)
+    return pool
+
+
+def run_generate(pool: WorkerPool, prompt: list[int], max_tokens: int, **kw) -> tuple[list[int], Generated]:
+    async def collect():
+        items = [item async for item in pool.generate(prompt, {"max_tokens": max_tokens}, "default", **kw)]
+        return items[:-1], items[-1]
+
+    return asyncio.run(collect())
+
+
+def test_a_generation_resumes_on_another_worker_from_the_streamed_tokens():
+    w0, w1 = FakeWorker("w0", [10, 11, 12], dies=True), FakeWorker("w1", [13, 14, 15, 16])
+    tokens, done = run_generate(fake_pool(w0, w1), [1, 2, 3], 6, worker_id="w0")
+    assert tokens == [10, 11, 12, 13, 14, 15]
+    assert w1.calls == [([1, 2, 3, 10, 11, 12], {"max_tokens": 3})]
+    assert (done.finish_reason, done.worker_id, done.cached_tokens, done.failovers) == ("length", "w1", [8, 0, 0], 1)
+
+
+def test_a_worker_dying_after_the_last_token_ends_the_generation_without_a_retry():
+    w0, w1 = FakeWorker("w0", [10, 11, 12, 13], dies=True), FakeWorker("w1", [99])
+    pool = fake_pool(w0, w1)
+    tokens, done = run_generate(pool, [1, 2, 3], 4, worker_id="w0", session_id="s")
+    assert tokens == [10, 11, 12, 13] and w1.calls == []
+    assert (done.finish_reason, done.worker_id, done.cached_tokens, done.failovers) == ("length", "w0", [0, 0, 0], 1)
+    assert pool.live_worker_ids == ["w1"]
+
+
+def test_pool_forget_drops_the_routers_affinity():
+    pool = fake_pool(FakeWorker("w0", [5]), FakeWorker("w1", [6]))
+    first = run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id
+    pool.router.started(first)  # busy: only the session's affinity would send it there again
+    assert run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id == first
+    pool.forget("s")
+    pool.forget("unknown")
+    assert run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id != first
+
+
+def test_a_sticky_session_is_routed_without_hashing_its_history():
+    pool = fake_pool(FakeWorker("w0", [5]), FakeWorker("w1", [6]))
+    hashed = []
+    block_hashes = pool.block_hashes
+    pool.block_hashes = lambda tokens, namespace: hashed.append(len(tokens)) or block_hashes(tokens, namespace)
+    first = run_generate(pool, [1] * 8, 1, session_id="s")[1].worker_id
+    assert run_generate(pool, [1] * 9, 1, session_id="s")[1].worker_id == first
+    assert run_generate(pool, [1] * 10, 1)[1].worker_id  # no session: routed by prefix
+    assert hashed == [8, 10]
+    assert pool.router.sticky("s") == first and pool.router.sticky("other") is None and pool.router.sticky(None) is None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from workers.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, Tokenizer, load_tokenizer
 
 TEXTS = ["", "hello world", "héllo wörld — 日本語 🚀 ∑x²", "tab\tnew\nline \x00 nul", "<|user|> not special"]
 
@@ -59,6 +59,17 @@ def test_byte_specials_and_chat():
         padded.decode([512])
 
 
+def test_incremental_decoder_never_splits_a_character():
+    tok = ByteTokenizer()
+    text = "héllo 日本語 🚀!"
+    dec = IncrementalDecoder(tok.decode)
+    deltas = [dec.push(i) for i in tok.encode(text)]
+    assert deltas[:4] == ["h", "", "é", "l"]  # "é" is two bytes: nothing until both are in
+    assert "".join(deltas) == text and dec.flush() == ""
+    dec.push(list("日".encode())[0])
+    assert dec.flush() == "\ufffd"  # an incomplete character at the end comes out on flush
+
+
 def _build_tokenizer_dir(path: Path, template: str | None = CHATML) -> Path:
     from tokenizers import Tokenizer as Tok
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -95,12 +106,21 @@ def test_hf_tokenizer(tmp_path):
     rendered = tok.render_chat(MESSAGES)
     assert rendered.startswith("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHello")
     assert rendered.endswith("<|im_start|>assistant\n")
-    assert ids == tok.encode(rendered)
-    assert ids.count(tok._tok.token_to_id("<|im_start|>")) == 5  # specials are single tokens
+    # The template's text with its specials as single tokens (the text between them is
+    # encoded on its own: a special ends a pre-token).
+    start, end = tok._tok.token_to_id("<|im_start|>"), tok._tok.token_to_id("<|im_end|>")
+    expected = []
+    for role, content in [("system", "You are helpful.")] + [(m["role"], m["content"]) for m in MESSAGES]:
+        expected += [start, *tok.encode(f"{role}\n{content}"), end, *tok.encode("\n")]
+    expected += [start, *tok.encode("assistant\n")]
+    assert ids == expected
     no_prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=False)
     assert ids[:len(no_prompt)] == no_prompt and len(ids) > len(no_prompt)
     with pytest.raises(Exception, match="bad role wizard"):
         tok.apply_chat_template([{"role": "wizard", "content": "x"}])
+    for text in TEXTS:  # word-leading spaces survive decoding one token at a time
+        dec = IncrementalDecoder(tok.decode)
+        assert "".join(dec.push(i) for i in tok.encode(text)) + dec.flush() == text
 
 
 def test_hf_tokenizer_matches_transformers(tmp_path):
@@ -122,6 +142,8 @@ def test_hf_tokenizer_fallback_and_errors(tmp_path):
     tok = HFTokenizer.from_dir(d)
     text = tok.render_chat([{"role": "user", "content": "hi"}])
     assert text == "user: hi\nassistant:"
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == tok.encode(text)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert ids == tok.encode("user: hi\n") + tok.encode("assistant:")  # no BOS: the config has none
+    assert tok.decode(ids) == text
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path / "empty")

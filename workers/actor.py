@@ -22,7 +22,7 @@ from kvstore.blockstore_client import BlockStoreClient
 from kvstore.cache import BlockEvent, TieredKVCache
 from kvstore.config import BlockStoreClientConfig, CacheConfig
 from kvstore.hashing import PrefixHasher
-from workers.engine import Engine, EngineConfig, Sequence, Status
+from workers.engine import Engine, EngineConfig, Sequence, Status, hashed_prefix
 from workers.loader import builtin_model, kv_spec, load_checkpoint
 from workers.sampling import SamplingParams
 from workers.tokenizer import load_tokenizer
@@ -92,19 +92,24 @@ class DecodeWorker:
         except (TypeError, ValueError) as e:
             yield {"finish_reason": "error", "error": str(e), "usage": None, "worker_id": self.worker_id}
             return
-        box: dict = {}
+        box: dict = {}  # the engine thread puts the request's Sequence here
         self._inbox.put(("add", prompt, sampling, namespace, loop, tokens, box, skip_cache))
         self._wake.set()
+        ended = False
         try:
             while True:
                 item = await tokens.get()
                 if isinstance(item, dict):
+                    ended = True
                     yield item
                     return
                 yield item
         finally:
-            if "seq" in box and box["seq"].status is not Status.FINISHED:
-                self._inbox.put(("abort", box["seq"]))  # the caller went away: free its blocks
+            if not ended:
+                # The caller went away: free the request's slot and blocks. Sent even if the
+                # engine thread has not added the request yet: the inbox is FIFO, so the abort
+                # finds the sequence in ``box`` once the add ran.
+                self._inbox.put(("abort", box))
                 self._wake.set()
 
     def shutdown(self) -> None:
@@ -128,9 +133,7 @@ class DecodeWorker:
         self.cache.prefer(self._prefix(prompt, namespace).hashes, ttl_s)
 
     def _prefix(self, tokens: list[int], namespace: str) -> PrefixHasher:
-        prefix = PrefixHasher.for_namespace(self.spec.fingerprint, namespace, self.spec.block_size)
-        prefix.extend(tokens)
-        return prefix
+        return hashed_prefix(self.spec.fingerprint, namespace, self.spec.block_size, tokens)
 
     def flush(self) -> None:
         """Wait until blocks committed so far reached the lower tiers (T1, T2)."""
@@ -176,7 +179,7 @@ class DecodeWorker:
                 outputs = self.engine.step()
             except Exception:  # keep serving the other requests
                 log.exception("engine step failed")
-                continue
+                outputs = []  # still send the final records of what it finished (its errors)
             for out in outputs:
                 loop, q, seq = streams[out.seq.id]
                 loop.call_soon_threadsafe(q.put_nowait, out.token)
@@ -195,8 +198,10 @@ class DecodeWorker:
             except queue.Empty:
                 return
             if msg[0] == "abort":
-                self.engine.abort(msg[1])
-                self.aborted += 1
+                seq = msg[1].get("seq")  # None: the add was refused (its caller had the error)
+                if seq is not None and seq.status is not Status.FINISHED:
+                    self.engine.abort(seq)
+                    self.aborted += 1
                 continue
             if msg[0] == "prefetch":
                 self._prefetch(*msg[1:])

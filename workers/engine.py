@@ -24,11 +24,19 @@ from enum import Enum
 import torch
 
 from kvstore.cache import CacheFullError, Tier, TieredKVCache
-from kvstore.hashing import PrefixHasher, root_hash
+from kvstore.hashing import PrefixHasher
 from workers.model import ForwardBatch, Transformer
 from workers.sampling import SamplingParams, sample
+from workers.tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
+
+
+def hashed_prefix(fingerprint: bytes, namespace: str, block_size: int, tokens: Seq[int]) -> PrefixHasher:
+    """``tokens`` with the hashes of their full blocks, as every worker and the router name them."""
+    prefix = PrefixHasher.for_namespace(fingerprint, namespace, block_size)
+    prefix.extend(tokens)
+    return prefix
 
 
 class Status(Enum):
@@ -72,7 +80,8 @@ class Sequence:
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        self.text_len = 0  # decoded output characters already checked for stop strings
+        self.decoder: IncrementalDecoder | None = None  # the output's text, for stop strings
+        self.stop_tail = ""  # the text's end, where a stop string completed by new text starts
         self.logits: list[torch.Tensor] = []  # per generated token, with EngineConfig.keep_logits
         self.skip_cache = False  # compute the whole prompt (measures what reuse saves)
 
@@ -82,7 +91,12 @@ class Sequence:
 
     @property
     def output(self) -> list[int]:
+        """A copy: per token, use ``num_output_tokens``."""
         return self.prefix.tokens[self.prompt_len:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.prefix.num_tokens - self.prompt_len
 
     def __len__(self) -> int:
         return self.prefix.num_tokens
@@ -99,7 +113,10 @@ class EngineConfig:
 class StepOutput:
     seq: Sequence
     token: int
-    finished: bool
+
+
+class RequestFailed(RuntimeError):
+    """``Engine.stream``'s request ended with finish reason "error" (the message says why)."""
 
 
 class Engine:
@@ -136,10 +153,11 @@ class Engine:
                              f"model's context of {limit} tokens")
         if params.stop and self.detokenize is None:
             raise ValueError("stop strings need a detokenizer")
-        prefix = PrefixHasher(root_hash(self.cache.spec.fingerprint, namespace), self.block_size, namespace)
-        prefix.extend(prompt)
+        prefix = hashed_prefix(self.cache.spec.fingerprint, namespace, self.block_size, prompt)
         seq = Sequence(list(prompt), params, prefix)
         seq.skip_cache = skip_cache
+        if params.stop:
+            seq.decoder = IncrementalDecoder(self.detokenize)
         self.waiting.append(seq)
         return seq
 
@@ -161,17 +179,20 @@ class Engine:
         return seqs
 
     def stream(self, prompt: list[int], params: SamplingParams | None = None, namespace: str = "default") -> Iterator[int]:
-        """Yield a prompt's tokens as they are generated (steps other requests too)."""
+        """Yield a prompt's tokens as they are generated (steps other requests too). Raises
+        ``RequestFailed`` if the engine could not finish it; closing the iterator aborts it."""
         seq = self.add_request(prompt, params, namespace)
         sent = 0
         try:
             while seq.status is not Status.FINISHED:
                 self.step()
-                yield from seq.output[sent:]
-                sent = len(seq.output)
+                yield from seq.tokens[seq.prompt_len + sent:]
+                sent = seq.num_output_tokens
         finally:
             if seq.status is not Status.FINISHED:
                 self.abort(seq)
+        if seq.finish_reason == "error":
+            raise RequestFailed(seq.error)
 
     # ---- one step -----------------------------------------------------------------------
 
@@ -182,18 +203,25 @@ class Engine:
             batch = self._schedule_decode()
         if not batch:
             return []
-        logits = self._forward(batch)
+        try:
+            logits = self._forward(batch)
+        except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the others
+            log.exception("forward pass failed for sequences %s", [seq.id for seq in batch])
+            for seq in batch:
+                seq.error = f"the model's forward pass failed: {type(e).__name__}: {e}"
+                self._finish(seq, "error")
+            return []
         return self._postprocess(batch, logits)
 
     def _schedule_prefill(self) -> list[Sequence]:
         batch: list[Sequence] = []
         budget = self.config.max_prefill_tokens
-        while self.waiting and len(self.running) + len(batch) < self.config.max_num_seqs:
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if batch and len(seq) - seq.num_computed > budget:
                 break
             try:
-                if not self._start(seq, alone=not (self.running or batch)):
+                if not self._start(seq, alone=not self.running):
                     break
             except CacheFullError as e:  # can never fit: fail this request, not the engine
                 self.waiting.popleft()
@@ -201,6 +229,7 @@ class Engine:
                 self._finish(seq, "error")
                 continue
             self.waiting.popleft()
+            self.running.append(seq)  # the batch's sequences are running from here on
             budget -= len(seq) - seq.num_computed
             batch.append(seq)
         return batch
@@ -265,13 +294,17 @@ class Engine:
         now = time.perf_counter()
         out: list[StepOutput] = []
         for seq, row in zip(batch, logits):
-            if seq not in self.running:
-                self.running.append(seq)
             seq.num_computed = len(seq)
             self._commit_full_blocks(seq)
             if self.config.keep_logits:
                 seq.logits.append(row.float().cpu().clone())
-            token = sample(row, seq.params, seq.generator)
+            try:
+                token = sample(row, seq.params, seq.generator)
+            except Exception as e:  # noqa: BLE001 - e.g. NaN logits: fail this request, not the engine
+                log.exception("sampling failed for sequence %d", seq.id)
+                seq.error = f"sampling failed: {type(e).__name__}: {e}"
+                self._finish(seq, "error")
+                continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 seq.usage.ttft_s = now - seq.arrival
@@ -280,7 +313,7 @@ class Engine:
             reason = self._stop_reason(seq, token)
             if reason:
                 self._finish(seq, reason)
-            out.append(StepOutput(seq, token, reason is not None))
+            out.append(StepOutput(seq, token))
         return out
 
     def _commit_full_blocks(self, seq: Sequence) -> None:
@@ -294,14 +327,14 @@ class Engine:
         p = seq.params
         if token in p.stop_token_ids or (token in self.eos and not p.ignore_eos):
             return "stop"
-        if p.stop and self.detokenize is not None:
-            text = self.detokenize(seq.output)
-            # Only text that appeared since the last check can complete a stop string.
-            window = text[max(0, seq.text_len - max(map(len, p.stop))):]
-            seq.text_len = len(text)
+        if seq.decoder is not None and (new := seq.decoder.push(token)):
+            # Only new text can complete a stop string, which then starts at most its length
+            # minus one characters before it: decoding the whole output per token was quadratic.
+            window = seq.stop_tail + new
             if any(s in window for s in p.stop):
                 return "stop"
-        if len(seq.output) >= p.max_tokens:
+            seq.stop_tail = window[max(0, len(window) - max(map(len, p.stop)) + 1):]
+        if seq.num_output_tokens >= p.max_tokens:
             return "length"
         return None
 

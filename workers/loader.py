@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from kvstore.spec import KVSpec
-from workers.model import ModelConfig, Transformer, _parse_dtype
+from kvstore.spec import KVSpec, parse_dtype
+from workers.model import ModelConfig, Transformer
 from workers.tokenizer import ByteTokenizer
 
 DIGEST_SCHEME = "kvstore-weights-v1"
@@ -121,7 +121,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    config = ModelConfig.from_hf(raw, dtype=None if dtype is None else _parse_dtype(dtype))
+    config = ModelConfig.from_hf(raw, dtype=None if dtype is None else parse_dtype(dtype))
     files = _safetensors_files(path)
     device = torch.device(device)
 
@@ -239,7 +239,7 @@ def builtin_config(name: str = "tiny", dtype: torch.dtype | str | None = None) -
     fields, default_dtype = BUILTIN_MODELS[name]
     return ModelConfig(
         **fields, rope_scaling=None, rms_norm_eps=1e-6,
-        dtype=default_dtype if dtype is None else _parse_dtype(dtype),
+        dtype=default_dtype if dtype is None else parse_dtype(dtype),
         bos_token_id=_BYTE_TOK.bos_token_id, eos_token_ids=_BYTE_TOK.eos_token_ids,
     )
 

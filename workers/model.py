@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvstore.spec import parse_dtype
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _hashable(value):
@@ -43,17 +44,6 @@ def _hashable(value):
     if isinstance(value, list | tuple):
         return tuple(_hashable(v) for v in value)
     return value
-
-
-def _parse_dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        if name not in _DTYPES.values():
-            raise ValueError(f"unsupported dtype {name}; use one of {sorted(_DTYPES)}")
-        return name
-    key = str(name).removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +84,7 @@ class ModelConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        object.__setattr__(self, "dtype", _parse_dtype(self.dtype))
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))  # the model's dtype is its KV's
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
@@ -186,14 +176,14 @@ class ModelConfig:
         eos = d.get("eos_token_id")
         eos_ids = () if eos is None else (tuple(eos) if isinstance(eos, list | tuple) else (eos,))
         if dtype is None:
-            dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+            dtype = str(d.get("dtype") or d.get("torch_dtype") or "float32")  # ValueError, not AttributeError, if odd
         return cls(
             model_type=model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
             num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
             rope_theta=theta, rope_scaling=rope_scaling,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias, max_position_embeddings=max_pos, dtype=_parse_dtype(dtype),
+            qkv_bias=qkv_bias, max_position_embeddings=max_pos, dtype=parse_dtype(dtype),
             bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,
             o_bias=o_bias, sliding_window=sliding_window, sliding_layers=sliding_layers,
         )

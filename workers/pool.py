@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from kvstore.hashing import PrefixHasher
 from workers.actor import WorkerConfig, remote_worker_class
+from workers.engine import hashed_prefix
 from workers.router import NoWorkerError, Router, RouterConfig
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,7 @@ class Generated:
 
     finish_reason: str
     worker_id: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: list[int]  # by tier, as found by the worker that finished it
-    decode_s: float
+    cached_tokens: list[int]  # by tier, as found by the worker that finished it (zeros: it died first)
     failovers: int = 0
 
 
@@ -151,9 +148,12 @@ class WorkerPool:
     # ---- requests -------------------------------------------------------------------------
 
     def block_hashes(self, tokens: list[int], namespace: str) -> list[bytes]:
-        prefix = PrefixHasher.for_namespace(self.info["fingerprint"], namespace, self.info["block_size"])
-        prefix.extend(tokens)
-        return prefix.hashes
+        return hashed_prefix(self.info["fingerprint"], namespace, self.info["block_size"], tokens).hashes
+
+    def _route(self, tokens: list[int], namespace: str, session_id: str | None) -> str:
+        # A session's affinity decides without the prefix: hash its history only when it does not.
+        wid = self.router.sticky(session_id)
+        return wid if wid is not None else self.router.choose(self.block_hashes(tokens, namespace), session_id)
 
     async def generate(self, prompt: list[int], params: dict, namespace: str, session_id: str | None = None,
                        worker_id: str | None = None, skip_cache: bool = False) -> AsyncIterator[int | Generated]:
@@ -167,7 +167,7 @@ class WorkerPool:
         while True:
             tokens = prompt + output
             wid = worker_id if worker_id is not None and self._workers[worker_id].live else \
-                self.router.choose(self.block_hashes(tokens, namespace), session_id)
+                self._route(tokens, namespace, session_id)
             handle = self._workers[wid].handle
             attempt = dict(params, max_tokens=max_tokens - len(output))
             self.router.started(wid)
@@ -187,6 +187,11 @@ class WorkerPool:
                             type(e).__name__)
                 self._lose(wid)
                 worker_id = None
+                if len(output) >= max_tokens:
+                    # It died after streaming the last token, before its final record: the
+                    # generation is complete (a retry would ask for 0 tokens and be refused).
+                    yield Generated("length", wid, [0, 0, 0], failovers)
+                    return
                 if failovers > self.config.max_failovers:
                     raise WorkerLostError(f"generation lost {failovers} workers; giving up") from e
                 continue
@@ -198,13 +203,12 @@ class WorkerPool:
             if item["finish_reason"] == "error":
                 raise GenerationError(item["error"])
             usage = item["usage"]  # of the attempt that finished (after a failover: the resumed one)
-            yield Generated(item["finish_reason"], wid, len(prompt), len(output), list(usage["cached_tokens"]),
-                            usage["decode_s"], failovers)
+            yield Generated(item["finish_reason"], wid, list(usage["cached_tokens"]), failovers)
             return
 
     async def prefetch(self, tokens: list[int], namespace: str, session_id: str) -> tuple[str, int]:
         """Warm ``tokens``' cached prefix into the worker the session's next turn will use."""
-        wid = self.router.choose(self.block_hashes(tokens, namespace), session_id)
+        wid = self._route(tokens, namespace, session_id)
         try:
             held = await asyncio.wait_for(self._workers[wid].handle.prefetch.remote(tokens, namespace),
                                           self.config.call_timeout_s)
@@ -217,6 +221,11 @@ class WorkerPool:
         """Ask every live worker to evict ``tokens``' blocks last (a pinned session's)."""
         calls = [w.handle.prefer.remote(tokens, namespace, ttl_s) for w in self._workers.values() if w.live]
         await asyncio.gather(*(asyncio.wait_for(c, self.config.call_timeout_s) for c in calls), return_exceptions=True)
+
+    def forget(self, session_id: str) -> None:
+        """Forget a closed session's worker affinity (the router keeps one per session
+        otherwise, forever); unknown ids are ignored."""
+        self.router.forget(session_id)
 
     # ---- membership -----------------------------------------------------------------------
 

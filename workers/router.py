@@ -63,6 +63,10 @@ class Router:
             del self._affinity[s]
         return moved
 
+    def forget(self, session_id: str) -> None:
+        """Drop a session's affinity (it was closed); unknown ids are ignored."""
+        self._affinity.pop(session_id, None)
+
     def reset_worker(self, worker_id: str) -> None:
         """A worker restarted: its caches are empty, so its index entries are stale."""
         self.remove_worker(worker_id)
@@ -104,12 +108,19 @@ class Router:
             n += 1
         return n
 
+    def sticky(self, session_id: str | None) -> str | None:
+        """The live worker a session sticks to (counted as routed there), or None: then
+        ``choose`` decides from the prefix."""
+        if session_id and (w := self._affinity.get(session_id)) in self._workers:
+            self._workers[w].routed += 1
+            return w
+        return None
+
     def choose(self, block_hashes: Sequence[bytes], session_id: str | None = None) -> str:
         """The worker for a request (and, for a session, its new affinity)."""
         if not self._workers:
             raise NoWorkerError("no decode worker is available")
-        if session_id and (w := self._affinity.get(session_id)) in self._workers:
-            self._workers[w].routed += 1
+        if (w := self.sticky(session_id)) is not None:
             return w
         reachable = self._global_prefix(block_hashes)
         best = max(

@@ -5,10 +5,15 @@ from dataclasses import dataclass
 
 import torch
 
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by a tinier
+# one overflows them to inf, softmax then gives NaN and multinomial fails, while the
+# distribution it approximates is argmax anyway.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. ``temperature == 0`` is greedy."""
+    """How to pick tokens and when to stop. ``temperature < GREEDY_BELOW`` (e.g. 0) is greedy."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -32,7 +37,7 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick one token from a row of logits."""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits.float().cpu() / params.temperature  # the generator lives on the CPU
     if params.top_k:

@@ -7,6 +7,7 @@ adds special tokens and never parses special-token text inside user content (a u
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -26,6 +27,34 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         raise NotImplementedError
+
+
+class IncrementalDecoder:
+    """Text deltas for a growing list of token ids that never split a UTF-8 character or
+    drop a word-leading space, decoding only a small window of ids per token (as vLLM does):
+    the deltas joined are the decoded whole."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self.ids: list[int] = []
+        self._prefix = 0  # the window starts here: decoding from a token boundary keeps spaces
+        self._read = 0  # ids up to here are emitted
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # not in the middle of a character
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """What is left (possibly an incomplete character) at the end of the stream."""
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return after[len(before):]
 
 
 def _check_messages(messages: list[dict]) -> None:
