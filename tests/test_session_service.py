@@ -4,17 +4,20 @@ usage reports the reuse; retries, restarts, a killed worker, bad input and 16 co
 sessions."""
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import grpc
 import pytest
 import ray
+import redis.exceptions as rex
 
 from kvstore.client import SessionAPIError, SessionClient
 from kvstore.config import BlockStoreConfig
 from servicehelpers import LoopThread, reference, start_pool, start_server, wait_for, worker_config
 from services.blockstore.server import BlockStoreThread
 from services.blockstore.store import RedisBlockStore
+from services.session.service import _classify
 from workers.pool import PoolConfig
 
 SYSTEM = "You are a careful planning agent. Think step by step and call tools when needed. " * 2
@@ -335,3 +338,11 @@ def test_health_reflection_and_metrics(service, kv):
     text = generate_latest(server.metrics.registry).decode()
     assert 'kvstore_session_requests_total{code="OK",method="Generate"}' in text
     assert "kvstore_session_ttft_seconds_count" in text and 'kvstore_session_cached_tokens_total{tier="t0"}' in text
+
+
+@pytest.mark.parametrize("error", [rex.ConnectionError("Connection refused"), rex.TimeoutError(),
+                                   rex.ClusterDownError("CLUSTERDOWN The cluster is down"),
+                                   rex.TryAgainError("TRYAGAIN"), rex.RedisClusterException("no node")])
+def test_an_unreachable_redis_or_cluster_is_unavailable(error):
+    code, message = asyncio.run(_classify(error))
+    assert code is grpc.StatusCode.UNAVAILABLE and "Redis" in message and "retry" in message

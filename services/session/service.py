@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-import redis.exceptions
 
 from kvstore.blockstore_client import BlockStoreClient
 from kvstore.v1 import session_pb2 as pb
@@ -25,6 +24,7 @@ from kvstore.v1 import session_pb2_grpc as pb_grpc
 from services.blockstore.auth import ANY_NAMESPACE, TokenTable, check_namespace, require_namespace
 from services.blockstore.errors import RequestError
 from services.grpc_server import rpc_status
+from services.redis_errors import UNAVAILABLE as REDIS_UNAVAILABLE
 from services.session.chat import ChatFormatError, ChatFormatter
 from services.session.metrics import SessionMetrics
 from services.session.state import Session, SessionChanged, SessionClosed, SessionNotFound, SessionStore
@@ -363,9 +363,10 @@ async def _classify(e: Exception) -> tuple[grpc.StatusCode, str] | None:
     for cls, code in _STATUS_OF.items():
         if isinstance(e, cls):
             return code, str(e)
-    if isinstance(e, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
-        logger.warning("session state (Redis) is unavailable: %s", e)
-        return grpc.StatusCode.UNAVAILABLE, f"session state (Redis) is unavailable: {e}"
+    if isinstance(e, REDIS_UNAVAILABLE):  # incl. a cluster that is down or resharding: retry later
+        reason = str(e) or type(e).__name__
+        logger.warning("session state (Redis) is unavailable: %s", reason)
+        return grpc.StatusCode.UNAVAILABLE, f"session state (Redis) is unavailable, retry later: {reason}"
     return None
 
 
