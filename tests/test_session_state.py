@@ -1,5 +1,6 @@
 """Session state in a real Redis (single and 3-node cluster): survives a new store instance
-(a restarted service), idempotent appends, forks, pins, close, bad input."""
+(a restarted service), idempotent appends (also retried after close), forks, pins, close, the
+index, a session removed underneath, bad input."""
 import asyncio
 
 import pytest
@@ -103,4 +104,50 @@ def test_turns_are_atomic_checked_against_concurrent_changes_and_replayed(store_
         assert got.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
         fork = await st.fork("tenant", s.id)
         assert (await st.get("tenant", fork.id)).messages == got.messages
+    asyncio.run(scenario())
+
+
+def test_a_retried_append_after_close_gets_its_result_and_leaves_the_index_alone(store_factory):
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m", tokens=[1])
+        first = await st.append_turn("tenant", s.id, [2], request_id="r1", result="done")
+        await st.close("tenant", s.id)
+        retry = await st.append_turn("tenant", s.id, [2], request_id="r1", result="other")
+        assert (retry.num_tokens, retry.result, retry.replayed) == (first.num_tokens, "done", True)
+        assert s.id not in await st.list("tenant")  # the replay did not re-add the closed session
+        with pytest.raises(SessionClosed):  # a new request is still refused
+            await st.append("tenant", s.id, [3], request_id="r2")
+        assert (await st.get("tenant", s.id)).tokens == [1, 2]
+    asyncio.run(scenario())
+
+
+def test_index_order_and_listing_with_lengths(store_factory):
+    async def scenario():
+        st = store_factory()
+        ns = "listing"
+        a = await st.create(ns, "m", tokens=[1, 2, 3], metadata={"k": "v"})
+        b = await st.create(ns, "m")
+        assert await st.list(ns) == [b.id, a.id]
+        await st.append(ns, a.id, [4])  # an append moves its session to the front
+        listed = await st.list_sessions(ns)
+        assert [(s.id, n) for s, n in listed] == [(a.id, 4), (b.id, 0)]
+        assert listed[0][0].metadata == {"k": "v"} and listed[0][0].model == "m" and not listed[0][0].closed
+        await st._r.delete(*st._keys(ns, b.id))  # removed underneath (the index entry stays)
+        assert [s.id for s, _ in await st.list_sessions(ns)] == [a.id]
+        assert await st.list_sessions("nothing-here") == []
+    asyncio.run(scenario())
+
+
+def test_pin_unpin_close_of_a_removed_session_do_not_recreate_it(store_factory):
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m", tokens=[1])
+        await st._r.delete(*st._keys("tenant", s.id))
+        for change in (st.pin("tenant", s.id, 60), st.unpin("tenant", s.id), st.close("tenant", s.id)):
+            with pytest.raises(SessionNotFound):
+                await change
+        with pytest.raises(SessionNotFound):  # not a partial hash (a KeyError on read)
+            await st.get("tenant", s.id)
+        assert await st.unpin("tenant", (await st.create("tenant", "m")).id) == 0.0
     asyncio.run(scenario())
