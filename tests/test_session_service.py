@@ -87,8 +87,10 @@ def test_turns_append_fork_and_close_match_the_engine(kv):
 
     raw = kv.generate(s.session_id, tokens=[1, 2, 3], max_tokens=4, ignore_eos=True).result()  # token input
     assert raw.usage.prompt_tokens == u.num_tokens + 3
-    ids = {x.session_id for x in kv.list_sessions()}
-    assert {s.session_id, fork.session_id} <= ids
+    listed = {x.session_id: x for x in kv.list_sessions()}
+    assert listed[s.session_id].num_tokens == raw.usage.num_tokens
+    assert listed[fork.session_id].num_tokens == len(history(kv, fork.session_id))
+    assert listed[fork.session_id].parent_id == s.session_id and listed[s.session_id].metadata["agent"] == "planner"
     closed = kv.close_session(s.session_id)
     assert closed.closed and kv.close_session(s.session_id).closed  # idempotent
     with pytest.raises(SessionAPIError) as e:

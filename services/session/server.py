@@ -23,7 +23,7 @@ from services.blockstore.auth import TokenTable
 from services.blockstore.errors import ConfigError
 from services.grpc_server import MetricsEndpoint, bind, is_loopback
 from services.session.metrics import SessionMetrics
-from services.session.service import SERVICE_NAME, Limits, SessionServicer
+from services.session.service import SERVICE_NAME, SessionServicer
 from services.session.state import SessionStore
 from workers.pool import WorkerPool
 from workers.tokenizer import Tokenizer
@@ -80,14 +80,11 @@ class SessionServer:
         try:
             self._redis = (RedisCluster.from_url(cfg.redis_url) if cfg.redis_cluster
                            else aioredis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=2))
-            limits = Limits(max_tokens=cfg.max_tokens, default_max_tokens=cfg.default_max_tokens,
-                            max_input_tokens=cfg.max_input_tokens,
-                            max_concurrent_generations=cfg.max_concurrent_generations)
             if cfg.blockstore_address:
                 self._blockstore = BlockStoreClient(BlockStoreClientConfig(
                     address=cfg.blockstore_address, token=cfg.blockstore_token))
             servicer = SessionServicer(SessionStore(self._redis), self.pool, self.tokenizer, self._keys,
-                                       self.metrics, limits, self._blockstore)
+                                       self.metrics, cfg, self._blockstore)
             self._server = grpc.aio.server(options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),

@@ -18,6 +18,7 @@ refreshes an entry that is still there (ZADD XX), so it cannot re-add a closed s
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,13 @@ from kvstore.hashing import token_bytes
 
 REQUEST_ID_TTL_S = 24 * 3600  # how long a request id is remembered for idempotency
 _MAX_REQUEST_ID = 128
+_ID_BYTES = 12
+_ID = re.compile(f"[0-9a-f]{{{2 * _ID_BYTES}}}")
+
+
+def valid_session_id(session_id: str) -> bool:
+    """True for an id as ``create`` makes them (24 lowercase hex digits)."""
+    return _ID.fullmatch(session_id) is not None
 
 
 class SessionError(Exception):
@@ -138,7 +146,7 @@ class SessionStore:
                      metadata: dict[str, str] | None = None, parent: str = "",
                      messages: list[dict] | None = None) -> Session:
         """A new session with an optional initial history (e.g. the system prompt's tokens)."""
-        session_id = secrets.token_hex(12)
+        session_id = secrets.token_hex(_ID_BYTES)
         now = time.time()
         meta_key, tok_key = self._keys(namespace, session_id)
         data = token_bytes(np.asarray(tokens or [], dtype=np.int64))
