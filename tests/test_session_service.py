@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from servicehelpers import LoopThread, reference, start_pool, start_server, wait
 from services.blockstore.server import BlockStoreThread
 from services.blockstore.store import RedisBlockStore
 from services.session.service import _classify
+from services.session.state import SessionStore
 from workers.pool import PoolConfig
 
 SYSTEM = "You are a careful planning agent. Think step by step and call tools when needed. " * 2
@@ -119,6 +121,98 @@ def test_retried_generate_and_append_are_applied_once(kv):
     assert kv.get_session(s.session_id).num_tokens == g.usage.num_tokens
     n = kv.append(s.session_id, tokens=[5, 6], request_id="tool-1")
     assert kv.append(s.session_id, tokens=[5, 6], request_id="tool-1") == n == g.usage.num_tokens + 2
+    kv.close_session(s.session_id)  # retries of requests that succeeded before the close still get their results
+    assert kv.append(s.session_id, tokens=[5, 6], request_id="tool-1") == n
+    late = kv.generate(s.session_id, messages=[{"role": "user", "content": "q"}], max_tokens=6,
+                       request_id="turn-1").result()
+    assert late.ids == g.ids and late.usage == g.usage
+    closed = grpc.StatusCode.FAILED_PRECONDITION
+    assert _codes(lambda: kv.append(s.session_id, tokens=[7], request_id="tool-2")) is closed
+    assert kv.get_session(s.session_id).num_tokens == n
+
+
+def _sampled_turn(max_tokens: int = 600) -> dict:
+    """A turn long enough to overlap with another call, sampled so two generations differ."""
+    return dict(messages=[{"role": "user", "content": "surprise me"}], max_tokens=max_tokens, temperature=1.0,
+                ignore_eos=True, request_id="turn-1")
+
+
+def _drain_in_background(stream) -> tuple[threading.Thread, dict]:
+    """Consume a started Generate stream on a thread; the dict gets 'end' (when it ended) and
+    'error' (the status code, if it failed)."""
+    out: dict = {}
+
+    def drain():
+        try:
+            for _ in stream:
+                pass
+        except SessionAPIError as e:
+            out["error"] = e.code
+        out["end"] = time.monotonic()
+    thread = threading.Thread(target=drain)
+    thread.start()
+    return thread, out
+
+
+def test_a_retry_overlapping_its_first_attempt_gets_the_recorded_turn(kv):
+    s = kv.create_session(system_prompt=SYSTEM)
+    before = history(kv, s.session_id)
+    first = kv.generate(s.session_id, **_sampled_turn())
+    it = iter(first)
+    next(it)  # the first attempt holds the request id and streams
+    thread, first_out = _drain_in_background(it)
+    retried_at = time.monotonic()
+    retry = kv.generate(s.session_id, **_sampled_turn()).result()  # e.g. after a client-side timeout
+    thread.join(60)
+    assert retried_at < first_out["end"] and "error" not in first_out  # they overlapped
+    assert len(first.ids) == 600 and retry.ids == first.ids and retry.text == first.text
+    assert retry.usage == first.usage
+    after = history(kv, s.session_id)  # what both callers received is what was recorded, once
+    p = first.usage.prompt_tokens
+    assert after[:len(before)] == before and after[p:p + 600] == first.ids and len(after) == first.usage.num_tokens
+
+
+def test_a_waiting_retry_takes_over_when_the_first_attempt_is_cancelled(kv):
+    s = kv.create_session(system_prompt=SYSTEM)
+    n = kv.get_session(s.session_id).num_tokens
+    first = kv.generate(s.session_id, **_sampled_turn())
+    it = iter(first)
+    next(it)
+    retry = kv.generate(s.session_id, **_sampled_turn())  # waits for the first attempt's request id
+    time.sleep(0.3)
+    first.cancel()
+    with pytest.raises(SessionAPIError) as e:
+        list(it)
+    assert e.value.code is grpc.StatusCode.CANCELLED
+    retry.result()
+    after = history(kv, s.session_id)
+    p = retry.usage.prompt_tokens
+    assert len(retry.ids) == 600 and after[p:p + 600] == retry.ids and len(after) == retry.usage.num_tokens > n
+
+
+def test_a_lapsed_lease_never_streams_an_answer_that_is_not_recorded(kv, service):
+    """Last line of defence: when the first attempt's lease lapsed (Redis unreachable for its
+    renewals), two attempts generate; the one recorded second must not report success for
+    tokens that are not in the history."""
+    s = kv.create_session(system_prompt=SYSTEM)
+    namespace, raw = s.session_id.split(":")
+    first = kv.generate(s.session_id, **_sampled_turn())
+    it = iter(first)
+    next(it)
+    service["redis"].client().delete(SessionStore._lease_key(namespace, raw, "turn-1"))  # as if it lapsed
+    first_thread, first_out = _drain_in_background(it)
+    second = kv.generate(s.session_id, **_sampled_turn())
+    second_thread, second_out = _drain_in_background(second)
+    first_thread.join(60)
+    second_thread.join(60)
+    after = history(kv, s.session_id)
+    for gen, out in ((first, first_out), (second, second_out)):
+        if "error" in out:
+            assert out["error"] is grpc.StatusCode.ABORTED
+        else:  # a success is always the recorded answer
+            p = gen.usage.prompt_tokens
+            assert after[p:p + 600] == gen.ids and gen.usage.num_tokens == len(after)
+    assert "error" not in first_out or "error" not in second_out
 
 
 def test_prefetch_and_pin(kv, service):
@@ -348,3 +442,4 @@ def test_health_reflection_and_metrics(service, kv):
 def test_an_unreachable_redis_or_cluster_is_unavailable(error):
     code, message = asyncio.run(_classify(error))
     assert code is grpc.StatusCode.UNAVAILABLE and "Redis" in message and "retry" in message
+

@@ -151,3 +151,75 @@ def test_pin_unpin_close_of_a_removed_session_do_not_recreate_it(store_factory):
             await st.get("tenant", s.id)
         assert await st.unpin("tenant", (await st.create("tenant", "m")).id) == 0.0
     asyncio.run(scenario())
+
+
+def test_calls_with_one_request_id_run_one_at_a_time(store_factory):
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m", tokens=[1])
+        holding, release = asyncio.Event(), asyncio.Event()
+
+        async def attempt(request_id: str, record: bool):
+            async with st.request("tenant", s.id, request_id) as done:
+                if done is not None:
+                    return done
+                holding.set()
+                await release.wait()
+                if record:
+                    await st.append_turn("tenant", s.id, [2], request_id=request_id, result=request_id)
+                return None
+
+        # The holder records its turn: the waiting retry gets that result.
+        holder = asyncio.create_task(attempt("r1", record=True))
+        await holding.wait()
+        retry = asyncio.create_task(attempt("r1", record=True))
+        await asyncio.sleep(0.2)
+        assert not retry.done()  # waiting for the holder
+        release.set()
+        assert await holder is None and await retry == (2, "r1")
+        async with st.request("tenant", s.id, "r1") as done:  # a later retry: at once
+            assert done == (2, "r1")
+
+        # The holder fails: the waiting retry takes the request id over.
+        holding.clear()
+        release.clear()
+        holder = asyncio.create_task(attempt("r2", record=False))
+        await holding.wait()
+        holding.clear()
+        retry = asyncio.create_task(attempt("r2", record=True))
+        await asyncio.sleep(0.2)
+        assert not retry.done() and not holding.is_set()
+        release.set()
+        assert await holder is None
+        assert await asyncio.wait_for(retry, 5) is None and holding.is_set()  # it held the id and recorded
+        assert (await st.get("tenant", s.id)).tokens == [1, 2, 2]
+
+        async with st.request("tenant", s.id, "") as a, st.request("tenant", s.id, "") as b:
+            assert a is None and b is None  # without a request id nothing is leased
+    asyncio.run(scenario())
+
+
+def test_a_lease_is_renewed_while_held_and_lapses_after_a_crashed_holder(store_factory, monkeypatch):
+    from services.session import state
+    monkeypatch.setattr(state, "LEASE_S", 0.3)
+
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m")
+
+        async def waits(request_id: str, seconds: float) -> bool:
+            try:
+                async with asyncio.timeout(seconds):
+                    async with st.request("tenant", s.id, request_id):
+                        return False
+            except TimeoutError:
+                return True
+
+        async with st.request("tenant", s.id, "r1") as done:
+            assert done is None
+            assert await waits("r1", 1.0)  # held 3 lease periods: renewed, so still held
+        assert not await waits("r1", 1.0)  # released on exit
+        # A holder that crashed never releases: its lease lapses and another call takes over.
+        await st._r.set(st._lease_key("tenant", s.id, "r2"), "crashed-owner", px=300)
+        assert not await waits("r2", 2.0)
+    asyncio.run(scenario())

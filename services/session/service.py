@@ -8,6 +8,7 @@ worker (resuming elsewhere if it dies) -> append input + output to the history a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -108,7 +109,8 @@ class SessionServicer(pb_grpc.SessionsServicer):
 
     async def Append(self, request: pb.AppendRequest, context) -> pb.AppendResponse:
         async with self._rpc("Append", context):
-            session = await self._session(context, request.session_id)
+            # A closed session is refused by the store, after it replays a request id applied before the close.
+            session = await self._session(context, request.session_id, include_closed=True)
             self._check_request_id(request.request_id)
             tokens, messages, _ = self._input(session, request.input if request.HasField("input") else None, False)
             if not tokens:
@@ -120,74 +122,96 @@ class SessionServicer(pb_grpc.SessionsServicer):
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.perf_counter()
         async with self._rpc("Generate", context):
-            session = await self._session(context, request.session_id, include_closed=True)
+            namespace, raw = self._locate(context, request.session_id)
             self._check_request_id(request.request_id)
-            if done := await self._store.request_result(session.namespace, session.id, request.request_id):
-                for response in _replay(*done):  # a retry of a finished turn: same answer, no new turn
-                    yield response
-                return
-            if session.closed:
-                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"session {request.session_id!r} is closed")
-            params = self._sampling(request.sampling if request.HasField("sampling") else None)
-            tokens, messages, chat = self._input(session, request.input if request.HasField("input") else None, True)
-            prompt = session.tokens + tokens
-            if not prompt:
-                raise RequestError(_INVALID, "nothing to generate from: the session is empty and so is the input")
-            if len(prompt) + params["max_tokens"] > self._pool.info["max_context"]:
-                raise RequestError(_INVALID, f"the session ({len(prompt)} tokens with this input) plus max_tokens "
-                                             f"({params['max_tokens']}) exceeds the model's context of "
-                                             f"{self._pool.info['max_context']} tokens")
-            if request.worker_id and request.worker_id not in self._pool.worker_ids:
-                raise RequestError(_INVALID, f"unknown worker_id {request.worker_id!r}; workers: "
-                                             f"{', '.join(self._pool.worker_ids)}")
-            if self._active >= self._config.max_concurrent_generations:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{self._active} generations in progress (max_concurrent_generations); retry later")
-            self._active += 1
-            self._metrics.active.inc()
-            try:
-                decoder = IncrementalDecoder(self._tok)
-                first_at = end = None
-                result: Generated | None = None
-                async for item in self._pool.generate(prompt, params, session.namespace, _router_key(session),
-                                                      request.worker_id or None, request.skip_cache):
-                    if isinstance(item, Generated):
-                        result = item
-                        break
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                    yield pb.GenerateResponse(chunk=pb.TokenChunk(ids=[item], text=decoder.push(item)))
-                end = time.perf_counter()
-                if tail := decoder.flush():
-                    yield pb.GenerateResponse(chunk=pb.TokenChunk(text=tail))
-            finally:
-                self._active -= 1
-                self._metrics.active.dec()
-            output = decoder.ids
-            text = self._tok.decode(output)
-            turn_msgs = messages
-            if chat:
-                tokens_after = output + self._chat.close_assistant(session.messages + messages, output, text)
-                turn_msgs = messages + [{"role": "assistant", "content": text}]
-            else:
-                tokens_after = output
-            n = len(output)
-            usage = pb.Usage(
-                prompt_tokens=len(prompt), completion_tokens=n,
-                cached_tokens_t0=result.cached_tokens[0], cached_tokens_t1=result.cached_tokens[1],
-                cached_tokens_t2=result.cached_tokens[2], ttft_seconds=(first_at or end) - arrival,
-                tokens_per_second=(n - 1) / (end - first_at) if n > 1 and end > first_at else 0.0,
-                finish_reason=result.finish_reason, worker_id=result.worker_id, failovers=result.failovers)
-            record = json.dumps({"ids": output, "text": text, "usage": _usage_dict(usage)})
-            appended = await self._store.append_turn(
-                session.namespace, session.id, tokens + tokens_after, request_id=request.request_id, messages=turn_msgs,
-                expected_len=len(session.tokens), result=record)
-            usage.num_tokens = appended.num_tokens
-            self._metrics.turn(usage)
-            yield pb.GenerateResponse(usage=usage)
-            if session.pinned_until > time.time():
-                # The pin covers the history as it grows: re-apply it to the new blocks.
-                await self._pin_blocks(session.namespace, prompt + tokens_after, session.pinned_until - time.time())
+            # Calls with one request id run one at a time: a retry that overlaps the first
+            # attempt waits for it and replays its result, so every caller gets the turn that
+            # is in the history (not tokens of a generation that was never recorded).
+            async with self._store.request(namespace, raw, request.request_id) as done:
+                if done:
+                    for response in _replay(*done):  # a retry of a finished turn: same answer, no new turn
+                        yield response
+                    return
+                # Read with the request id held: after a failed attempt, the history as it is now.
+                session = await self._read(namespace, raw)
+                async with contextlib.aclosing(self._turn(session, request, arrival)) as responses:
+                    async for response in responses:
+                        yield response
+
+    async def _turn(self, session: Session, request: pb.GenerateRequest,
+                    arrival: float) -> AsyncIterator[pb.GenerateResponse]:
+        """Generate's new turn: stream the tokens, record the turn, send its usage."""
+        params = self._sampling(request.sampling if request.HasField("sampling") else None)
+        tokens, messages, chat = self._input(session, request.input if request.HasField("input") else None, True)
+        prompt = session.tokens + tokens
+        if not prompt:
+            raise RequestError(_INVALID, "nothing to generate from: the session is empty and so is the input")
+        if len(prompt) + params["max_tokens"] > self._pool.info["max_context"]:
+            raise RequestError(_INVALID, f"the session ({len(prompt)} tokens with this input) plus max_tokens "
+                                         f"({params['max_tokens']}) exceeds the model's context of "
+                                         f"{self._pool.info['max_context']} tokens")
+        if request.worker_id and request.worker_id not in self._pool.worker_ids:
+            raise RequestError(_INVALID, f"unknown worker_id {request.worker_id!r}; workers: "
+                                         f"{', '.join(self._pool.worker_ids)}")
+        if self._active >= self._config.max_concurrent_generations:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{self._active} generations in progress (max_concurrent_generations); retry later")
+        self._active += 1
+        self._metrics.active.inc()
+        try:
+            decoder = IncrementalDecoder(self._tok)
+            first_at = end = None
+            result: Generated | None = None
+            async for item in self._pool.generate(prompt, params, session.namespace, _router_key(session),
+                                                  request.worker_id or None, request.skip_cache):
+                if isinstance(item, Generated):
+                    result = item
+                    break
+                if first_at is None:
+                    first_at = time.perf_counter()
+                yield pb.GenerateResponse(chunk=pb.TokenChunk(ids=[item], text=decoder.push(item)))
+            end = time.perf_counter()
+            if tail := decoder.flush():
+                yield pb.GenerateResponse(chunk=pb.TokenChunk(text=tail))
+        finally:
+            self._active -= 1
+            self._metrics.active.dec()
+        output = decoder.ids
+        text = self._tok.decode(output)
+        turn_msgs = messages
+        if chat:
+            tokens_after = output + self._chat.close_assistant(session.messages + messages, output, text)
+            turn_msgs = messages + [{"role": "assistant", "content": text}]
+        else:
+            tokens_after = output
+        n = len(output)
+        usage = pb.Usage(
+            prompt_tokens=len(prompt), completion_tokens=n,
+            cached_tokens_t0=result.cached_tokens[0], cached_tokens_t1=result.cached_tokens[1],
+            cached_tokens_t2=result.cached_tokens[2], ttft_seconds=(first_at or end) - arrival,
+            tokens_per_second=(n - 1) / (end - first_at) if n > 1 and end > first_at else 0.0,
+            finish_reason=result.finish_reason, worker_id=result.worker_id, failovers=result.failovers)
+        record = json.dumps({"ids": output, "text": text, "usage": _usage_dict(usage)})
+        appended = await self._store.append_turn(
+            session.namespace, session.id, tokens + tokens_after, request_id=request.request_id, messages=turn_msgs,
+            expected_len=len(session.tokens), result=record)
+        if appended.replayed:
+            # Another call with this request id recorded its turn first (this call's lease had
+            # lapsed, e.g. Redis was unreachable for a while): only its answer is in the history.
+            recorded, recorded_usage = _replay(appended.num_tokens, appended.result)
+            if list(recorded.chunk.ids) != output:
+                raise RequestError(grpc.StatusCode.ABORTED,
+                                   f"request_id {request.request_id!r} was completed by a concurrent call with a "
+                                   "different answer than the one streamed here; retry with the same request_id "
+                                   "to receive the recorded answer")
+            yield recorded_usage
+            return
+        usage.num_tokens = appended.num_tokens
+        self._metrics.turn(usage)
+        yield pb.GenerateResponse(usage=usage)
+        if session.pinned_until > time.time():
+            # The pin covers the history as it grows: re-apply it to the new blocks.
+            await self._pin_blocks(session.namespace, prompt + tokens_after, session.pinned_until - time.time())
 
     async def Fork(self, request: pb.ForkRequest, context) -> pb.SessionInfo:
         async with self._rpc("Fork", context):
@@ -257,16 +281,25 @@ class SessionServicer(pb_grpc.SessionsServicer):
         require_namespace(allowed, namespace)
         return namespace
 
-    async def _session(self, context, session_id: str, include_closed: bool = False) -> Session:
+    def _locate(self, context, session_id: str) -> tuple[str, str]:
+        """(namespace, bare id) of a public session id, if the caller may use that namespace."""
         allowed = self._keys.authenticate(context.invocation_metadata())
         namespace, _, raw = session_id.rpartition(":")
         if not valid_namespace(namespace) or not valid_session_id(raw):
             shown = repr(session_id[:80])
             raise RequestError(_INVALID, f"malformed session_id {shown}: expected '<namespace>:<24 hex digits>'")
         require_namespace(allowed, namespace)
-        session = await self._store.get(namespace, raw)
+        return namespace, raw
+
+    async def _session(self, context, session_id: str, include_closed: bool = False) -> Session:
+        namespace, raw = self._locate(context, session_id)
+        return await self._read(namespace, raw, include_closed)
+
+    async def _read(self, namespace: str, session_id: str, include_closed: bool = False) -> Session:
+        session = await self._store.get(namespace, session_id)
         if session.closed and not include_closed:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"session {session_id!r} is closed")
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"session {public_id(namespace, session_id)!r} is closed")
         return session
 
     def _input(self, session: Session, inp: pb.Input | None, generate: bool) -> tuple[list[int], list[dict], bool]:

@@ -7,7 +7,9 @@ several) loses nothing. All keys of one session share a Redis Cluster hash tag
 - ``append``: adds tokens once per request id (a retried Append is not applied twice, even
   after the session was closed);
 - ``pin``/``unpin``/``close``: change a field only if the session exists (never recreate a
-  partial session that was deleted meanwhile).
+  partial session that was deleted meanwhile);
+- ``request``: leases a request id to one call while it runs, so a retry that overlaps the
+  first attempt waits for its result instead of producing a second answer.
 ``fork`` is not atomic as a whole (the child has its own hash tag, so another slot): it takes
 a ``get`` snapshot of the parent and creates the child from it; a turn landing on the parent
 meanwhile is either wholly in the fork or not at all.
@@ -17,18 +19,29 @@ refreshes an entry that is still there (ZADD XX), so it cannot re-add a closed s
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import redis.asyncio as aioredis
 
 from kvstore.hashing import token_bytes
+from services.redis_errors import UNAVAILABLE
+
+logger = logging.getLogger(__name__)
 
 REQUEST_ID_TTL_S = 24 * 3600  # how long a request id is remembered for idempotency
+# A running request id is leased to one call; the holder renews the lease while it runs, so
+# it lapses this long after a holder that crashed (or lost Redis), letting a retry take over.
+LEASE_S = 10.0
+_LEASE_POLL_S = 0.05  # how often a retry waiting for the holder checks for its result
 _MAX_REQUEST_ID = 128
 _ID_BYTES = 12
 _ID = re.compile(f"[0-9a-f]{{{2 * _ID_BYTES}}}")
@@ -96,6 +109,23 @@ if ARGV[4] == '1' then redis.call('SET', KEYS[3], n .. '|' .. ARGV[6], 'EX', ARG
 return {n, ARGV[6], 0}
 """
 
+# KEYS: request id, its lease. ARGV: owner, lease ms. Returns {0, ''} if the request id is now
+# leased to this owner, {1, remembered} if it was applied, {2, ''} if another call holds it.
+_CLAIM = """
+local done = redis.call('GET', KEYS[1])
+if done then return {1, done} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0, ''} end
+return {2, ''}
+"""
+
+# KEYS: lease. ARGV: owner, then lease ms to renew it, or none to release it. Acts only while
+# the owner holds the lease (a lapsed lease may belong to another call by now).
+_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('DEL', KEYS[1])
+"""
+
 # KEYS: meta, tokens, messages. Returns {meta as HGETALL's flat list, token bytes, messages}.
 _GET = """
 return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]) or '', redis.call('LRANGE', KEYS[3], 0, -1)}
@@ -124,6 +154,8 @@ class SessionStore:
         self._append = client.register_script(_APPEND)
         self._get = client.register_script(_GET)
         self._set_if_exists = client.register_script(_SET_IF_EXISTS)
+        self._claim = client.register_script(_CLAIM)
+        self._lease = client.register_script(_LEASE)
 
     @staticmethod
     def _keys(namespace: str, session_id: str) -> tuple[str, str]:
@@ -137,6 +169,10 @@ class SessionStore:
     @staticmethod
     def _req_key(namespace: str, session_id: str, request_id: str) -> str:
         return f"sess:{{{namespace}:{session_id}}}:req:{request_id}"  # same hash tag: one slot
+
+    @staticmethod
+    def _lease_key(namespace: str, session_id: str, request_id: str) -> str:
+        return f"sess:{{{namespace}:{session_id}}}:lease:{request_id}"
 
     @staticmethod
     def _index(namespace: str) -> str:
@@ -200,7 +236,8 @@ class SessionStore:
         if n == -1:
             raise SessionNotFound(f"no session {session_id!r} in namespace {namespace!r}")
         if n == -2:
-            raise SessionClosed(f"session {session_id!r} is closed")
+            raise SessionClosed(f"session {session_id!r} in namespace {namespace!r} is closed: its history is "
+                                "readable, but it takes no more turns (fork it to continue)")
         if n == -3:
             raise SessionChanged(f"session {session_id!r} changed while this request ran (a concurrent turn); "
                                  "retry it")
@@ -214,10 +251,46 @@ class SessionStore:
         if not request_id:
             return None
         done = await self._r.get(self._req_key(namespace, session_id, request_id))
-        if done is None:
-            return None
-        n, _, result = done.decode().partition("|")
-        return int(n), result
+        return None if done is None else _parse_done(done)
+
+    @contextlib.asynccontextmanager
+    async def request(self, namespace: str, session_id: str, request_id: str) -> AsyncIterator[tuple[int, str] | None]:
+        """Run the calls carrying one request id one at a time.
+
+        Yields (history length, result) if ``request_id`` was applied already, by an earlier
+        call or by a concurrent one this call waited for. Otherwise yields None with the
+        request id leased to this call until the block exits: a concurrent retry waits for
+        its result, or takes over if this call fails. Without a request id: None at once."""
+        if not request_id:
+            yield None
+            return
+        keys = [self._req_key(namespace, session_id, request_id), self._lease_key(namespace, session_id, request_id)]
+        owner = secrets.token_hex(8)
+        while True:
+            status, done = await self._claim(keys=keys, args=[owner, int(LEASE_S * 1000)])
+            if status == 1:
+                yield _parse_done(done)
+                return
+            if status == 0:
+                break
+            await asyncio.sleep(_LEASE_POLL_S)
+        renewer = asyncio.create_task(self._keep_lease(keys[1], owner), name="session-request-lease")
+        try:
+            yield None
+        finally:
+            renewer.cancel()
+            try:
+                await self._lease(keys=[keys[1]], args=[owner])
+            except UNAVAILABLE as e:  # the lease lapses by itself after LEASE_S
+                logger.warning("could not release the lease of request %r: %s", request_id, e)
+
+    async def _keep_lease(self, key: str, owner: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_S / 3)
+            try:
+                await self._lease(keys=[key], args=[owner, int(LEASE_S * 1000)])
+            except UNAVAILABLE as e:  # the next renewal may still come in time
+                logger.warning("could not renew a request lease: %s", e)
 
     async def fork(self, namespace: str, session_id: str, metadata: dict[str, str] | None = None) -> Session:
         """A new session whose history starts as a copy of ``session_id``'s (of one snapshot
@@ -264,6 +337,12 @@ class SessionStore:
     async def _set_field(self, namespace: str, session_id: str, name: str, value: float) -> None:
         if not await self._set_if_exists(keys=[self._keys(namespace, session_id)[0]], args=[name, value]):
             raise SessionNotFound(f"no session {session_id!r} in namespace {namespace!r}")
+
+
+def _parse_done(done: bytes) -> tuple[int, str]:
+    """(history length, result) from what the append script stores under a request id."""
+    n, _, result = done.decode().partition("|")
+    return int(n), result
 
 
 def _session(namespace: str, session_id: str, meta: dict[bytes, bytes]) -> Session:
