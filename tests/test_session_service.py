@@ -237,7 +237,8 @@ def test_prefetch_and_pin(kv, service):
     assert pinned.pinned_until > 0 and kv.get_session(s.session_id).pinned_until == pytest.approx(pinned.pinned_until)
     assert all(t > ten_days - 60 for t in block_ttls(s.session_id))  # kept in the cold tier
     turn(kv, s.session_id, messages=[{"role": "user", "content": "a turn of a pinned session"}])
-    assert all(t > ten_days - 60 for t in block_ttls(s.session_id))  # its new blocks too
+    # Its new blocks too: re-pinned after the reply, in the background.
+    assert wait_for(lambda: all(t > ten_days - 60 for t in block_ttls(s.session_id)), timeout=30)
     assert kv.pin(s.session_id, 0).pinned_until == 0
 
 
@@ -443,3 +444,27 @@ def test_an_unreachable_redis_or_cluster_is_unavailable(error):
     code, message = asyncio.run(_classify(error))
     assert code is grpc.StatusCode.UNAVAILABLE and "Redis" in message and "retry" in message
 
+
+
+def test_work_left_after_replies_is_awaited_or_cancelled_on_stop(caplog):
+    from services.blockstore.auth import TokenTable
+    from services.session.metrics import SessionMetrics
+    from services.session.service import SessionServicer
+    from workers.tokenizer import ByteTokenizer
+
+    async def scenario():
+        servicer = SessionServicer(None, None, ByteTokenizer(512), TokenTable(""), SessionMetrics())
+        finished = []
+
+        async def work(seconds: float):
+            await asyncio.sleep(seconds)
+            finished.append(seconds)
+
+        async def broken():
+            raise RuntimeError("block store exploded")
+        for w in (work(0.05), work(60), broken()):
+            servicer._in_background(w, "test-work")
+        await servicer.stop(timeout=0.5)
+        assert finished == [0.05] and not servicer._background  # the slow one was cancelled
+    asyncio.run(scenario())
+    assert "block store exploded" in caplog.text  # a failure is logged, not lost

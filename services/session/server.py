@@ -66,6 +66,7 @@ class SessionServer:
         self.port = 0
         self._redis: aioredis.Redis | None = None
         self._server: grpc.aio.Server | None = None
+        self._servicer: SessionServicer | None = None
         self._health: health.aio.HealthServicer | None = None
         self._health_task: asyncio.Task | None = None
         self._healthy: bool | None = None
@@ -83,8 +84,8 @@ class SessionServer:
             if cfg.blockstore_address:
                 self._blockstore = BlockStoreClient(BlockStoreClientConfig(
                     address=cfg.blockstore_address, token=cfg.blockstore_token))
-            servicer = SessionServicer(SessionStore(self._redis), self.pool, self.tokenizer, self._keys,
-                                       self.metrics, cfg, self._blockstore)
+            self._servicer = servicer = SessionServicer(SessionStore(self._redis), self.pool, self.tokenizer,
+                                                        self._keys, self.metrics, cfg, self._blockstore)
             self._server = grpc.aio.server(options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -108,12 +109,17 @@ class SessionServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace``."""
+        """Health NOT_SERVING, refuse new calls, let in-flight ones (then the work they left
+        running, such as re-pins) finish within ``grace`` each."""
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        grace = self.config.grace_seconds if grace is None else grace
         if self._server is not None:
-            await self._server.stop(self.config.grace_seconds if grace is None else grace)
+            await self._server.stop(grace)
             self._server = None
+        if self._servicer is not None:  # its background work uses Redis and the block store client
+            await self._servicer.stop(grace)
+            self._servicer = None
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

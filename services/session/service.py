@@ -12,7 +12,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import grpc
 
@@ -87,10 +88,21 @@ class SessionServicer(pb_grpc.SessionsServicer):
         self._config = config or SessionServiceConfig()  # its limits (max_tokens, ...)
         self._blockstore = blockstore  # for Pin: keeps a pinned session's blocks in the cold tier
         self._active = 0
+        self._background: set[asyncio.Task] = set()  # work done after a reply (re-pins); see stop()
 
     @property
     def model(self) -> str:
         return self._pool.info["model"]
+
+    async def stop(self, timeout: float) -> None:
+        """Give the work started after replies ``timeout`` seconds to finish, then cancel it
+        (call after the gRPC server stopped, before closing the clients that work uses)."""
+        if not self._background:
+            return
+        _, pending = await asyncio.wait(set(self._background), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     # ---- RPCs -----------------------------------------------------------------------------
 
@@ -208,10 +220,12 @@ class SessionServicer(pb_grpc.SessionsServicer):
             return
         usage.num_tokens = appended.num_tokens
         self._metrics.turn(usage)
-        yield pb.GenerateResponse(usage=usage)
         if session.pinned_until > time.time():
-            # The pin covers the history as it grows: re-apply it to the new blocks.
-            await self._pin_blocks(session.namespace, prompt + tokens_after, session.pinned_until - time.time())
+            # The pin covers the history as it grows: re-apply it to the new blocks, without
+            # holding the reply (a slow or unreachable block store must not delay turns).
+            self._in_background(self._pin_blocks(session.namespace, prompt + tokens_after,
+                                                 session.pinned_until - time.time()), "session-repin")
+        yield pb.GenerateResponse(usage=usage)
 
     async def Fork(self, request: pb.ForkRequest, context) -> pb.SessionInfo:
         async with self._rpc("Fork", context):
@@ -354,6 +368,16 @@ class SessionServicer(pb_grpc.SessionsServicer):
     def _check_request_id(request_id: str) -> None:
         if len(request_id) > 128 or "|" in request_id:
             raise RequestError(_INVALID, "request_id must be at most 128 characters, without '|'")
+
+    def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)  # a reference, so the task is not collected while it runs
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("%s failed", task.get_name(), exc_info=task.exception())
 
     async def _pin_blocks(self, namespace: str, tokens: list[int], ttl_s: float) -> None:
         """Evicted last from the workers' T0/T1; kept at least ``ttl_s`` in T2."""
