@@ -422,6 +422,7 @@ def test_health_reflection_and_metrics(service, kv):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
     from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
     server = service["server"]
     with grpc.insecure_channel(server.address) as ch:
@@ -430,11 +431,27 @@ def test_health_reflection_and_metrics(service, kv):
         reply = next(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         assert "kvstore.v1.Sessions" in {s.name for s in reply.list_services_response.service}
+
+    def scrape() -> dict:
+        """The samples a Prometheus scrape gets: (name, sorted labels) -> value."""
+        text = generate_latest(server.metrics.registry).decode()
+        return {(x.name, tuple(sorted(x.labels.items()))): x.value
+                for family in text_string_to_metric_families(text) for x in family.samples}
+    generate_ok = ("kvstore_session_requests_total", (("code", "OK"), ("method", "Generate")))
+    cached_t0 = ("kvstore_session_cached_tokens_total", (("tier", "t0"),))
+    ttft_count, completion = ("kvstore_session_ttft_seconds_count", ()), ("kvstore_session_completion_tokens_total", ())
+    before = scrape()
     s = kv.create_session(system_prompt=SYSTEM)
-    kv.generate(s.session_id, messages=[{"role": "user", "content": "count me"}], max_tokens=3).result()
-    text = generate_latest(server.metrics.registry).decode()
-    assert 'kvstore_session_requests_total{code="OK",method="Generate"}' in text
-    assert "kvstore_session_ttft_seconds_count" in text and 'kvstore_session_cached_tokens_total{tier="t0"}' in text
+    _, g1 = turn(kv, s.session_id, max_tokens=3, messages=[{"role": "user", "content": "count me"}])
+    _, g2 = turn(kv, s.session_id, max_tokens=3, messages=[{"role": "user", "content": "and me"}])
+    assert g2.usage.cached_tokens_t0 > 0  # the second turn reused the first's history from T0
+    after = scrape()
+
+    def grew(key) -> float:
+        return after[key] - before.get(key, 0.0)
+    assert grew(generate_ok) == 2 and grew(ttft_count) == 2 and grew(completion) == 6
+    assert grew(cached_t0) == g1.usage.cached_tokens_t0 + g2.usage.cached_tokens_t0 > 0
+    assert after[("kvstore_session_active_generations", ())] == 0
 
 
 @pytest.mark.parametrize("error", [rex.ConnectionError("Connection refused"), rex.TimeoutError(),
