@@ -4,17 +4,22 @@ usage reports the reuse; retries, restarts, a killed worker, bad input and 16 co
 sessions."""
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import grpc
 import pytest
 import ray
+import redis.exceptions as rex
 
 from kvstore.client import SessionAPIError, SessionClient
 from kvstore.config import BlockStoreConfig
 from servicehelpers import LoopThread, reference, start_pool, start_server, wait_for, worker_config
 from services.blockstore.server import BlockStoreThread
 from services.blockstore.store import RedisBlockStore
+from services.session.service import _classify
+from services.session.state import SessionStore
 from workers.pool import PoolConfig
 
 SYSTEM = "You are a careful planning agent. Think step by step and call tools when needed. " * 2
@@ -84,8 +89,10 @@ def test_turns_append_fork_and_close_match_the_engine(kv):
 
     raw = kv.generate(s.session_id, tokens=[1, 2, 3], max_tokens=4, ignore_eos=True).result()  # token input
     assert raw.usage.prompt_tokens == u.num_tokens + 3
-    ids = {x.session_id for x in kv.list_sessions()}
-    assert {s.session_id, fork.session_id} <= ids
+    listed = {x.session_id: x for x in kv.list_sessions()}
+    assert listed[s.session_id].num_tokens == raw.usage.num_tokens
+    assert listed[fork.session_id].num_tokens == len(history(kv, fork.session_id))
+    assert listed[fork.session_id].parent_id == s.session_id and listed[s.session_id].metadata["agent"] == "planner"
     closed = kv.close_session(s.session_id)
     assert closed.closed and kv.close_session(s.session_id).closed  # idempotent
     with pytest.raises(SessionAPIError) as e:
@@ -114,6 +121,98 @@ def test_retried_generate_and_append_are_applied_once(kv):
     assert kv.get_session(s.session_id).num_tokens == g.usage.num_tokens
     n = kv.append(s.session_id, tokens=[5, 6], request_id="tool-1")
     assert kv.append(s.session_id, tokens=[5, 6], request_id="tool-1") == n == g.usage.num_tokens + 2
+    kv.close_session(s.session_id)  # retries of requests that succeeded before the close still get their results
+    assert kv.append(s.session_id, tokens=[5, 6], request_id="tool-1") == n
+    late = kv.generate(s.session_id, messages=[{"role": "user", "content": "q"}], max_tokens=6,
+                       request_id="turn-1").result()
+    assert late.ids == g.ids and late.usage == g.usage
+    closed = grpc.StatusCode.FAILED_PRECONDITION
+    assert _codes(lambda: kv.append(s.session_id, tokens=[7], request_id="tool-2")) is closed
+    assert kv.get_session(s.session_id).num_tokens == n
+
+
+def _sampled_turn(max_tokens: int = 600) -> dict:
+    """A turn long enough to overlap with another call, sampled so two generations differ."""
+    return dict(messages=[{"role": "user", "content": "surprise me"}], max_tokens=max_tokens, temperature=1.0,
+                ignore_eos=True, request_id="turn-1")
+
+
+def _drain_in_background(stream) -> tuple[threading.Thread, dict]:
+    """Consume a started Generate stream on a thread; the dict gets 'end' (when it ended) and
+    'error' (the status code, if it failed)."""
+    out: dict = {}
+
+    def drain():
+        try:
+            for _ in stream:
+                pass
+        except SessionAPIError as e:
+            out["error"] = e.code
+        out["end"] = time.monotonic()
+    thread = threading.Thread(target=drain)
+    thread.start()
+    return thread, out
+
+
+def test_a_retry_overlapping_its_first_attempt_gets_the_recorded_turn(kv):
+    s = kv.create_session(system_prompt=SYSTEM)
+    before = history(kv, s.session_id)
+    first = kv.generate(s.session_id, **_sampled_turn())
+    it = iter(first)
+    next(it)  # the first attempt holds the request id and streams
+    thread, first_out = _drain_in_background(it)
+    retried_at = time.monotonic()
+    retry = kv.generate(s.session_id, **_sampled_turn()).result()  # e.g. after a client-side timeout
+    thread.join(60)
+    assert retried_at < first_out["end"] and "error" not in first_out  # they overlapped
+    assert len(first.ids) == 600 and retry.ids == first.ids and retry.text == first.text
+    assert retry.usage == first.usage
+    after = history(kv, s.session_id)  # what both callers received is what was recorded, once
+    p = first.usage.prompt_tokens
+    assert after[:len(before)] == before and after[p:p + 600] == first.ids and len(after) == first.usage.num_tokens
+
+
+def test_a_waiting_retry_takes_over_when_the_first_attempt_is_cancelled(kv):
+    s = kv.create_session(system_prompt=SYSTEM)
+    n = kv.get_session(s.session_id).num_tokens
+    first = kv.generate(s.session_id, **_sampled_turn())
+    it = iter(first)
+    next(it)
+    retry = kv.generate(s.session_id, **_sampled_turn())  # waits for the first attempt's request id
+    time.sleep(0.3)
+    first.cancel()
+    with pytest.raises(SessionAPIError) as e:
+        list(it)
+    assert e.value.code is grpc.StatusCode.CANCELLED
+    retry.result()
+    after = history(kv, s.session_id)
+    p = retry.usage.prompt_tokens
+    assert len(retry.ids) == 600 and after[p:p + 600] == retry.ids and len(after) == retry.usage.num_tokens > n
+
+
+def test_a_lapsed_lease_never_streams_an_answer_that_is_not_recorded(kv, service):
+    """Last line of defence: when the first attempt's lease lapsed (Redis unreachable for its
+    renewals), two attempts generate; the one recorded second must not report success for
+    tokens that are not in the history."""
+    s = kv.create_session(system_prompt=SYSTEM)
+    namespace, raw = s.session_id.split(":")
+    first = kv.generate(s.session_id, **_sampled_turn())
+    it = iter(first)
+    next(it)
+    service["redis"].client().delete(SessionStore._lease_key(namespace, raw, "turn-1"))  # as if it lapsed
+    first_thread, first_out = _drain_in_background(it)
+    second = kv.generate(s.session_id, **_sampled_turn())
+    second_thread, second_out = _drain_in_background(second)
+    first_thread.join(60)
+    second_thread.join(60)
+    after = history(kv, s.session_id)
+    for gen, out in ((first, first_out), (second, second_out)):
+        if "error" in out:
+            assert out["error"] is grpc.StatusCode.ABORTED
+        else:  # a success is always the recorded answer
+            p = gen.usage.prompt_tokens
+            assert after[p:p + 600] == gen.ids and gen.usage.num_tokens == len(after)
+    assert "error" not in first_out or "error" not in second_out
 
 
 def test_prefetch_and_pin(kv, service):
@@ -138,7 +237,8 @@ def test_prefetch_and_pin(kv, service):
     assert pinned.pinned_until > 0 and kv.get_session(s.session_id).pinned_until == pytest.approx(pinned.pinned_until)
     assert all(t > ten_days - 60 for t in block_ttls(s.session_id))  # kept in the cold tier
     turn(kv, s.session_id, messages=[{"role": "user", "content": "a turn of a pinned session"}])
-    assert all(t > ten_days - 60 for t in block_ttls(s.session_id))  # its new blocks too
+    # Its new blocks too: re-pinned after the reply, in the background.
+    assert wait_for(lambda: all(t > ten_days - 60 for t in block_ttls(s.session_id)), timeout=30)
     assert kv.pin(s.session_id, 0).pinned_until == 0
 
 
@@ -322,6 +422,7 @@ def test_health_reflection_and_metrics(service, kv):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
     from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
     server = service["server"]
     with grpc.insecure_channel(server.address) as ch:
@@ -330,8 +431,57 @@ def test_health_reflection_and_metrics(service, kv):
         reply = next(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         assert "kvstore.v1.Sessions" in {s.name for s in reply.list_services_response.service}
+
+    def scrape() -> dict:
+        """The samples a Prometheus scrape gets: (name, sorted labels) -> value."""
+        text = generate_latest(server.metrics.registry).decode()
+        return {(x.name, tuple(sorted(x.labels.items()))): x.value
+                for family in text_string_to_metric_families(text) for x in family.samples}
+    generate_ok = ("kvstore_session_requests_total", (("code", "OK"), ("method", "Generate")))
+    cached_t0 = ("kvstore_session_cached_tokens_total", (("tier", "t0"),))
+    ttft_count, completion = ("kvstore_session_ttft_seconds_count", ()), ("kvstore_session_completion_tokens_total", ())
+    before = scrape()
     s = kv.create_session(system_prompt=SYSTEM)
-    kv.generate(s.session_id, messages=[{"role": "user", "content": "count me"}], max_tokens=3).result()
-    text = generate_latest(server.metrics.registry).decode()
-    assert 'kvstore_session_requests_total{code="OK",method="Generate"}' in text
-    assert "kvstore_session_ttft_seconds_count" in text and 'kvstore_session_cached_tokens_total{tier="t0"}' in text
+    _, g1 = turn(kv, s.session_id, max_tokens=3, messages=[{"role": "user", "content": "count me"}])
+    _, g2 = turn(kv, s.session_id, max_tokens=3, messages=[{"role": "user", "content": "and me"}])
+    assert g2.usage.cached_tokens_t0 > 0  # the second turn reused the first's history from T0
+    after = scrape()
+
+    def grew(key) -> float:
+        return after[key] - before.get(key, 0.0)
+    assert grew(generate_ok) == 2 and grew(ttft_count) == 2 and grew(completion) == 6
+    assert grew(cached_t0) == g1.usage.cached_tokens_t0 + g2.usage.cached_tokens_t0 > 0
+    assert after[("kvstore_session_active_generations", ())] == 0
+
+
+@pytest.mark.parametrize("error", [rex.ConnectionError("Connection refused"), rex.TimeoutError(),
+                                   rex.ClusterDownError("CLUSTERDOWN The cluster is down"),
+                                   rex.TryAgainError("TRYAGAIN"), rex.RedisClusterException("no node")])
+def test_an_unreachable_redis_or_cluster_is_unavailable(error):
+    code, message = asyncio.run(_classify(error))
+    assert code is grpc.StatusCode.UNAVAILABLE and "Redis" in message and "retry" in message
+
+
+
+def test_work_left_after_replies_is_awaited_or_cancelled_on_stop(caplog):
+    from services.blockstore.auth import TokenTable
+    from services.session.metrics import SessionMetrics
+    from services.session.service import SessionServicer
+    from workers.tokenizer import ByteTokenizer
+
+    async def scenario():
+        servicer = SessionServicer(None, None, ByteTokenizer(512), TokenTable(""), SessionMetrics())
+        finished = []
+
+        async def work(seconds: float):
+            await asyncio.sleep(seconds)
+            finished.append(seconds)
+
+        async def broken():
+            raise RuntimeError("block store exploded")
+        for w in (work(0.05), work(60), broken()):
+            servicer._in_background(w, "test-work")
+        await servicer.stop(timeout=0.5)
+        assert finished == [0.05] and not servicer._background  # the slow one was cancelled
+    asyncio.run(scenario())
+    assert "block store exploded" in caplog.text  # a failure is logged, not lost

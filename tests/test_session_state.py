@@ -1,5 +1,6 @@
 """Session state in a real Redis (single and 3-node cluster): survives a new store instance
-(a restarted service), idempotent appends, forks, pins, close, bad input."""
+(a restarted service), idempotent appends (also retried after close), forks, pins, close, the
+index, a session removed underneath, bad input."""
 import asyncio
 
 import pytest
@@ -103,4 +104,122 @@ def test_turns_are_atomic_checked_against_concurrent_changes_and_replayed(store_
         assert got.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
         fork = await st.fork("tenant", s.id)
         assert (await st.get("tenant", fork.id)).messages == got.messages
+    asyncio.run(scenario())
+
+
+def test_a_retried_append_after_close_gets_its_result_and_leaves_the_index_alone(store_factory):
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m", tokens=[1])
+        first = await st.append_turn("tenant", s.id, [2], request_id="r1", result="done")
+        await st.close("tenant", s.id)
+        retry = await st.append_turn("tenant", s.id, [2], request_id="r1", result="other")
+        assert (retry.num_tokens, retry.result, retry.replayed) == (first.num_tokens, "done", True)
+        assert s.id not in await st.list("tenant")  # the replay did not re-add the closed session
+        with pytest.raises(SessionClosed):  # a new request is still refused
+            await st.append("tenant", s.id, [3], request_id="r2")
+        assert (await st.get("tenant", s.id)).tokens == [1, 2]
+    asyncio.run(scenario())
+
+
+def test_index_order_and_listing_with_lengths(store_factory):
+    async def scenario():
+        st = store_factory()
+        ns = "listing"
+        a = await st.create(ns, "m", tokens=[1, 2, 3], metadata={"k": "v"})
+        b = await st.create(ns, "m")
+        assert await st.list(ns) == [b.id, a.id]
+        await st.append(ns, a.id, [4])  # an append moves its session to the front
+        listed = await st.list_sessions(ns)
+        assert [(s.id, n) for s, n in listed] == [(a.id, 4), (b.id, 0)]
+        assert listed[0][0].metadata == {"k": "v"} and listed[0][0].model == "m" and not listed[0][0].closed
+        await st._r.delete(*st._keys(ns, b.id))  # removed underneath (the index entry stays)
+        assert [s.id for s, _ in await st.list_sessions(ns)] == [a.id]
+        assert await st.list_sessions("nothing-here") == []
+    asyncio.run(scenario())
+
+
+def test_pin_unpin_close_of_a_removed_session_do_not_recreate_it(store_factory):
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m", tokens=[1])
+        await st._r.delete(*st._keys("tenant", s.id))
+        for change in (st.pin("tenant", s.id, 60), st.unpin("tenant", s.id), st.close("tenant", s.id)):
+            with pytest.raises(SessionNotFound):
+                await change
+        with pytest.raises(SessionNotFound):  # not a partial hash (a KeyError on read)
+            await st.get("tenant", s.id)
+        assert await st.unpin("tenant", (await st.create("tenant", "m")).id) == 0.0
+    asyncio.run(scenario())
+
+
+def test_calls_with_one_request_id_run_one_at_a_time(store_factory):
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m", tokens=[1])
+        holding, release = asyncio.Event(), asyncio.Event()
+
+        async def attempt(request_id: str, record: bool):
+            async with st.request("tenant", s.id, request_id) as done:
+                if done is not None:
+                    return done
+                holding.set()
+                await release.wait()
+                if record:
+                    await st.append_turn("tenant", s.id, [2], request_id=request_id, result=request_id)
+                return None
+
+        # The holder records its turn: the waiting retry gets that result.
+        holder = asyncio.create_task(attempt("r1", record=True))
+        await holding.wait()
+        retry = asyncio.create_task(attempt("r1", record=True))
+        await asyncio.sleep(0.2)
+        assert not retry.done()  # waiting for the holder
+        release.set()
+        assert await holder is None and await retry == (2, "r1")
+        async with st.request("tenant", s.id, "r1") as done:  # a later retry: at once
+            assert done == (2, "r1")
+
+        # The holder fails: the waiting retry takes the request id over.
+        holding.clear()
+        release.clear()
+        holder = asyncio.create_task(attempt("r2", record=False))
+        await holding.wait()
+        holding.clear()
+        retry = asyncio.create_task(attempt("r2", record=True))
+        await asyncio.sleep(0.2)
+        assert not retry.done() and not holding.is_set()
+        release.set()
+        assert await holder is None
+        assert await asyncio.wait_for(retry, 5) is None and holding.is_set()  # it held the id and recorded
+        assert (await st.get("tenant", s.id)).tokens == [1, 2, 2]
+
+        async with st.request("tenant", s.id, "") as a, st.request("tenant", s.id, "") as b:
+            assert a is None and b is None  # without a request id nothing is leased
+    asyncio.run(scenario())
+
+
+def test_a_lease_is_renewed_while_held_and_lapses_after_a_crashed_holder(store_factory, monkeypatch):
+    from services.session import state
+    monkeypatch.setattr(state, "LEASE_S", 0.3)
+
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m")
+
+        async def waits(request_id: str, seconds: float) -> bool:
+            try:
+                async with asyncio.timeout(seconds):
+                    async with st.request("tenant", s.id, request_id):
+                        return False
+            except TimeoutError:
+                return True
+
+        async with st.request("tenant", s.id, "r1") as done:
+            assert done is None
+            assert await waits("r1", 1.0)  # held 3 lease periods: renewed, so still held
+        assert not await waits("r1", 1.0)  # released on exit
+        # A holder that crashed never releases: its lease lapses and another call takes over.
+        await st._r.set(st._lease_key("tenant", s.id, "r2"), "crashed-owner", px=300)
+        assert not await waits("r2", 2.0)
     asyncio.run(scenario())

@@ -24,7 +24,7 @@ from services.blockstore.errors import ConfigError
 from services.grpc_server import MetricsEndpoint, bind
 from services.net import host_port, is_loopback
 from services.session.metrics import SessionMetrics
-from services.session.service import SERVICE_NAME, Limits, SessionServicer
+from services.session.service import SERVICE_NAME, SessionServicer
 from services.session.state import SessionStore
 from workers.pool import WorkerPool
 from workers.tokenizer import Tokenizer
@@ -67,6 +67,7 @@ class SessionServer:
         self.port = 0
         self._redis: aioredis.Redis | None = None
         self._server: grpc.aio.Server | None = None
+        self._servicer: SessionServicer | None = None
         self._health: health.aio.HealthServicer | None = None
         self._health_task: asyncio.Task | None = None
         self._healthy: bool | None = None
@@ -81,14 +82,11 @@ class SessionServer:
         try:
             self._redis = (RedisCluster.from_url(cfg.redis_url) if cfg.redis_cluster
                            else aioredis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=2))
-            limits = Limits(max_tokens=cfg.max_tokens, default_max_tokens=cfg.default_max_tokens,
-                            max_input_tokens=cfg.max_input_tokens,
-                            max_concurrent_generations=cfg.max_concurrent_generations)
             if cfg.blockstore_address:
                 self._blockstore = BlockStoreClient(BlockStoreClientConfig(
                     address=cfg.blockstore_address, token=cfg.blockstore_token))
-            servicer = SessionServicer(SessionStore(self._redis), self.pool, self.tokenizer, self._keys,
-                                       self.metrics, limits, self._blockstore)
+            self._servicer = servicer = SessionServicer(SessionStore(self._redis), self.pool, self.tokenizer,
+                                                        self._keys, self.metrics, cfg, self._blockstore)
             self._server = grpc.aio.server(options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -112,12 +110,17 @@ class SessionServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace``."""
+        """Health NOT_SERVING, refuse new calls, let in-flight ones (then the work they left
+        running, such as re-pins) finish within ``grace`` each."""
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        grace = self.config.grace_seconds if grace is None else grace
         if self._server is not None:
-            await self._server.stop(self.config.grace_seconds if grace is None else grace)
+            await self._server.stop(grace)
             self._server = None
+        if self._servicer is not None:  # its background work uses Redis and the block store client
+            await self._servicer.stop(grace)
+            self._servicer = None
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

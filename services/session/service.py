@@ -11,23 +11,25 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import grpc
-import redis.exceptions
 
 from kvstore.blockstore_client import BlockStoreClient
+from kvstore.config import SessionServiceConfig
 from kvstore.v1 import session_pb2 as pb
 from kvstore.v1 import session_pb2_grpc as pb_grpc
-from services.blockstore.auth import ANY_NAMESPACE, TokenTable, check_namespace, require_namespace
+from services.blockstore.auth import ANY_NAMESPACE, TokenTable, check_namespace, require_namespace, valid_namespace
 from services.blockstore.errors import RequestError
+from services.blockstore.service import MAX_TOUCH_TTL_S
 from services.grpc_server import rpc_status
+from services.redis_errors import UNAVAILABLE as REDIS_UNAVAILABLE
 from services.session.chat import ChatFormatError, ChatFormatter
 from services.session.metrics import SessionMetrics
-from services.session.state import Session, SessionChanged, SessionClosed, SessionNotFound, SessionStore
+from services.session.state import (Session, SessionChanged, SessionClosed, SessionNotFound, SessionStore,
+                                    valid_session_id)
 from workers.pool import Generated, GenerationError, NoWorkerError, WorkerLostError, WorkerPool
 from workers.tokenizer import Tokenizer
 
@@ -35,18 +37,15 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sessions"].full_name  # "kvstore.v1.Sessions"
 DEFAULT_NAMESPACE = "default"  # with authentication off
-_SESSION_ID = re.compile(r"^([A-Za-z0-9._-]{1,64}):([0-9a-f]{24})$")
+MAX_LIST = 1000  # sessions per ListSessions
+MAX_METADATA_BYTES = 16384  # per session, keys and values
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-@dataclass(slots=True)
-class Limits:
-    max_tokens: int = 4096  # per Generate
-    default_max_tokens: int = 64
-    max_input_tokens: int = 32768  # per Append/Generate input
-    max_concurrent_generations: int = 64
-    max_list: int = 1000
-    max_metadata_bytes: int = 16384
+def public_id(namespace: str, session_id: str) -> str:
+    """The id clients see, ``<namespace>:<id>``: it names the tenant, so a call can be
+    authorised before anything is read. The store and ``Session.id`` use the bare id."""
+    return f"{namespace}:{session_id}"
 
 
 class IncrementalDecoder:
@@ -78,7 +77,7 @@ class IncrementalDecoder:
 
 class SessionServicer(pb_grpc.SessionsServicer):
     def __init__(self, store: SessionStore, pool: WorkerPool, tokenizer: Tokenizer, api_keys: TokenTable,
-                 metrics: SessionMetrics, limits: Limits | None = None,
+                 metrics: SessionMetrics, config: SessionServiceConfig | None = None,
                  blockstore: BlockStoreClient | None = None) -> None:
         self._store = store
         self._pool = pool
@@ -86,13 +85,24 @@ class SessionServicer(pb_grpc.SessionsServicer):
         self._chat = ChatFormatter(tokenizer)
         self._keys = api_keys
         self._metrics = metrics
-        self._limits = limits or Limits()
+        self._config = config or SessionServiceConfig()  # its limits (max_tokens, ...)
         self._blockstore = blockstore  # for Pin: keeps a pinned session's blocks in the cold tier
         self._active = 0
+        self._background: set[asyncio.Task] = set()  # work done after a reply (re-pins); see stop()
 
     @property
     def model(self) -> str:
         return self._pool.info["model"]
+
+    async def stop(self, timeout: float) -> None:
+        """Give the work started after replies ``timeout`` seconds to finish, then cancel it
+        (call after the gRPC server stopped, before closing the clients that work uses)."""
+        if not self._background:
+            return
+        _, pending = await asyncio.wait(set(self._background), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     # ---- RPCs -----------------------------------------------------------------------------
 
@@ -111,93 +121,117 @@ class SessionServicer(pb_grpc.SessionsServicer):
 
     async def Append(self, request: pb.AppendRequest, context) -> pb.AppendResponse:
         async with self._rpc("Append", context):
-            session = await self._session(context, request.session_id)
+            # A closed session is refused by the store, after it replays a request id applied before the close.
+            session = await self._session(context, request.session_id, include_closed=True)
             self._check_request_id(request.request_id)
             tokens, messages, _ = self._input(session, request.input if request.HasField("input") else None, False)
             if not tokens:
                 raise RequestError(_INVALID, "input is empty: send messages or token ids")
-            appended = await self._store.append_turn(session.namespace, _raw_id(session), tokens,
+            appended = await self._store.append_turn(session.namespace, session.id, tokens,
                                                      request_id=request.request_id, messages=messages)
             return pb.AppendResponse(num_tokens=appended.num_tokens)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.perf_counter()
         async with self._rpc("Generate", context):
-            session = await self._session(context, request.session_id, include_closed=True)
+            namespace, raw = self._locate(context, request.session_id)
             self._check_request_id(request.request_id)
-            raw = _raw_id(session)
-            if done := await self._store.request_result(session.namespace, raw, request.request_id):
-                for response in _replay(*done):  # a retry of a finished turn: same answer, no new turn
-                    yield response
-                return
-            if session.closed:
-                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"session {request.session_id!r} is closed")
-            params = self._sampling(request.sampling if request.HasField("sampling") else None)
-            tokens, messages, chat = self._input(session, request.input if request.HasField("input") else None, True)
-            prompt = session.tokens + tokens
-            if not prompt:
-                raise RequestError(_INVALID, "nothing to generate from: the session is empty and so is the input")
-            if len(prompt) + params["max_tokens"] > self._pool.info["max_context"]:
-                raise RequestError(_INVALID, f"the session ({len(prompt)} tokens with this input) plus max_tokens "
-                                             f"({params['max_tokens']}) exceeds the model's context of "
-                                             f"{self._pool.info['max_context']} tokens")
-            if request.worker_id and request.worker_id not in self._pool.worker_ids:
-                raise RequestError(_INVALID, f"unknown worker_id {request.worker_id!r}; workers: "
-                                             f"{', '.join(self._pool.worker_ids)}")
-            if self._active >= self._limits.max_concurrent_generations:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"{self._active} generations in progress (max_concurrent_generations); retry later")
-            self._active += 1
-            self._metrics.active.inc()
-            try:
-                decoder = IncrementalDecoder(self._tok)
-                first_at = end = None
-                result: Generated | None = None
-                async for item in self._pool.generate(prompt, params, session.namespace, session.id,
-                                                      request.worker_id or None, request.skip_cache):
-                    if isinstance(item, Generated):
-                        result = item
-                        break
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                    yield pb.GenerateResponse(chunk=pb.TokenChunk(ids=[item], text=decoder.push(item)))
-                end = time.perf_counter()
-                if tail := decoder.flush():
-                    yield pb.GenerateResponse(chunk=pb.TokenChunk(text=tail))
-            finally:
-                self._active -= 1
-                self._metrics.active.dec()
-            output = decoder.ids
-            text = self._tok.decode(output)
-            turn_msgs = messages
-            if chat:
-                tokens_after = output + self._chat.close_assistant(session.messages + messages, output, text)
-                turn_msgs = messages + [{"role": "assistant", "content": text}]
-            else:
-                tokens_after = output
-            n = len(output)
-            usage = pb.Usage(
-                prompt_tokens=len(prompt), completion_tokens=n,
-                cached_tokens_t0=result.cached_tokens[0], cached_tokens_t1=result.cached_tokens[1],
-                cached_tokens_t2=result.cached_tokens[2], ttft_seconds=(first_at or end) - arrival,
-                tokens_per_second=(n - 1) / (end - first_at) if n > 1 and end > first_at else 0.0,
-                finish_reason=result.finish_reason, worker_id=result.worker_id, failovers=result.failovers)
-            record = json.dumps({"ids": output, "text": text, "usage": _usage_dict(usage)})
-            appended = await self._store.append_turn(
-                session.namespace, raw, tokens + tokens_after, request_id=request.request_id, messages=turn_msgs,
-                expected_len=len(session.tokens), result=record)
-            usage.num_tokens = appended.num_tokens
-            self._metrics.turn(usage)
-            yield pb.GenerateResponse(usage=usage)
-            if session.pinned_until > time.time():
-                # The pin covers the history as it grows: re-apply it to the new blocks.
-                await self._pin_blocks(session.namespace, prompt + tokens_after, session.pinned_until - time.time())
+            # Calls with one request id run one at a time: a retry that overlaps the first
+            # attempt waits for it and replays its result, so every caller gets the turn that
+            # is in the history (not tokens of a generation that was never recorded).
+            async with self._store.request(namespace, raw, request.request_id) as done:
+                if done:
+                    for response in _replay(*done):  # a retry of a finished turn: same answer, no new turn
+                        yield response
+                    return
+                # Read with the request id held: after a failed attempt, the history as it is now.
+                session = await self._read(namespace, raw)
+                async with contextlib.aclosing(self._turn(session, request, arrival)) as responses:
+                    async for response in responses:
+                        yield response
+
+    async def _turn(self, session: Session, request: pb.GenerateRequest,
+                    arrival: float) -> AsyncIterator[pb.GenerateResponse]:
+        """Generate's new turn: stream the tokens, record the turn, send its usage."""
+        params = self._sampling(request.sampling if request.HasField("sampling") else None)
+        tokens, messages, chat = self._input(session, request.input if request.HasField("input") else None, True)
+        prompt = session.tokens + tokens
+        if not prompt:
+            raise RequestError(_INVALID, "nothing to generate from: the session is empty and so is the input")
+        if len(prompt) + params["max_tokens"] > self._pool.info["max_context"]:
+            raise RequestError(_INVALID, f"the session ({len(prompt)} tokens with this input) plus max_tokens "
+                                         f"({params['max_tokens']}) exceeds the model's context of "
+                                         f"{self._pool.info['max_context']} tokens")
+        if request.worker_id and request.worker_id not in self._pool.worker_ids:
+            raise RequestError(_INVALID, f"unknown worker_id {request.worker_id!r}; workers: "
+                                         f"{', '.join(self._pool.worker_ids)}")
+        if self._active >= self._config.max_concurrent_generations:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{self._active} generations in progress (max_concurrent_generations); retry later")
+        self._active += 1
+        self._metrics.active.inc()
+        try:
+            decoder = IncrementalDecoder(self._tok)
+            first_at = end = None
+            result: Generated | None = None
+            async for item in self._pool.generate(prompt, params, session.namespace, _router_key(session),
+                                                  request.worker_id or None, request.skip_cache):
+                if isinstance(item, Generated):
+                    result = item
+                    break
+                if first_at is None:
+                    first_at = time.perf_counter()
+                yield pb.GenerateResponse(chunk=pb.TokenChunk(ids=[item], text=decoder.push(item)))
+            end = time.perf_counter()
+            if tail := decoder.flush():
+                yield pb.GenerateResponse(chunk=pb.TokenChunk(text=tail))
+        finally:
+            self._active -= 1
+            self._metrics.active.dec()
+        output = decoder.ids
+        text = self._tok.decode(output)
+        turn_msgs = messages
+        if chat:
+            tokens_after = output + self._chat.close_assistant(session.messages + messages, output, text)
+            turn_msgs = messages + [{"role": "assistant", "content": text}]
+        else:
+            tokens_after = output
+        n = len(output)
+        usage = pb.Usage(
+            prompt_tokens=len(prompt), completion_tokens=n,
+            cached_tokens_t0=result.cached_tokens[0], cached_tokens_t1=result.cached_tokens[1],
+            cached_tokens_t2=result.cached_tokens[2], ttft_seconds=(first_at or end) - arrival,
+            tokens_per_second=(n - 1) / (end - first_at) if n > 1 and end > first_at else 0.0,
+            finish_reason=result.finish_reason, worker_id=result.worker_id, failovers=result.failovers)
+        record = json.dumps({"ids": output, "text": text, "usage": _usage_dict(usage)})
+        appended = await self._store.append_turn(
+            session.namespace, session.id, tokens + tokens_after, request_id=request.request_id, messages=turn_msgs,
+            expected_len=len(session.tokens), result=record)
+        if appended.replayed:
+            # Another call with this request id recorded its turn first (this call's lease had
+            # lapsed, e.g. Redis was unreachable for a while): only its answer is in the history.
+            recorded, recorded_usage = _replay(appended.num_tokens, appended.result)
+            if list(recorded.chunk.ids) != output:
+                raise RequestError(grpc.StatusCode.ABORTED,
+                                   f"request_id {request.request_id!r} was completed by a concurrent call with a "
+                                   "different answer than the one streamed here; retry with the same request_id "
+                                   "to receive the recorded answer")
+            yield recorded_usage
+            return
+        usage.num_tokens = appended.num_tokens
+        self._metrics.turn(usage)
+        if session.pinned_until > time.time():
+            # The pin covers the history as it grows: re-apply it to the new blocks, without
+            # holding the reply (a slow or unreachable block store must not delay turns).
+            self._in_background(self._pin_blocks(session.namespace, prompt + tokens_after,
+                                                 session.pinned_until - time.time()), "session-repin")
+        yield pb.GenerateResponse(usage=usage)
 
     async def Fork(self, request: pb.ForkRequest, context) -> pb.SessionInfo:
         async with self._rpc("Fork", context):
             session = await self._session(context, request.session_id, include_closed=True)
             metadata = self._checked_metadata(request.metadata) if request.metadata else None
-            child = await self._store.fork(session.namespace, _raw_id(session), metadata)
+            child = await self._store.fork(session.namespace, session.id, metadata)
             return self._info(child)
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.SessionInfo:
@@ -210,18 +244,15 @@ class SessionServicer(pb_grpc.SessionsServicer):
             allowed = self._keys.authenticate(context.invocation_metadata())
             namespace = self._namespace(allowed, request.namespace)
             limit = request.limit or 100
-            if limit > self._limits.max_list:
-                raise RequestError(_INVALID, f"limit {limit} is over the maximum of {self._limits.max_list}")
-            sessions = []
-            for raw in await self._store.list(namespace, limit):
-                with contextlib.suppress(SessionNotFound):  # removed since the index was read
-                    sessions.append(self._info(await self._store.get(namespace, raw)))
-            return pb.ListSessionsResponse(sessions=sessions)
+            if limit > MAX_LIST:
+                raise RequestError(_INVALID, f"limit {limit} is over the maximum of {MAX_LIST}")
+            listed = await self._store.list_sessions(namespace, limit)
+            return pb.ListSessionsResponse(sessions=[self._info(s, num_tokens=n) for s, n in listed])
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.SessionInfo:
         async with self._rpc("CloseSession", context):
             session = await self._session(context, request.session_id, include_closed=True)
-            await self._store.close(session.namespace, _raw_id(session))
+            await self._store.close(session.namespace, session.id)
             session.closed = True
             return self._info(session)
 
@@ -229,10 +260,10 @@ class SessionServicer(pb_grpc.SessionsServicer):
         async with self._rpc("Pin", context):
             session = await self._session(context, request.session_id, include_closed=True)
             ttl = request.ttl_seconds
-            if ttl > 30 * 86400:
-                raise RequestError(_INVALID, f"ttl_seconds {ttl} is over the maximum of 30 days")
-            session.pinned_until = await self._store.pin(session.namespace, _raw_id(session), ttl) if ttl else \
-                await self._store.unpin(session.namespace, _raw_id(session))
+            if ttl > MAX_TOUCH_TTL_S:  # the block store's limit for keeping blocks
+                raise RequestError(_INVALID, f"ttl_seconds {ttl} is over the maximum of {MAX_TOUCH_TTL_S} (30 days)")
+            session.pinned_until = await self._store.pin(session.namespace, session.id, ttl) if ttl else \
+                await self._store.unpin(session.namespace, session.id)
             if ttl:
                 await self._pin_blocks(session.namespace, session.tokens, ttl)
             return self._info(session)
@@ -242,7 +273,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
             session = await self._session(context, request.session_id)
             if not session.tokens:
                 return pb.PrefetchResponse()
-            worker_id, held = await self._pool.prefetch(session.tokens, session.namespace, session.id)
+            worker_id, held = await self._pool.prefetch(session.tokens, session.namespace, _router_key(session))
             return pb.PrefetchResponse(worker_id=worker_id, cached_tokens=held)
 
     # ---- helpers --------------------------------------------------------------------------
@@ -264,17 +295,25 @@ class SessionServicer(pb_grpc.SessionsServicer):
         require_namespace(allowed, namespace)
         return namespace
 
-    async def _session(self, context, session_id: str, include_closed: bool = False) -> Session:
+    def _locate(self, context, session_id: str) -> tuple[str, str]:
+        """(namespace, bare id) of a public session id, if the caller may use that namespace."""
         allowed = self._keys.authenticate(context.invocation_metadata())
-        match = _SESSION_ID.fullmatch(session_id)
-        if match is None:
+        namespace, _, raw = session_id.rpartition(":")
+        if not valid_namespace(namespace) or not valid_session_id(raw):
             shown = repr(session_id[:80])
             raise RequestError(_INVALID, f"malformed session_id {shown}: expected '<namespace>:<24 hex digits>'")
-        require_namespace(allowed, match.group(1))
-        session = await self._store.get(match.group(1), match.group(2))
+        require_namespace(allowed, namespace)
+        return namespace, raw
+
+    async def _session(self, context, session_id: str, include_closed: bool = False) -> Session:
+        namespace, raw = self._locate(context, session_id)
+        return await self._read(namespace, raw, include_closed)
+
+    async def _read(self, namespace: str, session_id: str, include_closed: bool = False) -> Session:
+        session = await self._store.get(namespace, session_id)
         if session.closed and not include_closed:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"session {session_id!r} is closed")
-        session.id = session_id  # the public id carries the namespace
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"session {public_id(namespace, session_id)!r} is closed")
         return session
 
     def _input(self, session: Session, inp: pb.Input | None, generate: bool) -> tuple[list[int], list[dict], bool]:
@@ -302,11 +341,12 @@ class SessionServicer(pb_grpc.SessionsServicer):
         return self._chat.delta(history, new, add_generation_prompt=generate)
 
     def _check_size(self, n: int) -> None:
-        if n > self._limits.max_input_tokens:
-            raise RequestError(_INVALID, f"input of {n} tokens is over max_input_tokens={self._limits.max_input_tokens}")
+        limit = self._config.max_input_tokens
+        if n > limit:
+            raise RequestError(_INVALID, f"input of {n} tokens is over max_input_tokens={limit}")
 
     def _sampling(self, s: pb.SamplingParams | None) -> dict:
-        lim = self._limits
+        lim = self._config
         if s is None:
             return {"max_tokens": lim.default_max_tokens}
         max_tokens = s.max_tokens or lim.default_max_tokens
@@ -320,14 +360,24 @@ class SessionServicer(pb_grpc.SessionsServicer):
 
     def _checked_metadata(self, metadata) -> dict[str, str]:
         out = dict(metadata)
-        if sum(len(k) + len(v) for k, v in out.items()) > self._limits.max_metadata_bytes:
-            raise RequestError(_INVALID, f"metadata is over {self._limits.max_metadata_bytes} bytes")
+        if sum(len(k) + len(v) for k, v in out.items()) > MAX_METADATA_BYTES:
+            raise RequestError(_INVALID, f"metadata is over {MAX_METADATA_BYTES} bytes")
         return out
 
     @staticmethod
     def _check_request_id(request_id: str) -> None:
         if len(request_id) > 128 or "|" in request_id:
             raise RequestError(_INVALID, "request_id must be at most 128 characters, without '|'")
+
+    def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)  # a reference, so the task is not collected while it runs
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("%s failed", task.get_name(), exc_info=task.exception())
 
     async def _pin_blocks(self, namespace: str, tokens: list[int], ttl_s: float) -> None:
         """Evicted last from the workers' T0/T1; kept at least ``ttl_s`` in T2."""
@@ -339,12 +389,13 @@ class SessionServicer(pb_grpc.SessionsServicer):
         except Exception:  # noqa: BLE001 - best effort: the pin is recorded and re-applied after each turn
             logger.warning("could not apply a session pin to the cache tiers", exc_info=True)
 
-    def _info(self, s: Session, include_tokens: bool = False) -> pb.SessionInfo:
-        public = s.id if ":" in s.id else f"{s.namespace}:{s.id}"
-        parent = f"{s.namespace}:{s.parent}" if s.parent and ":" not in s.parent else s.parent
-        return pb.SessionInfo(session_id=public, namespace=s.namespace, model=s.model, parent_id=parent,
-                              num_tokens=len(s.tokens), metadata=s.metadata, created=s.created, updated=s.updated,
-                              pinned_until=s.pinned_until, closed=s.closed,
+    @staticmethod
+    def _info(s: Session, include_tokens: bool = False, num_tokens: int | None = None) -> pb.SessionInfo:
+        """``num_tokens``: the history length when ``s`` was read without its tokens."""
+        return pb.SessionInfo(session_id=public_id(s.namespace, s.id), namespace=s.namespace, model=s.model,
+                              parent_id=public_id(s.namespace, s.parent) if s.parent else "",
+                              num_tokens=len(s.tokens) if num_tokens is None else num_tokens, metadata=s.metadata,
+                              created=s.created, updated=s.updated, pinned_until=s.pinned_until, closed=s.closed,
                               token_ids=s.tokens if include_tokens else ())
 
 
@@ -363,14 +414,17 @@ async def _classify(e: Exception) -> tuple[grpc.StatusCode, str] | None:
     for cls, code in _STATUS_OF.items():
         if isinstance(e, cls):
             return code, str(e)
-    if isinstance(e, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
-        logger.warning("session state (Redis) is unavailable: %s", e)
-        return grpc.StatusCode.UNAVAILABLE, f"session state (Redis) is unavailable: {e}"
+    if isinstance(e, REDIS_UNAVAILABLE):  # incl. a cluster that is down or resharding: retry later
+        reason = str(e) or type(e).__name__
+        logger.warning("session state (Redis) is unavailable: %s", reason)
+        return grpc.StatusCode.UNAVAILABLE, f"session state (Redis) is unavailable, retry later: {reason}"
     return None
 
 
-def _raw_id(session: Session) -> str:
-    return session.id.partition(":")[2] if ":" in session.id else session.id
+def _router_key(session: Session) -> str:
+    """The session as the worker pool's router knows it (sticky routing): its public id, unique
+    across namespaces."""
+    return public_id(session.namespace, session.id)
 
 
 def _usage_dict(u: pb.Usage) -> dict:
