@@ -64,7 +64,7 @@ def turn(kv, session_id, max_tokens=8, **kw):
     return prompt, g
 
 
-def test_turns_append_fork_and_close_match_the_engine(kv):
+def test_turns_append_fork_and_close_match_the_engine(kv, service):
     s = kv.create_session(system_prompt=SYSTEM, metadata={"agent": "planner"})
     assert s.session_id.startswith("tenant-a:") and s.num_tokens > 0 and s.metadata["agent"] == "planner"
     p1, g1 = turn(kv, s.session_id, messages=[{"role": "user", "content": "Plan a trip to Kyoto."}])
@@ -93,8 +93,11 @@ def test_turns_append_fork_and_close_match_the_engine(kv):
     assert listed[s.session_id].num_tokens == raw.usage.num_tokens
     assert listed[fork.session_id].num_tokens == len(history(kv, fork.session_id))
     assert listed[fork.session_id].parent_id == s.session_id and listed[s.session_id].metadata["agent"] == "planner"
+    affinity = service["pool"].router._affinity
+    assert s.session_id in affinity
     closed = kv.close_session(s.session_id)
     assert closed.closed and kv.close_session(s.session_id).closed  # idempotent
+    assert s.session_id not in affinity and fork.session_id in affinity  # the router forgot it
     with pytest.raises(SessionAPIError) as e:
         kv.generate(s.session_id, messages=[{"role": "user", "content": "more"}]).result()
     assert e.value.code is grpc.StatusCode.FAILED_PRECONDITION

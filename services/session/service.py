@@ -31,7 +31,7 @@ from services.session.metrics import SessionMetrics
 from services.session.state import (Session, SessionChanged, SessionClosed, SessionNotFound, SessionStore,
                                     valid_session_id)
 from workers.pool import Generated, GenerationError, NoWorkerError, WorkerLostError, WorkerPool
-from workers.tokenizer import Tokenizer
+from workers.tokenizer import IncrementalDecoder, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -46,33 +46,6 @@ def public_id(namespace: str, session_id: str) -> str:
     """The id clients see, ``<namespace>:<id>``: it names the tenant, so a call can be
     authorised before anything is read. The store and ``Session.id`` use the bare id."""
     return f"{namespace}:{session_id}"
-
-
-class IncrementalDecoder:
-    """Text deltas for a growing list of token ids that never split a UTF-8 character or
-    drop a word-leading space (decodes a small window, as vLLM does)."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tok = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self._tok.decode(self.ids[self._prefix:self._read])
-        after = self._tok.decode(self.ids[self._prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
-            return after[len(before):]
-        return ""
-
-    def flush(self) -> str:
-        """What is left (possibly an incomplete character) at the end of the stream."""
-        before = self._tok.decode(self.ids[self._prefix:self._read])
-        after = self._tok.decode(self.ids[self._prefix:])
-        self._prefix = self._read = len(self.ids)
-        return after[len(before):]
 
 
 class SessionServicer(pb_grpc.SessionsServicer):
@@ -171,7 +144,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
         self._active += 1
         self._metrics.active.inc()
         try:
-            decoder = IncrementalDecoder(self._tok)
+            decoder = IncrementalDecoder(self._tok.decode)
             first_at = end = None
             result: Generated | None = None
             async for item in self._pool.generate(prompt, params, session.namespace, _router_key(session),
@@ -253,6 +226,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
         async with self._rpc("CloseSession", context):
             session = await self._session(context, request.session_id, include_closed=True)
             await self._store.close(session.namespace, session.id)
+            self._pool.forget(_router_key(session))  # its worker affinity
             session.closed = True
             return self._info(session)
 
