@@ -95,8 +95,10 @@ def test_turns_are_atomic_checked_against_concurrent_changes_and_replayed(store_
         assert (turn.num_tokens, turn.result, turn.replayed) == (3, "answer-1", False)
         retry = await st.append_turn("tenant", s.id, [2, 3], request_id="t1", expected_len=1, result="other")
         assert (retry.num_tokens, retry.result, retry.replayed) == (3, "answer-1", True)
-        assert await st.request_result("tenant", s.id, "t1") == (3, "answer-1")
-        assert await st.request_result("tenant", s.id, "never") is None
+        async with st.request("tenant", s.id, "t1") as done:
+            assert done == (3, "answer-1")  # applied: no lease, the recorded result
+        async with st.request("tenant", s.id, "never") as done:
+            assert done is None  # new: leased to this call
         with pytest.raises(SessionChanged):  # another turn landed since this one read the history
             await st.append_turn("tenant", s.id, [9], request_id="t2", expected_len=1)
         got = await st.get("tenant", s.id)

@@ -246,13 +246,6 @@ class SessionStore:
             await self._r.zadd(self._index(namespace), {session_id: time.time()}, xx=True)
         return Appended(n, stored, bool(replayed))
 
-    async def request_result(self, namespace: str, session_id: str, request_id: str) -> tuple[int, str] | None:
-        """(history length, result) remembered for a request id already applied, else None."""
-        if not request_id:
-            return None
-        done = await self._r.get(self._req_key(namespace, session_id, request_id))
-        return None if done is None else _parse_done(done)
-
     @contextlib.asynccontextmanager
     async def request(self, namespace: str, session_id: str, request_id: str) -> AsyncIterator[tuple[int, str] | None]:
         """Run the calls carrying one request id one at a time.
