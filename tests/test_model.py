@@ -369,7 +369,10 @@ def test_sharded_checkpoint_and_digest(checkpoints, loaded, tmp_path):
     assert config == ref_config
     ids = _prompt(config.vocab_size, 9, seed=5)
     batch = ForwardBatch.build([(ids, 0, [0, 1, 2])], BLOCK)
-    torch.testing.assert_close(model(batch, _pool(config)), ref_model(batch, _pool(config)), atol=0, rtol=0)
+    ours, ref = model.state_dict(), ref_model.state_dict()
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
+    # Same weights, other buffers: the CPU kernels' rounding may differ with alignment.
+    _close(model(batch, _pool(config)), ref_model(batch, _pool(config)), rel=1e-5)
     assert len(digest) == 64 and digest == load_checkpoint(tmp_path)[2]
     assert ref_digest == load_checkpoint(src)[2] != digest
     assert load_checkpoint(checkpoints["qwen2"][1])[2] != ref_digest
