@@ -7,6 +7,7 @@ demo:
 
 test:
 	./scripts/bootstrap.sh "[test]"
+	.venv/bin/lint-imports
 	.venv/bin/python -m pytest
 
 bench:

@@ -7,8 +7,8 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 
-from kvstore.serve import start_blockstore_process
-from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
+from services.cli.serve import start_blockstore_process
+from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 
 
 @contextlib.contextmanager

@@ -31,16 +31,15 @@ import lz4.frame
 import numpy as np
 import redis
 import torch
+from common import blockstore_process, cpu_seconds, median_time
 from rich.console import Console
 from rich.table import Table
 
 from kvstore.allocator import keep_freed_memory
-from kvstore.blockstore_client import BlockStoreClient
+from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
 from kvstore.codec import decode_block, encode_block, tensor_bytes
-from kvstore.config import BlockStoreClientConfig
 from kvstore.pools import HostPool
 from kvstore.spec import KVSpec
-from common import blockstore_process, cpu_seconds, median_time
 
 SPEC = KVSpec(24, 2, 64, torch.bfloat16, 16, model_id="Qwen/Qwen2.5-0.5B")  # 192 KiB blocks
 NAMESPACE = "bench"

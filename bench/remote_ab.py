@@ -20,15 +20,14 @@ import sys
 import time
 
 import torch
-
 from common import cpu_seconds
-from kvstore.blockstore_client import BlockStoreClient
+
+from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
 from kvstore.codec import decode_block, encode_block, tensor_bytes
-from kvstore.config import BlockStoreClientConfig
 from kvstore.pools import HostPool
-from kvstore.serve import start_blockstore_process
 from kvstore.spec import KVSpec
-from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
+from services.cli.serve import start_blockstore_process
+from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 
 SPEC = KVSpec(24, 2, 64, torch.bfloat16, 16, model_id="Qwen/Qwen2.5-0.5B")  # 192 KiB blocks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -32,8 +32,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from kvstore.cache import CacheConfig
 from kvstore.client import SessionClient
-from kvstore.serve import BackgroundService, ServeConfig
+from services.cli.serve import BackgroundService, ServeConfig
+from services.session.server import SessionServiceConfig
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"  # ../shared/traces
 
@@ -94,8 +96,9 @@ def main() -> int:
     prompts = [[t for h in r["hash_ids"] for t in block_tokens(h, tpb)] + [256 + i % 8] for i, r in enumerate(requests)]
     unbounded = unbounded_hit_tokens(requests, tpb)
 
-    cfg = ServeConfig(port=0, model=args.model, workers=args.workers, t0_blocks=args.t0_blocks,
-                      t1_blocks=args.t1_blocks, max_concurrent_generations=8)
+    cfg = ServeConfig(SessionServiceConfig(port=0, max_concurrent_generations=8),
+                      CacheConfig(t0_blocks=args.t0_blocks, t1_blocks=args.t1_blocks), model=args.model,
+                      workers=args.workers)
     with console.status("starting the service..."):
         service = BackgroundService(cfg).start()
     rows, paired = [], []

@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import blockstore_process
 from rich.console import Console
 from rich.table import Table
 
-from common import blockstore_process
-from kvstore.blockstore_client import BlockStoreClient
-from kvstore.cache import TieredKVCache
-from kvstore.config import BlockStoreClientConfig, CacheConfig
+from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
+from kvstore.cache import CacheConfig, TieredKVCache
 from workers.engine import Engine, EngineConfig
 from workers.loader import builtin_model, kv_spec
 from workers.model import ModelConfig, Transformer

@@ -1,12 +1,9 @@
 """Keep large freed allocations in the process (glibc malloc tuning for block transfers).
 
-Restores move ~1 MiB gRPC messages and ~200 KB blocks. With glibc's defaults such buffers are
-mmap()ed and munmap()ed, or the heap top is trimmed after each burst, so every message lands
-in fresh pages: measured here, page faults and page clearing took ~45% of the CPU of a gRPC
-stream on both ends (156k faults for 5 GB streamed; 18k with this tuning) and the stream ran
-at half speed. Raising the mmap threshold to glibc's maximum (32 MiB) and the trim threshold
-to 64 MiB makes freed buffers reusable instead. Cost: up to that much freed memory stays in
-the process after a burst.
+With glibc's defaults every ~1 MiB gRPC message of a restore landed in fresh mmap()ed pages,
+and page faults took about half of a stream's CPU (docs/architecture.md). Raising the mmap
+threshold to its maximum (32 MiB) and the trim threshold to 64 MiB keeps freed buffers for
+reuse, at the cost of up to that much idle memory after a burst.
 
 Process-wide, so it is applied once by the block store server and by ``BlockStoreClient``
 (both opt-out through their configs). A no-op where the C library is not glibc.

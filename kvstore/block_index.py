@@ -1,12 +1,12 @@
-"""Slot bookkeeping of one local tier: which block each slot holds, pins, and LRU eviction.
+"""Slot bookkeeping of one local tier: which block each slot holds, references, and LRU eviction.
 
 A slot is in exactly one state:
 - free: holds nothing;
-- private: allocated to a caller, not (yet) shareable; pinned by that caller;
-- cached: holds a committed block, findable by its hash; pinned while ref count > 0,
-  otherwise on the LRU list and evictable (blocks of pinned sessions on a second LRU list,
-  evicted only once the first is empty).
-Pinned slots are never handed out again, so a block in use is never evicted or overwritten.
+- private: allocated to a caller, not (yet) shareable; referenced by that caller;
+- cached: holds a committed block, findable by its hash; in use while its reference count is
+  positive, otherwise on the LRU list and evictable (blocks of pinned sessions, which the
+  cache ``prefer``s, on a second LRU list, evicted only once the first is empty).
+Slots in use are never handed out again, so a block in use is never evicted or overwritten.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 
 class CacheFullError(RuntimeError):
-    """Every slot of a tier is pinned: nothing can be evicted to make room."""
+    """Every slot of a tier is in use: nothing can be evicted to make room."""
 
 
 @dataclass(slots=True, eq=False)
@@ -33,7 +33,7 @@ class BlockMeta:
 
 
 class BlockIndex:
-    """Hash -> slot map with reference counts and LRU order over the unpinned cached slots."""
+    """Hash -> slot map with reference counts and LRU order over the unreferenced cached slots."""
 
     def __init__(self, num_slots: int, name: str, listener: Callable[[bool, bytes], None] | None = None) -> None:
         self.name = name
@@ -72,10 +72,11 @@ class BlockIndex:
         return len(self._free) + len(self._lru) + len(self._preferred_lru)
 
     @property
-    def num_pinned(self) -> int:
+    def num_in_use(self) -> int:
         return self.num_slots - self.num_evictable
 
-    def pin(self, slot: int) -> None:
+    def acquire(self, slot: int) -> None:
+        """Take a reference: the slot is neither evicted nor reused until ``release``."""
         self._refs[slot] += 1
         self._lru.pop(slot, None)
         self._preferred_lru.pop(slot, None)
@@ -113,8 +114,8 @@ class BlockIndex:
                 self._lru[slot] = None
                 self._lru.move_to_end(slot, last=False)
 
-    def unpin(self, slot: int) -> None:
-        assert self._refs[slot] > 0, f"{self.name}: unpin of unpinned slot {slot}"
+    def release(self, slot: int) -> None:
+        assert self._refs[slot] > 0, f"{self.name}: release of slot {slot}, which is not in use"
         self._refs[slot] -= 1
         if self._refs[slot]:
             return
@@ -126,14 +127,8 @@ class BlockIndex:
         else:
             self._lru[slot] = None  # most recently used end
 
-    def touch(self, slot: int) -> None:
-        if slot in self._lru:
-            self._lru.move_to_end(slot)
-        elif slot in self._preferred_lru:
-            self._preferred_lru.move_to_end(slot)
-
     def allocate(self, n: int) -> tuple[list[int], list[tuple[int, BlockMeta]]]:
-        """Take ``n`` slots, pinned and private: free ones first, then evict LRU blocks.
+        """Take ``n`` slots, in use and private: free ones first, then evict LRU blocks.
 
         Returns the slots and the (slot, meta) of every evicted block; the caller must copy
         an evicted block's data out (spill) before writing to its slot.
@@ -141,7 +136,7 @@ class BlockIndex:
         if n > self.num_evictable:
             raise CacheFullError(
                 f"{self.name}: need {n} slots, only {self.num_evictable} of {self.num_slots} "
-                "are free or evictable (the rest are pinned by running sequences)"
+                "are free or evictable (the rest are in use by running sequences)"
             )
         slots: list[int] = []
         evicted: list[tuple[int, BlockMeta]] = []

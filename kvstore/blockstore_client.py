@@ -23,8 +23,7 @@ from typing import TypeVar
 import grpc
 
 from kvstore.allocator import keep_freed_memory
-from kvstore.blockstore_wire import WireError, decode_get_response
-from kvstore.config import BlockStoreClientConfig
+from kvstore.blockstore_wire import MAX_BATCH_BLOCKS, WireError, decode_get_response
 from kvstore.v1 import blockstore_pb2 as pb
 from kvstore.v1 import blockstore_pb2_grpc as pb_grpc
 
@@ -32,12 +31,28 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-MAX_BATCH_BLOCKS = 1024  # the service's default limit per request
 
 
 def _chunks(hashes: Sequence[bytes]) -> list[list[bytes]]:
     """Requests of at most MAX_BATCH_BLOCKS hashes."""
     return [list(hashes[i:i + MAX_BATCH_BLOCKS]) for i in range(0, len(hashes), MAX_BATCH_BLOCKS)]
+
+
+@dataclass(slots=True)
+class BlockStoreClientConfig:
+    """How a worker reaches the block store."""
+
+    address: str = "127.0.0.1:50051"
+    token: str = ""
+    tls_ca: str = ""  # PEM path: use TLS and trust this CA
+    timeout_s: float = 2.0  # deadline of each call
+    retries: int = 2  # extra attempts (all block-store calls are idempotent)
+    backoff_s: float = 0.05  # first retry delay; doubles per attempt
+    breaker_failures: int = 3  # consecutive failed calls that open the circuit
+    breaker_reset_s: float = 2.0  # while open, calls fail at once; then one probe is let through
+    max_request_bytes: int = 32 << 20  # puts are split to stay under this
+    max_message_bytes: int = 64 << 20
+    tune_malloc: bool = True  # process-wide: keep freed message buffers for reuse (kvstore.allocator)
 
 
 class BlockStoreError(RuntimeError):

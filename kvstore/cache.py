@@ -2,7 +2,7 @@
 
 Life of a block: a sequence ``allocate``s private T0 slots, its model writes KV into them,
 and each slot that fills up is ``commit``ted under its prefix hash, which makes it shareable.
-``release`` unpins; an unpinned cached block stays findable until LRU eviction. Copies flow
+``release`` drops the reference; an unreferenced cached block stays findable until LRU eviction. Copies flow
 down per write policy (T0->T1 and T1->T2) and up on ``load`` (T2->T1->T0).
 
 Visibility: a block becomes findable in a tier only after its copy there completed, so a
@@ -19,12 +19,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any
 
 from kvstore.block_index import BlockIndex, BlockMeta, CacheFullError
 from kvstore.codec import BlockCodecError, decode_block, encode_block
-from kvstore.config import CacheConfig, WritePolicy
 from kvstore.hashing import PrefixHasher
 from kvstore.pools import DevicePool, HostPool, restore, spill
 from kvstore.remote import RemoteTier
@@ -32,7 +31,47 @@ from kvstore.spec import KVSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockEvent", "CacheFullError", "CacheStats", "LoadResult", "PrefixHit", "Tier", "TieredKVCache"]
+__all__ = ["BlockEvent", "CacheConfig", "CacheFullError", "CacheStats", "LoadResult", "PrefixHit", "Tier", "TieredKVCache",
+           "WritePolicy"]
+
+
+class WritePolicy(str, Enum):
+    """When a block is copied from an upper tier to the one below it."""
+
+    WRITE_THROUGH = "write_through"  # on commit, asynchronously
+    WRITE_BACK = "write_back"  # on eviction from the upper tier
+    SELECTIVE = "selective"  # once the block has been reused `selective_hits` times
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """Capacities and policies of a worker's ``TieredKVCache``."""
+
+    t0_blocks: int = 1024
+    t1_blocks: int = 4096
+    # Write-through on both boundaries: every committed block reaches T2 in the background,
+    # so another worker (or this session's next worker after a failure) can reuse it while
+    # it is still hot here. Write-back at T0->T1 would hide hot blocks from T2 until evicted.
+    t0_t1_policy: WritePolicy = WritePolicy.WRITE_THROUGH
+    t1_t2_policy: WritePolicy = WritePolicy.WRITE_THROUGH
+    selective_hits: int = 2
+    codec: str = "lz4"
+    codec_min_saving: float = 0.03
+    # Background T2 writes waiting at most; past this, new writes are dropped and counted
+    # rather than stalling decode or growing memory.
+    t2_write_queue: int = 1024
+    t2_write_batch: int = 32
+    t2_writer_threads: int = 2  # encode + put in parallel (lz4 and gRPC release the GIL)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.t0_t1_policy = WritePolicy(self.t0_t1_policy)
+        self.t1_t2_policy = WritePolicy(self.t1_t2_policy)
+        for name in ("t0_blocks", "t1_blocks", "selective_hits", "t2_write_queue", "t2_write_batch", "t2_writer_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"CacheConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.codec not in ("raw", "lz4"):
+            raise ValueError(f"CacheConfig.codec must be 'raw' or 'lz4', got {self.codec!r}")
 
 
 class Tier(IntEnum):
@@ -67,13 +106,10 @@ class PrefixHit:
     def num_tokens(self) -> int:
         return len(self.hashes) * self.block_size
 
-    def blocks_in(self, tier: Tier) -> int:
-        return sum(t == tier for t in self.tiers)
-
 
 @dataclass(slots=True)
 class LoadResult:
-    """Pinned T0 slots holding the loaded prefix, in order; release them when done."""
+    """Referenced T0 slots holding the loaded prefix, in order; release them when done."""
 
     block_table: list[int]
     block_size: int
@@ -109,11 +145,11 @@ class CacheStats:
     t2_get_bytes: int = 0  # encoded
     t2_corrupt: int = 0
     t2_errors: int = 0
-    dropped_writes: int = 0  # copies skipped: queue full or lower tier fully pinned
+    dropped_writes: int = 0  # copies skipped: queue full or lower tier entirely in use
     t0_cached: int = 0
-    t0_pinned: int = 0
+    t0_in_use: int = 0
     t1_cached: int = 0
-    t1_pinned: int = 0
+    t1_in_use: int = 0
 
 
 class _Writer:
@@ -203,7 +239,7 @@ class TieredKVCache:
         """Longest contiguous prefix of ``prefix``'s full blocks present in any tier.
 
         Capped at ``num_tokens - 1`` tokens (default: all of the prefix's tokens) so the
-        last prompt token is always computed and yields logits. Pins nothing.
+        last prompt token is always computed and yields logits. Takes no references.
         """
         n = prefix.num_tokens if num_tokens is None else min(num_tokens, prefix.num_tokens)
         cap = min(prefix.num_full_blocks, max(n - 1, 0) // self.spec.block_size)
@@ -230,19 +266,19 @@ class TieredKVCache:
         return PrefixHit(hashes[:len(tiers)], tiers, self.spec.block_size)
 
     def load(self, prefix: PrefixHasher, hit: PrefixHit) -> LoadResult:
-        """Bring a hit's blocks into T0 (promoting from T1 and T2) and pin them.
+        """Bring a hit's blocks into T0 (promoting from T1 and T2), referenced for the caller.
 
         Blocks that vanished since the lookup, or fail verification, end the prefix there;
         the caller recomputes from ``result.num_tokens``.
         """
-        sources: list[tuple[Tier, int | None]] = []  # (tier holding it, slot pinned there)
+        sources: list[tuple[Tier, int | None]] = []  # (tier holding it, slot referenced there)
         with self._lock:
             for h, tier in zip(hit.hashes, hit.tiers):
                 if (slot := self._t0.find(h)) is not None:
-                    self._t0.pin(slot)
+                    self._t0.acquire(slot)
                     sources.append((Tier.T0, slot))
                 elif (slot := self._t1.find(h)) is not None:
-                    self._t1.pin(slot)
+                    self._t1.acquire(slot)
                     sources.append((Tier.T1, slot))
                 elif tier is Tier.T2 and self.remote is not None:
                     sources.append((Tier.T2, None))
@@ -253,7 +289,7 @@ class TieredKVCache:
         return self._promote(prefix, sources, origin)
 
     def allocate(self, n: int) -> list[int]:
-        """``n`` private, pinned T0 slots for new KV; evicts (and spills) LRU blocks if needed.
+        """``n`` private, referenced T0 slots for new KV; evicts (and spills) LRU blocks if needed.
 
         Raises ``CacheFullError`` when fewer than ``n`` slots are free or evictable.
         """
@@ -262,7 +298,7 @@ class TieredKVCache:
         with self._lock:
             short = n > self._t0.num_evictable and bool(self._pending_t1)
         if short:
-            # Write-through copies pin their T0 source until done; they are memcpy-fast, so
+            # Write-through copies reference their T0 source until done; they are memcpy-fast, so
             # wait for them rather than fail.
             self._t1_writer.join()
         with self._lock:
@@ -299,12 +335,12 @@ class TieredKVCache:
             return True
 
     def release(self, slots: Sequence[int]) -> None:
-        """Unpin T0 slots from ``allocate`` or ``load``; cached blocks become evictable."""
+        """Drop the references ``allocate`` or ``load`` took; cached blocks become evictable."""
         with self._lock:
             for slot in slots:
                 self._check_owned(slot)
             for slot in slots:
-                self._t0.unpin(slot)
+                self._t0.release(slot)
 
     def prefer(self, block_hashes: Sequence[bytes], ttl_s: float) -> None:
         """Evict these blocks from T0 and T1 only after all others, for ``ttl_s`` seconds
@@ -342,8 +378,8 @@ class TieredKVCache:
                 loaded_blocks=list(self._stats.loaded_blocks),
                 loaded_tokens=list(self._stats.loaded_tokens),
             )
-            s.t0_cached, s.t0_pinned = len(self._t0), self._t0.num_pinned
-            s.t1_cached, s.t1_pinned = len(self._t1), self._t1.num_pinned
+            s.t0_cached, s.t0_in_use = len(self._t0), self._t0.num_in_use
+            s.t1_cached, s.t1_in_use = len(self._t1), self._t1.num_in_use
             s.evicted_t0, s.evicted_t1 = self._t0.evictions, self._t1.evictions
             return s
 
@@ -365,7 +401,7 @@ class TieredKVCache:
         if not isinstance(slot, int) or not 0 <= slot < self._t0.num_slots:
             raise ValueError(f"T0 slot {slot!r} out of range [0, {self._t0.num_slots})")
         if self._t0.refs(slot) == 0:
-            raise ValueError(f"T0 slot {slot} is not pinned: it was never allocated or loaded, or already released")
+            raise ValueError(f"T0 slot {slot} is not in use: it was never allocated or loaded, or already released")
 
     def _remote_lookup(self, namespace: str, hashes: list[bytes]) -> int:
         assert self.remote is not None
@@ -426,13 +462,13 @@ class TieredKVCache:
                 self._stats.t2_get_blocks += 1
                 self._stats.t2_get_bytes += size
                 if not self._t1.publish(slot, meta):  # someone else brought it in meanwhile
-                    self._t1.unpin(slot)
+                    self._t1.release(slot)
                     slot = self._t1.find(meta.block_hash)
-                    self._t1.pin(slot)
+                    self._t1.acquire(slot)
                 sources[i] = (Tier.T1, slot)
             for slot in unused:
-                self._t1.unpin(slot)
-            self._unpin_sources(sources[cut:])
+                self._t1.release(slot)
+            self._release_sources(sources[cut:])
         return sources[:cut]
 
     def _verify_remote_block(self, prefix: PrefixHasher, i: int, blob: bytes | memoryview, slot: int) -> BlockMeta | None:
@@ -458,7 +494,7 @@ class TieredKVCache:
             need = [i for i, (t, _) in enumerate(sources) if t is Tier.T1]
             room = min(len(need), self._t0.num_evictable)
             if room < len(need):
-                self._unpin_sources(sources[need[room]:])
+                self._release_sources(sources[need[room]:])
                 sources = sources[:need[room]]
                 need = need[:room]
             t0_slots, evicted = self._t0.allocate(len(need))
@@ -470,11 +506,11 @@ class TieredKVCache:
                 meta = self._t1.meta(s1)  # type: ignore[arg-type]
                 assert meta is not None
                 if not self._t0.publish(s0, meta):
-                    self._t0.unpin(s0)
+                    self._t0.release(s0)
                     s0 = self._t0.find(meta.block_hash)
-                    self._t0.pin(s0)
+                    self._t0.acquire(s0)
                 table[i] = s0
-                self._t1.unpin(s1)  # type: ignore[arg-type]
+                self._t1.release(s1)  # type: ignore[arg-type]
             self._stats.promoted_blocks += len(need)
             self._stats.promoted_bytes += len(need) * bpb
             result = LoadResult(table, self.spec.block_size)  # type: ignore[arg-type]
@@ -496,12 +532,12 @@ class TieredKVCache:
         if self.config.t1_t2_policy is WritePolicy.SELECTIVE and (s1 := self._t1.find(meta.block_hash)) is not None:
             self._queue_t2(s1, meta)
 
-    def _unpin_sources(self, sources: Sequence[tuple[Tier, int | None]]) -> None:
+    def _release_sources(self, sources: Sequence[tuple[Tier, int | None]]) -> None:
         for tier, slot in sources:
             if tier is Tier.T0:
-                self._t0.unpin(slot)  # type: ignore[arg-type]
+                self._t0.release(slot)  # type: ignore[arg-type]
             elif tier is Tier.T1:
-                self._t1.unpin(slot)  # type: ignore[arg-type]
+                self._t1.release(slot)  # type: ignore[arg-type]
 
     def _on_t0_evicted(self, evicted: list[tuple[int, BlockMeta]]) -> None:
         """Spill evicted T0 blocks to T1 (write-back) before their slots are reused."""
@@ -532,34 +568,34 @@ class TieredKVCache:
                 self._stats.dropped_writes += 1
 
     def _publish_t1(self, slot: int, meta: BlockMeta) -> None:
-        """Make a freshly copied T1 block visible, start its T2 write per policy, unpin it."""
+        """Make a freshly copied T1 block visible, start its T2 write per policy, release it."""
         if self._t1.publish(slot, meta) and self.remote is not None and not meta.in_remote:
             policy = self.config.t1_t2_policy
             if policy is WritePolicy.WRITE_THROUGH or (
                 policy is WritePolicy.SELECTIVE and meta.hits >= self.config.selective_hits
             ):
                 self._queue_t2(slot, meta)
-        self._t1.unpin(slot)
+        self._t1.release(slot)
 
     def _queue_t1(self, t0_slot: int, meta: BlockMeta) -> None:
         h = meta.block_hash
         if h in self._t1 or h in self._pending_t1:
             return
-        self._t0.pin(t0_slot)  # the copy reads it outside the lock
+        self._t0.acquire(t0_slot)  # the copy reads it outside the lock
         if self._t1_writer.submit((t0_slot, meta)):
             self._pending_t1.add(h)
         else:
-            self._t0.unpin(t0_slot)
+            self._t0.release(t0_slot)
             self._stats.dropped_writes += 1
 
     def _queue_t2(self, t1_slot: int, meta: BlockMeta) -> None:
         if self.remote is None or meta.in_remote or meta.block_hash in self._pending_t2:
             return
-        self._t1.pin(t1_slot)  # encoded outside the lock
+        self._t1.acquire(t1_slot)  # encoded outside the lock
         if self._t2_writer.submit((meta, t1_slot, None)):  # type: ignore[union-attr]
             self._pending_t2.add(meta.block_hash)
         else:
-            self._t1.unpin(t1_slot)
+            self._t1.release(t1_slot)
             self._stats.dropped_writes += 1
 
     def _encode(self, t1_slot: int, meta: BlockMeta) -> bytes:
@@ -571,7 +607,7 @@ class TieredKVCache:
         )
 
     def _write_t1_batch(self, items: list[tuple[int, BlockMeta]]) -> None:
-        """Background: T0 -> T1 write-through copies (T0 slots pinned by _queue_t1)."""
+        """Background: T0 -> T1 write-through copies (T0 slots referenced by _queue_t1)."""
         with self._lock:
             room = min(len(items), self._t1.num_evictable)
             t1_slots, evicted = self._t1.allocate(room)
@@ -586,9 +622,9 @@ class TieredKVCache:
                     if copied:
                         self._publish_t1(s1, meta)
                     else:
-                        self._t1.unpin(s1)
+                        self._t1.release(s1)
                 for s0, meta in items:
-                    self._t0.unpin(s0)
+                    self._t0.release(s0)
                     self._pending_t1.discard(meta.block_hash)
                 done = room if copied else 0
                 self._stats.spilled_blocks += done
@@ -596,7 +632,7 @@ class TieredKVCache:
                 self._stats.dropped_writes += len(items) - done
 
     def _write_t2_batch(self, items: list[tuple[BlockMeta, int | None, bytes | None]]) -> None:
-        """Background: encode (T1 slots pinned by _queue_t2) and put to T2, grouped by namespace."""
+        """Background: encode (T1 slots referenced by _queue_t2) and put to T2, grouped by namespace."""
         by_ns: dict[str, list[tuple[BlockMeta, bytes]]] = {}
         failed: list[BlockMeta] = []
         for meta, slot, blob in items:
@@ -610,7 +646,7 @@ class TieredKVCache:
             finally:
                 if slot is not None:
                     with self._lock:
-                        self._t1.unpin(slot)
+                        self._t1.release(slot)
         if failed:
             with self._lock:
                 self._stats.dropped_writes += len(failed)

@@ -8,33 +8,12 @@ Layout (little-endian), version 2::
     | (plane_codec u8, stored_len u32)*n_planes
     | raw_len u64 | payload_len u64 | payload_sum u64 | header_crc32 u32  || payload (the planes, in order)
 
-All counts come first, so the rest of the header is one ``struct.Struct`` (cached per set of
-counts: one per model, in practice) and parses in one call. ``pad_len`` (0..7 zero bytes) makes
-``header_len`` a multiple of 8, so that the payload starts 8-byte aligned in an aligned buffer:
-numpy reads the checksum's 64-bit words ~2x faster aligned.
-
-Codecs:
-- ``raw``: the block's bytes as they are.
-- ``lz4``: the bytes split into byte planes (byte k of every element together), each plane
-  lz4-compressed on its own and kept compressed only when that saves at least
-  ``min_saving``. In bf16 KV the exponent plane compresses ~1.5x and the mantissa plane not
-  at all, so the mantissa plane is stored as is and costs no decompression. When the whole
-  block saves less than ``min_saving`` it is stored ``raw``.
-
-Integrity: the header has a CRC32, the payload a 64-bit checksum, ``payload_sum``: the sum of
-(2i+1) * w[i] mod 2**64 over the payload's little-endian 64-bit words w (the last one
-zero-padded). It covers the payload as stored, so an lz4 plane's compressed bytes (fewer
-bytes than decompressed), and is verified after decoding, when the payload is in cache.
-``lz4.block.decompress`` is memory-safe on damaged input. The weights are odd, so invertible
-mod 2**64: any change within one word (every single-byte error) changes the sum, and so does
-swapping two different words, unless their difference times the distance is a multiple of
-2**63. Truncation and padding are caught by the lengths. One numpy dot product over the payload
-(one pass, one call): 12-20 us per 192 KiB bf16 block here (in cache), where v1's (sum,
-weighted sum) per plane took 33-50 and zlib.crc32 of the same bytes 50-80.
-
-Decoding trusts nothing: magic, version, header CRC, payload checksum, every length, and the caller's
-expectations (fingerprint, block hash, dtype, shape) are checked, and any mismatch raises a
-``BlockCodecError`` naming what was wrong.
+Counts come first so the rest of the header parses with one cached ``struct.Struct``; the
+padding makes the payload 8-byte aligned. Codecs: ``raw``; ``lz4``, byte planes each
+compressed on its own and kept compressed only when that saves ``min_saving`` (else the whole
+block is ``raw``). ``payload_sum`` = sum of (2i+1) * w[i] mod 2**64 over the payload's
+little-endian 64-bit words as stored. Decoding trusts nothing and raises a
+``BlockCodecError`` naming the first mismatch. Design and measurements: docs/architecture.md.
 """
 from __future__ import annotations
 

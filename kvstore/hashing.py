@@ -41,16 +41,14 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
 
 def block_hash(parent: bytes, token_ids: Sequence[int] | np.ndarray) -> bytes:
     """Hash of one full block given its parent's hash (or the root)."""
+    return _block_hash(parent, token_bytes(token_ids))
+
+
+def _block_hash(parent: bytes, data: bytes | memoryview) -> bytes:
+    """``block_hash`` of a block's canonical token bytes."""
     h = hashlib.blake2b(parent, digest_size=HASH_SIZE, person=b"kvstore-block")
-    h.update(token_bytes(token_ids))
+    h.update(data)
     return h.digest()
-
-
-def chain_hashes(root: bytes, token_ids: Sequence[int], block_size: int) -> list[bytes]:
-    """Hashes of every full block of ``token_ids``; the partial tail block is not hashed."""
-    hasher = PrefixHasher(root, block_size)
-    hasher.extend(token_ids)
-    return list(hasher.hashes)
 
 
 class PrefixHasher:
@@ -61,7 +59,7 @@ class PrefixHasher:
     the history so far.
     """
 
-    __slots__ = ("root", "block_size", "namespace", "tokens", "hashes")
+    __slots__ = ("root", "block_size", "namespace", "tokens", "hashes", "_tail")
 
     def __init__(self, root: bytes, block_size: int, namespace: str = "") -> None:
         if block_size <= 0:
@@ -71,10 +69,15 @@ class PrefixHasher:
         self.namespace = namespace
         self.tokens: list[int] = []
         self.hashes: list[bytes] = []
+        self._tail = b""  # canonical bytes of the tokens after the last full block
 
     @classmethod
-    def for_namespace(cls, fingerprint: bytes, namespace: str, block_size: int) -> PrefixHasher:
-        return cls(root_hash(fingerprint, namespace), block_size, namespace)
+    def for_namespace(cls, fingerprint: bytes, namespace: str, block_size: int,
+                      tokens: Iterable[int] = ()) -> PrefixHasher:
+        """``tokens`` with their block hashes, as every worker and the router name them."""
+        prefix = cls(root_hash(fingerprint, namespace), block_size, namespace)
+        prefix.extend(tokens)
+        return prefix
 
     @property
     def num_tokens(self) -> int:
@@ -86,15 +89,16 @@ class PrefixHasher:
 
     def extend(self, token_ids: Iterable[int]) -> list[bytes]:
         """Append tokens; return the hashes of the blocks that became full."""
-        arr = token_ids if isinstance(token_ids, np.ndarray) else np.asarray(list(token_ids))
-        token_bytes(arr)  # validate (integers, flat, in range) before mutating
-        self.tokens.extend(arr.tolist())
+        ids = token_ids if isinstance(token_ids, (list, tuple, np.ndarray)) else list(token_ids)
+        data = self._tail + token_bytes(ids)  # validates (integers, flat, in range) before mutating
+        self.tokens.extend(ids.tolist() if isinstance(ids, np.ndarray) else map(int, ids))
         added: list[bytes] = []
-        bs = self.block_size
-        while (len(self.hashes) + 1) * bs <= len(self.tokens):
-            i = len(self.hashes)
-            added.append(block_hash(self.parent_of(i), self.tokens[i * bs:(i + 1) * bs]))
+        step = 4 * self.block_size
+        full = len(data) // step * step
+        for start in range(0, full, step):
+            added.append(_block_hash(self.parent_of(len(self.hashes)), data[start:start + step]))
             self.hashes.append(added[-1])
+        self._tail = data[full:]
         return added
 
     def parent_of(self, block_index: int) -> bytes:
@@ -108,4 +112,5 @@ class PrefixHasher:
         child = PrefixHasher(self.root, self.block_size, self.namespace)
         child.tokens = list(self.tokens)
         child.hashes = list(self.hashes)
+        child._tail = self._tail
         return child

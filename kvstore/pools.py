@@ -15,6 +15,7 @@ import torch
 
 from kvstore.spec import KVSpec
 
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU."""
     if device in (None, "auto"):
@@ -88,7 +89,7 @@ def spill(t0: DevicePool, t1: HostPool, t0_slots: Sequence[int], t1_slots: Seque
 
     ``background``: called off the compute thread. On CPU the copy then goes through numpy,
     single-threaded: a torch copy there opens a second OpenMP team that fights the model's
-    for the cores (measured: write-through T0->T1 halved CPU decode throughput)."""
+    for the cores."""
     if len(t0_slots) != len(t1_slots):
         raise ValueError("spill needs as many destination slots as source slots")
     if not t0_slots:

@@ -1,7 +1,7 @@
 """Shared fixtures: real embedded Redis servers (no Docker, no system Redis needed)."""
 import pytest
 
-from services.embedded_redis import EmbeddedRedis, EmbeddedRedisCluster
+from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisCluster
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from enginehelpers import GREEDY, make_engine, prompt  # noqa: E402
-from kvstore.blockstore_client import BlockStoreClient  # noqa: E402
-from kvstore.config import BlockStoreClientConfig  # noqa: E402
+
+from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig  # noqa: E402
 
 address, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 with BlockStoreClient(BlockStoreClientConfig(address=address, timeout_s=10)) as client:

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.cache import TieredKVCache
-from kvstore.config import CacheConfig
+from kvstore.cache import CacheConfig, TieredKVCache
 from workers.engine import Engine, EngineConfig
 from workers.loader import builtin_model, kv_spec
 from workers.sampling import SamplingParams

@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 
 from enginehelpers import tiny
-from kvstore.cache import TieredKVCache
-from kvstore.config import BlockStoreClientConfig, CacheConfig, SessionServiceConfig
-from kvstore.serve import BackgroundLoop as LoopThread
-from services.session.server import SessionServer
+
+from kvstore.blockstore_client import BlockStoreClientConfig
+from kvstore.cache import CacheConfig, TieredKVCache
+from services.cli.serve import BackgroundLoop as LoopThread
+from services.session.pool import PoolConfig, WorkerPool
+from services.session.server import SessionServer, SessionServiceConfig
 from workers.actor import WorkerConfig
 from workers.engine import Engine
 from workers.loader import kv_spec
-from workers.pool import PoolConfig, WorkerPool
 from workers.sampling import SamplingParams
 from workers.tokenizer import ByteTokenizer
 
@@ -35,7 +36,7 @@ def start_pool(loop: LoopThread, config: PoolConfig) -> WorkerPool:
 def start_server(loop: LoopThread, pool: WorkerPool, redis_url: str, **overrides) -> SessionServer:
     """A session server on ``pool``; pass ``blockstore_address`` for Pin's cold-tier part."""
     cfg = SessionServiceConfig(port=0, redis_url=redis_url, api_keys=API_KEYS, grace_seconds=1.0, **overrides)
-    server = SessionServer(cfg, pool, ByteTokenizer(pool.info["vocab_size"]))
+    server = SessionServer(cfg, pool, ByteTokenizer(pool.info.vocab_size))
     loop.run(server.start())
     return server
 

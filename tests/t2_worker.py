@@ -12,9 +12,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from kvhelpers import SPEC, prefill, prefix, t0_holds  # noqa: E402
-from kvstore.blockstore_client import BlockStoreClient  # noqa: E402
-from kvstore.cache import TieredKVCache  # noqa: E402
-from kvstore.config import BlockStoreClientConfig, CacheConfig  # noqa: E402
+
+from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig  # noqa: E402
+from kvstore.cache import CacheConfig, TieredKVCache  # noqa: E402
 
 
 def main() -> None:

@@ -5,12 +5,14 @@ import time
 
 import pytest
 import ray
-
 from enginehelpers import GREEDY, make_engine, prompt, tiny
+
+from kvstore.cache import CacheConfig, Tier
 from kvstore.hashing import PrefixHasher
+from workers.actor import BlockEvents, GenerateEnd, GenerateRequest, WorkerConfig, remote_worker_class
+from workers.engine import FinishReason
 from workers.loader import kv_spec
-from kvstore.config import CacheConfig
-from workers.actor import WorkerConfig, remote_worker_class
+from workers.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +26,9 @@ def worker(tmp_path_factory):
     ray.shutdown()
 
 
-def stream(w, tokens, params=None):
-    params = params or {"max_tokens": GREEDY.max_tokens, "ignore_eos": True}
-    out = [ray.get(ref) for ref in w.generate.remote(tokens, params)]
+def stream(w, tokens, sampling=GREEDY):
+    out = [ray.get(ref) for ref in w.generate.remote(GenerateRequest(tokens, sampling))]
+    assert isinstance(out[-1], GenerateEnd) and all(isinstance(t, int) for t in out[:-1])
     return out[:-1], out[-1]
 
 
@@ -34,43 +36,43 @@ def test_streams_the_same_tokens_as_the_in_process_engine(worker):
     p = prompt(40, 29)
     (ref,) = make_engine().generate([p], GREEDY)
     tokens, final = stream(worker, p)
-    assert tokens == ref.output and final["finish_reason"] == "length"
-    assert final["usage"]["prompt_tokens"] == len(p) and final["worker_id"] == "w0"
+    assert tokens == ref.output and final.finish_reason is FinishReason.LENGTH
+    assert final.usage.prompt_tokens == len(p) and final.worker_id == "w0"
     tokens2, final2 = stream(worker, p)  # the same prompt again: served from T0
-    assert tokens2 == ref.output and final2["usage"]["cached_tokens"][0] == 28
+    assert tokens2 == ref.output and final2.usage.cached_tokens[0] == 28
     config, _, digest = tiny()
     expected = PrefixHasher.for_namespace(kv_spec(config, "tiny", digest, 4).fingerprint, "default", 4)
     expected.extend(p)
-    incarnation, events = ray.get(worker.block_events.remote())
-    stored_t0 = {h for tier, stored, h in events if tier == 0 and stored}
+    batch = ray.get(worker.block_events.remote())
+    stored_t0 = {e.block_hash for e in batch.events if e.tier is Tier.T0 and e.stored}
     assert set(expected.hashes) <= stored_t0  # the router learns which prefix w0 holds
-    assert ray.get(worker.block_events.remote()) == (incarnation, [])  # drained
-    assert ray.get(worker.health.remote())["incarnation"] == incarnation
+    assert ray.get(worker.block_events.remote()) == BlockEvents(batch.incarnation, [])  # drained
+    assert ray.get(worker.info.remote()).incarnation == batch.incarnation
 
 
 def test_concurrent_streams(worker):
     prompts = [prompt(41 + i, 10 + 7 * i) for i in range(3)]
     refs = make_engine().generate(prompts, GREEDY)
-    gens = [worker.generate.remote(p, {"max_tokens": GREEDY.max_tokens, "ignore_eos": True}) for p in prompts]
+    gens = [worker.generate.remote(GenerateRequest(p, GREEDY)) for p in prompts]
     outs = [[ray.get(r) for r in g] for g in gens]
     assert [o[:-1] for o in outs] == [r.output for r in refs]
 
 
 def test_bad_request_and_cancellation(worker):
-    tokens, final = stream(worker, [], {"max_tokens": 4})
-    assert tokens == [] and final["finish_reason"] == "error" and "at least one token" in final["error"]
-    gen = worker.generate.remote(prompt(50, 12), {"max_tokens": 200, "ignore_eos": True})  # fits T0
+    tokens, final = stream(worker, [], SamplingParams(max_tokens=4))
+    assert tokens == [] and final.finish_reason is FinishReason.ERROR and "at least one token" in final.error
+    gen = worker.generate.remote(GenerateRequest(prompt(50, 12), SamplingParams(max_tokens=200, ignore_eos=True)))
     first = ray.get(next(gen))
     assert isinstance(first, int)
     ray.cancel(gen)
-    assert ray.get(worker.health.remote())["alive"]
+    assert ray.get(worker.stats.remote()).alive
     deadline = time.monotonic() + 30  # the abort is processed by the engine thread: poll
     while time.monotonic() < deadline:
         s = ray.get(worker.stats.remote())
-        if s["aborted"] == 1 and s["running"] == 0:
+        if s.aborted == 1 and s.running == 0:
             break
         time.sleep(0.01)
-    assert s["aborted"] == 1 and s["running"] == 0 and s["cache"]["t0_pinned"] == 0
+    assert s.aborted == 1 and s.running == 0 and s.cache.t0_in_use == 0
 
 
 # The functions below run inside the actor (``__ray_call__``), whose process cannot import
@@ -109,19 +111,19 @@ def _wait(w, condition, timeout=30):
 
 
 def test_cancelling_before_the_engine_took_the_request_still_aborts_it(worker):
-    before = ray.get(worker.stats.remote())["aborted"]
+    before = ray.get(worker.stats.remote()).aborted
     ray.get(worker.__ray_call__.remote(_hold_inbox))
     try:
-        gen = worker.generate.remote(prompt(53, 12), {"max_tokens": 2000, "ignore_eos": True})
+        gen = worker.generate.remote(GenerateRequest(prompt(53, 12), SamplingParams(max_tokens=2000, ignore_eos=True)))
         _wait(worker, lambda: ray.get(worker.__ray_call__.remote(_inbox_size)) == 1)  # the add is queued
         ray.cancel(gen)
         _wait(worker, lambda: ray.get(worker.__ray_call__.remote(_inbox_size)) == 2)  # and the abort after it
     finally:
         ray.get(worker.__ray_call__.remote(_release_inbox))
-    _wait(worker, lambda: ray.get(worker.stats.remote())["aborted"] == before + 1)
+    _wait(worker, lambda: ray.get(worker.stats.remote()).aborted == before + 1)
     ray.get(worker.flush.remote())  # write-through copies pin their T0 source until done
     s = ray.get(worker.stats.remote())
-    assert s["running"] == s["waiting"] == 0 and s["cache"]["t0_pinned"] == 0
+    assert s.running == s.waiting == 0 and s.cache.t0_in_use == 0
 
 
 def _fail_prefills_of_length(self, n):
@@ -145,15 +147,15 @@ def test_a_request_the_engine_fails_ends_with_an_error_record_and_others_go_on(w
     (ref,) = make_engine().generate([good_prompt], GREEDY)
     ray.get(worker.__ray_call__.remote(_fail_prefills_of_length, 33))
     try:
-        good = worker.generate.remote(good_prompt, {"max_tokens": GREEDY.max_tokens, "ignore_eos": True})
+        good = worker.generate.remote(GenerateRequest(good_prompt, GREEDY))
         first = ray.get(next(good))  # decoding when the bad request arrives
         tokens, final = stream(worker, prompt(55, 33))
         rest = [ray.get(r) for r in good]
     finally:
         ray.get(worker.__ray_call__.remote(_restore_forward))
-    assert tokens == [] and final["finish_reason"] == "error"
-    assert "forward pass failed: RuntimeError: injected forward failure" in final["error"]
-    assert [first] + rest[:-1] == ref.output and rest[-1]["finish_reason"] == "length"
+    assert tokens == [] and final.finish_reason is FinishReason.ERROR
+    assert "forward pass failed: RuntimeError: injected forward failure" in final.error
+    assert [first] + rest[:-1] == ref.output and rest[-1].finish_reason is FinishReason.LENGTH
     ray.get(worker.flush.remote())  # write-through copies pin their T0 source until done
     s = ray.get(worker.stats.remote())
-    assert s["running"] == s["waiting"] == 0 and s["cache"]["t0_pinned"] == 0
+    assert s.running == s.waiting == 0 and s.cache.t0_in_use == 0

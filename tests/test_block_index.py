@@ -19,27 +19,28 @@ def test_eviction_order_is_least_recently_used():
     index = BlockIndex(4, "T")
     slots = cached(index, 4)
     for s in (slots[2], slots[0], slots[3], slots[1]):  # release order = use order
-        index.unpin(s)
-    index.touch(slots[2])  # now most recent
+        index.release(s)
+    index.acquire(slots[2])  # used again: now the most recent
+    index.release(slots[2])
     _, evicted = index.allocate(3)
     assert [m.block_hash for _, m in evicted] == [meta(0).block_hash, meta(3).block_hash, meta(1).block_hash]
     assert meta(2).block_hash in index and len(index) == 1
     index.check()
 
 
-def test_pinned_blocks_survive_any_pressure():
+def test_blocks_in_use_survive_any_pressure():
     index = BlockIndex(8, "T")
     slots = cached(index, 8)
     pinned = set(slots[::2])
     for s in slots:
         if s not in pinned:
-            index.unpin(s)
+            index.release(s)
     for _ in range(50):  # churn everything that is evictable
         new, _ = index.allocate(4)
         assert not pinned & set(new)
         for s in new:
-            index.unpin(s)
-    with pytest.raises(CacheFullError, match="pinned"):
+            index.release(s)
+    with pytest.raises(CacheFullError, match="in use"):
         index.allocate(5)
     for i, s in enumerate(slots):
         if s in pinned:
@@ -53,8 +54,8 @@ def test_capacity_is_never_exceeded():
     slots, _ = index.allocate(3)
     with pytest.raises(CacheFullError):
         index.allocate(1)
-    assert index.num_pinned == 3 and index.num_evictable == 0
-    index.unpin(slots[0])  # private slot: back to free
+    assert index.num_in_use == 3 and index.num_evictable == 0
+    index.release(slots[0])  # private slot: back to free
     assert index.num_evictable == 1 and len(index) == 0
 
 
@@ -64,7 +65,7 @@ def test_publish_never_overwrites_an_existing_block():
     assert index.publish(a, meta(1))
     assert not index.publish(b, meta(1))  # same hash elsewhere: stays private
     assert index.find(meta(1).block_hash) == a and index.meta(b) is None
-    index.unpin(b)
+    index.release(b)
     assert index.num_evictable == 1  # b went back to the free list, a is pinned
     index.check()
 
@@ -76,9 +77,9 @@ def test_preferred_blocks_are_evicted_last_until_their_preference_ends(monkeypat
     monkeypatch.setattr(bi.time, "monotonic", lambda: now[0])
     index = BlockIndex(4, "T")
     slots = cached(index, 4)
-    index.prefer([meta(0).block_hash], until=150.0)  # before release: applies on unpin
+    index.prefer([meta(0).block_hash], until=150.0)  # before release: applies on release
     for s in slots:  # LRU order 0, 1, 2, 3
-        index.unpin(s)
+        index.release(s)
     index.prefer([meta(1).block_hash], until=150.0)  # after release: moves now
     _, evicted = index.allocate(2)
     assert [m.block_hash for _, m in evicted] == [meta(2).block_hash, meta(3).block_hash]
@@ -91,7 +92,7 @@ def test_preferred_blocks_are_evicted_last_until_their_preference_ends(monkeypat
     slots = cached(index, 3)
     index.prefer([meta(0).block_hash], until=150.0)
     for s in slots:
-        index.unpin(s)
+        index.release(s)
     now[0] = 200.0  # the preference ran out: block 0 is the LRU's oldest again
     _, evicted = index.allocate(3)
     assert [m.block_hash for _, m in evicted][0] == meta(0).block_hash

@@ -8,15 +8,33 @@ import grpc
 import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from test_blockstore_server import (
+    ADMIN,
+    CORRUPTIONS,
+    NOT_SERVING,
+    SERVING,
+    TOKENS,
+    TTL,
+    delete,
+    get,
+    get_messages,
+    hash_of,
+    hashes_of,
+    health_status,
+    key,
+    lookup,
+    make_block,
+    put,
+    rpc_error,
+    stats,
+    succeeds,
+    wait_until,
+)
 
-from kvstore.config import BlockStoreConfig
 from kvstore.v1 import blockstore_pb2 as pb
 from kvstore.v1 import blockstore_pb2_grpc as pb_grpc
-from services.blockstore.server import BlockStoreThread
-from services.embedded_redis import EmbeddedRedisCluster
-from test_blockstore_server import (ADMIN, CORRUPTIONS, NOT_SERVING, SERVING, TOKENS, TTL, delete, get,
-                                    get_messages, hash_of, hashes_of, health_status, key, lookup, make_block,
-                                    put, rpc_error, stats, succeeds, wait_until)
+from services.blockstore.server import BlockStoreConfig, BlockStoreThread
+from services.common.embedded_redis import EmbeddedRedisCluster
 
 
 @pytest.fixture(scope="module")

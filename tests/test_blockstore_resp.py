@@ -11,9 +11,9 @@ import time
 import pytest
 
 from services.blockstore import resp
-from services.blockstore.errors import StoreError, StoreUnavailableError
 from services.blockstore.resp import LeanRedis, encode_command
-from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
+from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
+from services.common.errors import StoreError, StoreUnavailableError
 
 
 def run(coro):

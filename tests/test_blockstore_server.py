@@ -21,18 +21,17 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from kvhelpers import SPEC, content
+
+from kvstore.blockstore_wire import encode_get_response
 from kvstore.codec import encode_block, tensor_bytes
-from kvstore.config import BlockStoreConfig
 from kvstore.spec import KVSpec
 from kvstore.v1 import blockstore_pb2 as pb
 from kvstore.v1 import blockstore_pb2_grpc as pb_grpc
 from services.blockstore import resp
-from services.blockstore.errors import ConfigError, ServerStartError
-from services.blockstore.server import BlockStoreServer, BlockStoreThread, main, redacted
-from services.blockstore.wire import encode_get_response
-from services.embedded_redis import EmbeddedRedis
+from services.blockstore.server import BlockStoreConfig, BlockStoreServer, BlockStoreThread, main, redacted
+from services.common.embedded_redis import EmbeddedRedis
+from services.common.errors import ConfigError, ServerStartError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = "admin=*;tenant-token=tenant,shared"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.blockstore_wire import WireError, decode_get_response
+from kvstore.blockstore_wire import WireError, decode_get_response, encode_get_response
 from kvstore.v1 import blockstore_pb2 as pb
-from services.blockstore.wire import encode_get_response
 
 CASES = [
     [], [(0, b"x")], [(0, b"")], [(5, b"abc"), (127, b"y" * 127), (128, b"z" * 128)],

@@ -4,11 +4,10 @@ import threading
 
 import pytest
 import torch
-
 from fakes import MemoryRemote
 from kvhelpers import SPEC, prefill, prefix, t0_holds, t1_holds, write_block
-from kvstore.cache import CacheFullError, Tier, TieredKVCache
-from kvstore.config import CacheConfig, WritePolicy
+
+from kvstore.cache import CacheConfig, CacheFullError, Tier, TieredKVCache, WritePolicy
 
 BS = SPEC.block_size
 
@@ -199,12 +198,12 @@ def test_t1_t2_write_back_writes_on_t1_eviction():
 def test_bad_calls_raise_clear_errors():
     with make(t0=2) as cache:
         p = prefix(range(BS + 1))
-        with pytest.raises(ValueError, match="not pinned"):
+        with pytest.raises(ValueError, match="not in use"):
             cache.release([0])
         with pytest.raises(ValueError, match="out of range"):
             cache.release([99])
         slots = cache.allocate(2)
-        with pytest.raises(CacheFullError, match="pinned"):
+        with pytest.raises(CacheFullError, match="in use"):
             cache.allocate(1)
         with pytest.raises(ValueError, match="not full"):
             cache.commit(p, 1, slots[1])
@@ -214,7 +213,7 @@ def test_bad_calls_raise_clear_errors():
         with pytest.raises(ValueError, match="different committed block"):
             cache.commit(other, 0, slots[0])
         cache.release(slots)
-        with pytest.raises(ValueError, match="not pinned"):
+        with pytest.raises(ValueError, match="not in use"):
             cache.release(slots)
         cache.check_invariants()
 
@@ -246,7 +245,7 @@ def test_concurrent_sequences_with_background_writers():
         cache.flush()
         cache.check_invariants()
         s = cache.stats()
-        assert s.t0_pinned == 0 and s.t1_pinned == 0
+        assert s.t0_in_use == 0 and s.t1_in_use == 0
         for tier, holds in ((Tier.T0, t0_holds), (Tier.T1, t1_holds)):
             for h, slot in cache.cached_slots(tier).items():
                 assert holds(cache, slot, h)

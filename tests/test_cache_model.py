@@ -6,14 +6,13 @@ block anywhere may differ from what was committed under its hash, pins must hold
 counters must add up.
 """
 import pytest
+from fakes import MemoryRemote
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-
-from fakes import MemoryRemote
 from kvhelpers import SPEC, prefix, t0_holds, t1_holds, write_block
-from kvstore.cache import CacheFullError, Tier, TieredKVCache
-from kvstore.config import CacheConfig, WritePolicy
+
+from kvstore.cache import CacheConfig, CacheFullError, Tier, TieredKVCache, WritePolicy
 
 BS = SPEC.block_size
 # A few shared "system prompts" so that sequences share prefixes and hit each other's blocks.
@@ -94,8 +93,8 @@ class CacheMachine(RuleBasedStateMachine):
             assert h in self.committed and t1_holds(cache, slot, h)
         s = cache.stats()
         # After flush no background copy holds a pin: exactly the running sequences' slots.
-        assert s.t0_pinned == len({slot for _, t in self.running for slot in t})
-        assert s.t1_pinned == 0
+        assert s.t0_in_use == len({slot for _, t in self.running for slot in t})
+        assert s.t1_in_use == 0
         assert sum(s.loaded_blocks) == self.loaded
         assert s.t0_cached <= cache.config.t0_blocks and s.t1_cached <= cache.config.t1_blocks
         if self.remote is not None:

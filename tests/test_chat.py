@@ -1,10 +1,10 @@
 """Chat messages as token deltas: appending turn by turn gives exactly the tokens of rendering
 the whole conversation at once, for the byte tokenizer and a ChatML Hugging Face template."""
 import pytest
-
-from services.session.chat import ChatFormatError, ChatFormatter
 from test_tokenizer import _build_tokenizer_dir
-from workers.tokenizer import ByteTokenizer, load_tokenizer
+
+from services.session.chat import ChatFormatter
+from workers.tokenizer import ByteTokenizer, ChatFormatError, load_tokenizer
 
 TURNS = [
     [{"role": "system", "content": "You are helpful."}],

@@ -3,11 +3,10 @@ import subprocess
 import sys
 
 import pytest
-
 from rich.console import Console
 
-from kvstore.cli import main
-from kvstore.tiers_demo import DemoConfig, run_demo
+from services.cli.main import main
+from services.cli.tiers_demo import DemoConfig, run_demo
 
 
 def test_demo_reuses_from_every_tier_and_verifies_every_block():
@@ -21,7 +20,7 @@ def test_demo_reuses_from_every_tier_and_verifies_every_block():
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kvstore.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "services.cli.main", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_rejects_bad_flags_with_a_message(capsys):
@@ -56,7 +55,7 @@ def test_serve_chat_and_clean_shutdown_on_sigterm():
     """`kvstore serve` prints its address, serves `kvstore chat`, and stops cleanly on SIGTERM."""
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "serve", "--port", "0", "--model", "tiny",
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "--port", "0", "--model", "tiny",
                              "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
@@ -64,7 +63,7 @@ def test_serve_chat_and_clean_shutdown_on_sigterm():
             if "serving sessions on" in line:
                 break
         address = line.split("serving sessions on", 1)[1].split()[0]
-        chat = subprocess.run([sys.executable, "-m", "kvstore.cli", "chat", "--address", address, "--max-tokens", "4"],
+        chat = subprocess.run([sys.executable, "-m", "services.cli.main", "chat", "--address", address, "--max-tokens", "4"],
                               input="hello\n/fork\nagain\n/quit\n", capture_output=True, text=True, timeout=120)
         assert chat.returncode == 0, chat.stderr
         assert chat.stdout.count("assistant> ") == 2 and "now in fork default:" in chat.stdout

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import yaml
 
-from kvstore import cli
-from kvstore.config import BlockStoreConfig, config_from_args
-from kvstore.serve import ServeConfig
-from services.blockstore.server import build_parser
+from kvstore.config import config_from_args
+from services.blockstore.server import BlockStoreConfig, build_parser
+from services.cli import main as cli
+from services.cli.serve import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_compose_file_is_valid_and_matches_the_cli():
     assert sessions["command"][0] == "serve" and sessions["image"] == store["image"]
     args = cli.build_parser().parse_args([_interpolate(a) for a in sessions["command"]])
     serve = config_from_args(ServeConfig, args)
-    assert (serve.blockstore_address, serve.redis_url, serve.model) == ("blockstore:50051", "redis://redis:6379/0", "small")
+    assert (serve.session.blockstore_address, serve.session.redis_url, serve.model) == ("blockstore:50051", "redis://redis:6379/0", "small")
 
 
 def test_dockerfile_copies_what_exists():

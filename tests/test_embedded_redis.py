@@ -15,8 +15,13 @@ import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
-from services.embedded_redis import (EmbeddedRedis, EmbeddedRedisConfig, RedisBinaryNotFound,
-                                     RedisStartError, find_redis_binary)
+from services.common.embedded_redis import (
+    EmbeddedRedis,
+    EmbeddedRedisConfig,
+    RedisBinaryNotFound,
+    RedisStartError,
+    find_redis_binary,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +82,7 @@ def port_has_listener(port: int) -> bool:
 
 def run_child(body: str) -> subprocess.Popen:
     """A child Python that imports the launcher; stdin/stdout are pipes."""
-    code = "from services.embedded_redis import EmbeddedRedis\n" + textwrap.dedent(body)
+    code = "from services.common.embedded_redis import EmbeddedRedis\n" + textwrap.dedent(body)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from enginehelpers import BLOCK, GREEDY, make_engine, prompt
-from kvstore.blockstore_client import BlockStoreClient
+
+from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
 from kvstore.cache import Tier
-from kvstore.config import BlockStoreClientConfig, BlockStoreConfig
-from services.blockstore.server import BlockStoreThread
+from kvstore.hashing import PrefixHasher
+from services.blockstore.server import BlockStoreConfig, BlockStoreThread
 from services.blockstore.store import RedisBlockStore
-from workers.engine import RequestFailed, Status, hashed_prefix
+from workers.engine import RequestFailed, Status
 from workers.sampling import SamplingParams
 
 HERE = Path(__file__).parent
@@ -144,7 +144,7 @@ def test_corrupt_t2_block_is_recomputed_with_identical_output(store, redis_serve
         first.cache.close()
         r = redis_server.client()
         history = p1 + out1  # its last token was sampled, never computed: its block is not stored
-        hashes = hashed_prefix(first.cache.spec.fingerprint, "default", BLOCK, history[:-1]).hashes
+        hashes = PrefixHasher.for_namespace(first.cache.spec.fingerprint, "default", BLOCK, history[:-1]).hashes
         keys = [RedisBlockStore.key_prefix("default") + h.hex().encode() for h in hashes]
         assert len(keys) >= 9 and r.exists(*keys) == len(keys)  # this conversation's blocks, all in T2
         for key in keys[5], keys[8]:  # damage a payload byte of two of them
@@ -183,10 +183,11 @@ def test_preemption_when_t0_is_full_keeps_outputs_exact():
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     engine = make_engine(t0=20, t1=64)  # 4 sequences of up to 30 tokens need 32 blocks
     seqs = engine.generate(prompts, params)
+    assert engine.preempted > 0
     for seq, p in zip(seqs, prompts):
         assert seq.output == reference(p, params).output
     engine.cache.check_invariants()
-    assert engine.cache.stats().t0_pinned == 0
+    assert engine.cache.stats().t0_in_use == 0
 
 
 def test_max_num_seqs_bounds_the_running_batch():
@@ -279,7 +280,7 @@ def test_stream_yields_the_generated_tokens_and_closing_it_aborts():
     assert first == reference(prompt(79, 9)).output[:2]
     assert not engine.has_work()
     engine.cache.flush()  # write-through copies to T1 pin their T0 source until done
-    assert engine.cache.stats().t0_pinned == 0
+    assert engine.cache.stats().t0_in_use == 0
     small = make_engine(t0=4, t1=8)
     with pytest.raises(RequestFailed, match="does not fit in T0"):
         list(small.stream(prompt(80, 40), GREEDY))

@@ -2,9 +2,9 @@
 greedily, and a sampling or forward failure ends only the requests it hit (finish reason
 "error", blocks released) while the others run to the same output as alone."""
 import pytest
+from enginehelpers import GREEDY, make_engine, prompt
 
 import workers.engine
-from enginehelpers import GREEDY, make_engine, prompt
 from workers.engine import Status
 from workers.sampling import SamplingParams
 
@@ -13,7 +13,7 @@ def assert_all_t0_free(engine):
     assert not engine.has_work()
     engine.cache.flush()  # write-through copies to T1 pin their T0 source until done
     engine.cache.check_invariants()
-    assert engine.cache.stats().t0_pinned == 0
+    assert engine.cache.stats().t0_in_use == 0
 
 
 def alone(tokens, params=GREEDY):

@@ -19,15 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstore.hashing import (
-    HASH_SIZE,
-    MAX_TOKEN_ID,
-    PrefixHasher,
-    block_hash,
-    chain_hashes,
-    root_hash,
-    token_bytes,
-)
+from kvstore.hashing import HASH_SIZE, MAX_TOKEN_ID, PrefixHasher, block_hash, root_hash, token_bytes
 from kvstore.spec import KVSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +36,13 @@ NON_ASCII_NS = "t\u00e9nant-\u00fc\u00df-\u6771\u4eac-\U0001f600"  # é ü ß �
 DET_TOKENS = [0, 1, 2, 3, MAX_TOKEN_ID, 65535, 65536, 7] + list(range(1000, 1020)) + [5, 6, 7]
 
 
+def chain_hashes(root: bytes, tokens, block_size: int) -> list[bytes]:
+    """Hashes of every full block of ``tokens`` after ``root``."""
+    prefix = PrefixHasher(root, block_size)
+    prefix.extend(tokens)
+    return prefix.hashes
+
+
 def _chain_hex(fingerprint: bytes, namespace: str, tokens: list[int], block_size: int) -> list[str]:
     return [h.hex() for h in chain_hashes(root_hash(fingerprint, namespace), tokens, block_size)]
 
@@ -55,8 +54,12 @@ def _chain_hex(fingerprint: bytes, namespace: str, tokens: list[int], block_size
 _CHILD_CODE = """
 import sys
 import torch
-from kvstore.hashing import chain_hashes, root_hash
+from kvstore.hashing import PrefixHasher, root_hash
 from kvstore.spec import KVSpec
+def chain_hashes(root, tokens, block_size):
+    prefix = PrefixHasher(root, block_size)
+    prefix.extend(tokens)
+    return prefix.hashes
 spec = KVSpec(num_layers=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16, block_size=8,
               model_id="org/model-7b", weights_digest="sha256:abc123", tp_rank=0, tp_size=2)
 tokens = {tokens!r}

@@ -24,9 +24,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from kvstore.pools import DevicePool  # noqa: E402
-from workers.loader import (  # noqa: E402
-    BUILTIN_MODELS, CheckpointError, builtin_config, builtin_model, kv_spec, load_checkpoint,
-)
+from workers.loader import BUILTIN_MODELS, CheckpointError, builtin_config, builtin_model, kv_spec, load_checkpoint  # noqa: E402
 from workers.model import ForwardBatch, ModelConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,16 +3,14 @@ runs on node A, turn 2 is forced to node B, which finds the history in T2 (the s
 store) and produces the same output as computing everything."""
 from __future__ import annotations
 
-
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from servicehelpers import LoopThread, reference, start_pool, start_server, worker_config
 
 from kvstore.client import SessionClient
-from kvstore.config import BlockStoreConfig
-from servicehelpers import LoopThread, reference, start_pool, start_server, worker_config
-from services.blockstore.server import BlockStoreThread
-from workers.pool import PoolConfig
+from services.blockstore.server import BlockStoreConfig, BlockStoreThread
+from services.session.pool import PoolConfig
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +44,11 @@ def monkeypatch_module():
 
 def test_turn_two_on_another_node_reuses_t2_with_identical_output(two_nodes):
     pool, server = two_nodes
-    nodes = {w: ray.get(pool.handle(w).health.remote()) for w in pool.worker_ids}
+    stats = {w: ray.get(pool.handle(w).stats.remote()) for w in pool.worker_ids}
     node_ids = {w: ray.get(pool.handle(w).__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
                 for w in pool.worker_ids}
     assert len(set(node_ids.values())) == 2, node_ids  # one worker per node
-    assert all(h["alive"] for h in nodes.values())
+    assert all(s.alive for s in stats.values())
     with SessionClient(server.address, api_key="key-a") as kv:
         s = kv.create_session(system_prompt="You are a research agent on a two-node cluster. " * 3)
         g1 = kv.generate(s.session_id, messages=[{"role": "user", "content": "turn one"}], max_tokens=8,

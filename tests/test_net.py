@@ -1,6 +1,6 @@
 import pytest
 
-from services.net import host_port, is_loopback
+from services.common.net import host_port, is_loopback
 
 
 @pytest.mark.parametrize("host, loopback", [

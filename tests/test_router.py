@@ -6,14 +6,18 @@ from types import SimpleNamespace
 import pytest
 from ray.exceptions import RayActorError
 
-from workers.pool import Generated, PoolConfig, WorkerPool, _Worker
-from workers.router import NoWorkerError, Router
+from kvstore.cache import BlockEvent, Tier
+from services.session.pool import PoolConfig, WorkerPool, _Worker
+from services.session.router import NoWorkerError, Router
+from workers.actor import GenerateEnd, GenerateRequest, WorkerInfo
+from workers.engine import FinishReason, Usage
+from workers.sampling import SamplingParams
 
 H = [bytes([i]) * 16 for i in range(10)]
 
 
 def stored(tier, hashes):
-    return [(tier, True, h) for h in hashes]
+    return [BlockEvent(Tier(tier), True, h) for h in hashes]
 
 
 def router(*workers):
@@ -31,7 +35,7 @@ def test_longest_cached_prefix_wins_and_t0_outweighs_t1():
     # Blocks another worker holds count at the T2 weight: a 3 + 3 x 0.8, b 5 + 0.8, c 6 x 0.9.
     assert [r.prefix_score(w, H[:8]) for w in "abc"] == pytest.approx([5.4, 5.8, 5.4])
     assert r.choose(H[:8]) == "b"
-    r.apply_events("b", [(0, False, H[1])])  # evicted: b's local prefix now ends after block 0
+    r.apply_events("b", [BlockEvent(Tier.T0, False, H[1])])  # evicted: b's local prefix now ends after block 0
     assert r.prefix_score("b", H[:8]) == pytest.approx(1 + 5 * 0.8)
     r.apply_events("a", stored(0, H[3:4]))  # a: 4 + 2 x 0.8 = 5.6 > c's 5.4
     assert r.choose(H[:8]) == "a"
@@ -121,35 +125,36 @@ class FakeWorker:
 
     def __init__(self, worker_id: str, tokens: list[int], dies: bool = False) -> None:
         self.worker_id, self.tokens, self.dies = worker_id, tokens, dies
-        self.calls: list[tuple[list[int], dict]] = []
+        self.calls: list[GenerateRequest] = []
         self.generate = SimpleNamespace(remote=self._generate)
 
-    def _generate(self, tokens, params, namespace, skip_cache):
-        self.calls.append((tokens, params))
+    def _generate(self, request: GenerateRequest):
+        self.calls.append(request)
 
         async def stream():
-            for t in self.tokens[:params["max_tokens"]]:
+            for t in self.tokens[:request.sampling.max_tokens]:
                 yield asyncio.sleep(0, t)  # an awaitable, like an ObjectRef
             if self.dies:
                 raise RayActorError()
-            yield asyncio.sleep(0, {"finish_reason": "length", "error": None, "worker_id": self.worker_id,
-                                    "usage": {"cached_tokens": [8, 0, 0], "decode_s": 0.1}})
+            usage = Usage(len(request.prompt), cached_tokens=[8, 0, 0])
+            yield asyncio.sleep(0, GenerateEnd(FinishReason.LENGTH, self.worker_id, usage))
 
         return stream()
 
 
 def fake_pool(*workers: FakeWorker) -> WorkerPool:
     pool = WorkerPool(PoolConfig(num_workers=len(workers)))
-    pool.info = {"fingerprint": b"f" * 16, "block_size": 4}
+    pool.info = WorkerInfo("w0", "1", "m", b"f" * 16, 4, 512, 1024, ())
     for w in workers:
         pool._workers[w.worker_id] = _Worker(w.worker_id, w, live=True)
         pool.router.add_worker(w.worker_id)
     return pool
 
 
-def run_generate(pool: WorkerPool, prompt: list[int], max_tokens: int, **kw) -> tuple[list[int], Generated]:
+def run_generate(pool: WorkerPool, prompt: list[int], max_tokens: int, **kw) -> tuple[list[int], GenerateEnd]:
     async def collect():
-        items = [item async for item in pool.generate(prompt, {"max_tokens": max_tokens}, "default", **kw)]
+        request = GenerateRequest(prompt, SamplingParams(max_tokens=max_tokens))
+        items = [item async for item in pool.generate(request, **kw)]
         return items[:-1], items[-1]
 
     return asyncio.run(collect())
@@ -159,8 +164,8 @@ def test_a_generation_resumes_on_another_worker_from_the_streamed_tokens():
     w0, w1 = FakeWorker("w0", [10, 11, 12], dies=True), FakeWorker("w1", [13, 14, 15, 16])
     tokens, done = run_generate(fake_pool(w0, w1), [1, 2, 3], 6, worker_id="w0")
     assert tokens == [10, 11, 12, 13, 14, 15]
-    assert w1.calls == [([1, 2, 3, 10, 11, 12], {"max_tokens": 3})]
-    assert (done.finish_reason, done.worker_id, done.cached_tokens, done.failovers) == ("length", "w1", [8, 0, 0], 1)
+    assert w1.calls == [GenerateRequest([1, 2, 3, 10, 11, 12], SamplingParams(max_tokens=3))]
+    assert (done.finish_reason, done.worker_id, done.usage.cached_tokens, done.failovers) == ("length", "w1", [8, 0, 0], 1)
 
 
 def test_a_worker_dying_after_the_last_token_ends_the_generation_without_a_retry():
@@ -168,7 +173,7 @@ def test_a_worker_dying_after_the_last_token_ends_the_generation_without_a_retry
     pool = fake_pool(w0, w1)
     tokens, done = run_generate(pool, [1, 2, 3], 4, worker_id="w0", session_id="s")
     assert tokens == [10, 11, 12, 13] and w1.calls == []
-    assert (done.finish_reason, done.worker_id, done.cached_tokens, done.failovers) == ("length", "w0", [0, 0, 0], 1)
+    assert (done.finish_reason, done.worker_id, done.usage.cached_tokens, done.failovers) == ("length", "w0", [0, 0, 0], 1)
     assert pool.live_worker_ids == ["w1"]
 
 

@@ -12,15 +12,14 @@ import grpc
 import pytest
 import ray
 import redis.exceptions as rex
+from servicehelpers import LoopThread, reference, start_pool, start_server, wait_for, worker_config
 
 from kvstore.client import SessionAPIError, SessionClient
-from kvstore.config import BlockStoreConfig
-from servicehelpers import LoopThread, reference, start_pool, start_server, wait_for, worker_config
-from services.blockstore.server import BlockStoreThread
+from services.blockstore.server import BlockStoreConfig, BlockStoreThread
 from services.blockstore.store import RedisBlockStore
+from services.session.pool import PoolConfig
 from services.session.service import _classify
 from services.session.state import SessionStore
-from workers.pool import PoolConfig
 
 SYSTEM = "You are a careful planning agent. Think step by step and call tools when needed. " * 2
 
@@ -259,7 +258,7 @@ def test_cancelling_a_stream_frees_the_worker_and_records_nothing(kv, service):
 
     def idle():
         stats = [ray.get(pool.handle(w).stats.remote()) for w in pool.worker_ids]
-        return all(st["running"] == 0 and st["waiting"] == 0 and st["cache"]["t0_pinned"] == 0 for st in stats)
+        return all(st.running == 0 and st.waiting == 0 and st.cache.t0_in_use == 0 for st in stats)
     assert wait_for(idle)
     assert kv.get_session(s.session_id).num_tokens == n
 
@@ -467,13 +466,15 @@ def test_an_unreachable_redis_or_cluster_is_unavailable(error):
 
 
 def test_work_left_after_replies_is_awaited_or_cancelled_on_stop(caplog):
-    from services.blockstore.auth import TokenTable
+    from services.common.auth import TokenTable
     from services.session.metrics import SessionMetrics
+    from services.session.server import SessionServiceConfig
     from services.session.service import SessionServicer
     from workers.tokenizer import ByteTokenizer
 
     async def scenario():
-        servicer = SessionServicer(None, None, ByteTokenizer(512), TokenTable(""), SessionMetrics())
+        servicer = SessionServicer(None, None, ByteTokenizer(512), TokenTable(""), SessionMetrics(),
+                                    SessionServiceConfig())
         finished = []
 
         async def work(seconds: float):

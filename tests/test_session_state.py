@@ -25,7 +25,7 @@ def test_sessions_survive_a_restarted_service(store_factory):
     async def scenario():
         a = store_factory()
         s = await a.create("tenant", "qwen", tokens=[1, 2, 3], metadata={"agent": "planner"})
-        assert await a.append("tenant", s.id, [4, 5], request_id="r1") == 5
+        assert (await a.append_turn("tenant", s.id, [4, 5], request_id="r1")).num_tokens == 5
         b = store_factory()  # a new replica / restarted process: state comes from Redis
         got = await b.get("tenant", s.id)
         assert got.tokens == [1, 2, 3, 4, 5] and got.model == "qwen" and got.metadata == {"agent": "planner"}
@@ -39,10 +39,10 @@ def test_retried_append_is_applied_once(store_factory):
     async def scenario():
         st = store_factory()
         s = await st.create("tenant", "m", tokens=[7])
-        assert await st.append("tenant", s.id, [1, 2], request_id="req-1") == 3
-        assert await st.append("tenant", s.id, [1, 2], request_id="req-1") == 3  # the retry
-        assert await st.append("tenant", s.id, [9], request_id="req-2") == 4
-        assert await st.append("tenant", s.id, [9]) == 5  # no request id: always applied
+        assert (await st.append_turn("tenant", s.id, [1, 2], request_id="req-1")).num_tokens == 3
+        assert (await st.append_turn("tenant", s.id, [1, 2], request_id="req-1")).num_tokens == 3  # the retry
+        assert (await st.append_turn("tenant", s.id, [9], request_id="req-2")).num_tokens == 4
+        assert (await st.append_turn("tenant", s.id, [9])).num_tokens == 5  # no request id: always applied
         assert (await st.get("tenant", s.id)).tokens == [7, 1, 2, 9, 9]
     asyncio.run(scenario())
 
@@ -52,8 +52,8 @@ def test_fork_shares_history_and_diverges(store_factory):
         st = store_factory()
         s = await st.create("tenant", "m", tokens=[1, 2, 3])
         f = await st.fork("tenant", s.id)
-        await st.append("tenant", f.id, [10])
-        await st.append("tenant", s.id, [20])
+        await st.append_turn("tenant", f.id, [10])
+        await st.append_turn("tenant", s.id, [20])
         assert (await st.get("tenant", f.id)).tokens == [1, 2, 3, 10]
         assert (await st.get("tenant", s.id)).tokens == [1, 2, 3, 20]
         assert (await st.get("tenant", f.id)).parent == s.id
@@ -70,15 +70,15 @@ def test_pin_close_and_errors(store_factory):
         assert (await st.get("tenant", s.id)).closed
         assert s.id not in await st.list("tenant")
         with pytest.raises(SessionClosed):
-            await st.append("tenant", s.id, [1])
+            await st.append_turn("tenant", s.id, [1])
         with pytest.raises(SessionNotFound):
             await st.get("tenant", "nope")
         with pytest.raises(SessionNotFound):
-            await st.append("tenant", "nope", [1])
+            await st.append_turn("tenant", "nope", [1])
         with pytest.raises(SessionNotFound):
             await st.get("other", s.id)  # another tenant cannot see it
         with pytest.raises(ValueError):
-            await st.append("tenant", s.id, [-1])
+            await st.append_turn("tenant", s.id, [-1])
         with pytest.raises(ValueError):
             await st.create("tenant", "m", tokens=[2**33])
     asyncio.run(scenario())
@@ -119,7 +119,7 @@ def test_a_retried_append_after_close_gets_its_result_and_leaves_the_index_alone
         assert (retry.num_tokens, retry.result, retry.replayed) == (first.num_tokens, "done", True)
         assert s.id not in await st.list("tenant")  # the replay did not re-add the closed session
         with pytest.raises(SessionClosed):  # a new request is still refused
-            await st.append("tenant", s.id, [3], request_id="r2")
+            await st.append_turn("tenant", s.id, [3], request_id="r2")
         assert (await st.get("tenant", s.id)).tokens == [1, 2]
     asyncio.run(scenario())
 
@@ -131,7 +131,7 @@ def test_index_order_and_listing_with_lengths(store_factory):
         a = await st.create(ns, "m", tokens=[1, 2, 3], metadata={"k": "v"})
         b = await st.create(ns, "m")
         assert await st.list(ns) == [b.id, a.id]
-        await st.append(ns, a.id, [4])  # an append moves its session to the front
+        await st.append_turn(ns, a.id, [4])  # an append moves its session to the front
         listed = await st.list_sessions(ns)
         assert [(s.id, n) for s, n in listed] == [(a.id, 4), (b.id, 0)]
         assert listed[0][0].metadata == {"k": "v"} and listed[0][0].model == "m" and not listed[0][0].closed

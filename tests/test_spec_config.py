@@ -1,4 +1,4 @@
-"""KVSpec (kvstore.spec) and CacheConfig / from_env (kvstore.config)."""
+"""KVSpec (kvstore.spec), CacheConfig (kvstore.cache) and from_env (kvstore.config)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from kvstore.config import CacheConfig, WritePolicy, from_env
+from kvstore.cache import CacheConfig, Tier, TieredKVCache, WritePolicy
+from kvstore.config import config_from_args, from_env
+from kvstore.hashing import PrefixHasher
 from kvstore.spec import DTYPE_IDS, DTYPE_ITEMSIZE, KVSpec, dtype_name, parse_dtype
 
 # --------------------------------------------------------------------------------------
@@ -116,21 +118,20 @@ def test_invalid_spec_fields_raise_value_error_naming_the_field(kwargs, field):
         KVSpec(**args)
 
 
-def test_spec_is_frozen():
-    spec = KVSpec(num_layers=1, num_kv_heads=1, head_dim=8)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        spec.num_layers = 2  # type: ignore[misc]
-
-
 # --------------------------------------------------------------------------------------
 # CacheConfig
 # --------------------------------------------------------------------------------------
 
-def test_cache_config_defaults_are_valid():
-    cfg = CacheConfig()
-    assert cfg.t0_t1_policy is WritePolicy.WRITE_THROUGH  # every block reaches T2 while hot
-    assert cfg.t1_t2_policy is WritePolicy.WRITE_THROUGH
-    assert cfg.codec in ("raw", "lz4")
+def test_default_cache_config_copies_a_committed_block_down_while_it_is_hot():
+    spec = KVSpec(num_layers=1, num_kv_heads=1, head_dim=8, block_size=4)
+    with TieredKVCache(spec, CacheConfig(device="cpu")) as cache:
+        prefix = PrefixHasher.for_namespace(spec.fingerprint, "ns", 4, range(9))
+        table = cache.allocate(3)
+        cache.commit(prefix, 0, table[0])
+        cache.flush()
+        assert cache.stats().t1_cached == 1  # write-through to T1 without any eviction
+        cache.release(table)
+        assert cache.lookup(prefix).tiers == [Tier.T0]
 
 
 @pytest.mark.parametrize("field", ["t0_blocks", "t1_blocks", "selective_hits", "t2_write_queue",
@@ -245,12 +246,16 @@ def test_from_env_invalid_override_is_rejected():
         from_env(CacheConfig, env={"KVSTORE_T1_BLOCKS": "10"}, t1_blocks=-1)
 
 
-def test_serve_passes_cache_settings_from_the_environment_to_its_workers(monkeypatch):
-    from kvstore.serve import ServeConfig
+def test_serve_settings_of_its_components_come_from_the_environment_and_flags(monkeypatch):
+    from services.cli.main import build_parser
+    from services.cli.serve import ServeConfig
 
-    monkeypatch.setenv("KVSTORE_CODEC", "raw")
-    monkeypatch.setenv("KVSTORE_T1_T2_POLICY", "write_back")
-    monkeypatch.setenv("KVSTORE_T0_BLOCKS", "7")  # the serve flag wins over it
-    cache = ServeConfig(t0_blocks=96, t1_blocks=512).cache_config()
-    assert (cache.codec, cache.t1_t2_policy, cache.t0_blocks, cache.t1_blocks) == \
-        ("raw", WritePolicy.WRITE_BACK, 96, 512)
+    monkeypatch.setenv("KVSTORE_SERVE_CODEC", "raw")
+    monkeypatch.setenv("KVSTORE_SERVE_T1_T2_POLICY", "write_back")
+    monkeypatch.setenv("KVSTORE_SERVE_T0_BLOCKS", "7")  # the flag wins over it
+    monkeypatch.setenv("KVSTORE_SERVE_MAX_TOKENS", "99")
+    args = build_parser().parse_args(["serve", "--t0-blocks", "96", "--port", "0", "--workers", "3"])
+    cfg = config_from_args(ServeConfig, args)
+    assert (cfg.cache.codec, cfg.cache.t1_t2_policy, cfg.cache.t0_blocks, cfg.cache.t1_blocks) == \
+        ("raw", WritePolicy.WRITE_BACK, 96, CacheConfig().t1_blocks)
+    assert (cfg.session.port, cfg.session.max_tokens, cfg.workers) == (0, 99, 3)

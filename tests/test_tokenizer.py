@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, Tokenizer, load_tokenizer
+from workers.tokenizer import ByteTokenizer, ChatFormatError, HFTokenizer, IncrementalDecoder, Tokenizer, load_tokenizer
 
 TEXTS = ["", "hello world", "héllo wörld — 日本語 🚀 ∑x²", "tab\tnew\nline \x00 nul", "<|user|> not special"]
 
@@ -116,8 +116,11 @@ def test_hf_tokenizer(tmp_path):
     assert ids == expected
     no_prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=False)
     assert ids[:len(no_prompt)] == no_prompt and len(ids) > len(no_prompt)
-    with pytest.raises(Exception, match="bad role wizard"):
+    with pytest.raises(ChatFormatError, match="role must be one of"):
         tok.apply_chat_template([{"role": "wizard", "content": "x"}])
+    refusing = HFTokenizer(tok._tok, chat_template="{{ raise_exception('no ' + messages[0]['role']) }}")
+    with pytest.raises(Exception, match="no tool"):  # a template's own raise_exception
+        refusing.apply_chat_template([{"role": "tool", "content": "x"}])
     for text in TEXTS:  # word-leading spaces survive decoding one token at a time
         dec = IncrementalDecoder(tok.decode)
         assert "".join(dec.push(i) for i in tok.encode(text)) + dec.flush() == text

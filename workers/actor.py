@@ -3,7 +3,7 @@
 The engine is synchronous and batches every running request, so it runs in one thread of
 the actor; the actor's asyncio loop takes requests and streams each one's tokens back as
 they are produced (Ray streaming generators). Cancelling a stream aborts its sequence and
-frees its blocks.
+frees its blocks. What crosses the Ray boundary and the thread boundary is a dataclass.
 """
 from __future__ import annotations
 
@@ -14,15 +14,14 @@ import queue
 import secrets
 import threading
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import ray
 
-from kvstore.blockstore_client import BlockStoreClient
-from kvstore.cache import BlockEvent, TieredKVCache
-from kvstore.config import BlockStoreClientConfig, CacheConfig
+from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
+from kvstore.cache import BlockEvent, CacheConfig, CacheStats, TieredKVCache
 from kvstore.hashing import PrefixHasher
-from workers.engine import Engine, EngineConfig, Sequence, Status, hashed_prefix
+from workers.engine import Engine, EngineConfig, FinishReason, Sequence, Status, Usage
 from workers.loader import builtin_model, kv_spec, load_checkpoint
 from workers.sampling import SamplingParams
 from workers.tokenizer import load_tokenizer
@@ -41,6 +40,87 @@ class WorkerConfig:
     blockstore: BlockStoreClientConfig | None = None  # None: no T2
     engine: EngineConfig | None = None
     threads: int = 0  # torch threads; 0 = torch's default
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """One generation for a worker: the whole prompt (history + new input) as token ids."""
+
+    prompt: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    namespace: str = "default"
+    skip_cache: bool = False  # compute the whole prompt (measures what reuse saves)
+
+
+@dataclass(slots=True)
+class GenerateEnd:
+    """The record that ends a generation's stream, after its tokens."""
+
+    finish_reason: FinishReason
+    worker_id: str
+    usage: Usage = field(default_factory=Usage)  # of the attempt that finished it
+    error: str = ""  # with FinishReason.ERROR: why the engine refused or failed the request
+    failovers: int = 0  # workers lost on the way (counted by the session service's pool)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What the session service needs to name a worker's blocks and check its limits."""
+
+    worker_id: str
+    incarnation: str
+    model: str
+    fingerprint: bytes
+    block_size: int
+    vocab_size: int
+    max_context: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class BlockEvents:
+    """A worker's block events since the last call, stamped with its incarnation (a worker
+    Ray restarted has a new one, and an empty cache)."""
+
+    incarnation: str
+    events: list[BlockEvent]
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    worker_id: str
+    alive: bool  # the engine thread runs
+    running: int
+    waiting: int
+    aborted: int  # streams cancelled by their callers
+    preempted: int  # sequences pushed back to waiting because T0 was full
+    cache: CacheStats
+
+
+@dataclass(slots=True)
+class _Stream:
+    """A generation between the actor's event loop and the engine thread."""
+
+    request: GenerateRequest
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue  # token ids, then one GenerateEnd
+    seq: Sequence | None = None  # set by the engine thread once it took the request
+
+    def send(self, item: int | GenerateEnd) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+@dataclass(slots=True)
+class _Abort:
+    stream: _Stream
+
+
+@dataclass(slots=True)
+class _Prefetch:
+    prompt: list[int]
+    namespace: str
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future  # tokens of the prompt now held in T0, or the exception
 
 
 class DecodeWorker:
@@ -62,55 +142,42 @@ class DecodeWorker:
         else:
             model_config, model, digest = builtin_model(config.model, dtype=config.dtype)
             tokenizer = load_tokenizer(None, model_config.vocab_size)
-        spec = kv_spec(model_config, config.model, digest, config.block_size)
-        self.spec = spec
+        self.spec = kv_spec(model_config, config.model, digest, config.block_size)
         self.model_config = model_config
         remote = BlockStoreClient(config.blockstore) if config.blockstore else None
         # Bounded: a router that stops draining loses old events, not the worker's memory.
         self._events: deque[BlockEvent] = deque(maxlen=1 << 20)
-        self.cache = TieredKVCache(spec, config.cache or CacheConfig(), remote=remote,
+        self.cache = TieredKVCache(self.spec, config.cache or CacheConfig(), remote=remote,
                                    on_block_event=self._events.append)
         self.engine = Engine(model, self.cache, config.engine, eos_token_ids=model_config.eos_token_ids,
                              detokenize=tokenizer.decode)
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.Queue[_Stream | _Abort | _Prefetch] = queue.Queue()
         self._wake = threading.Event()
         self._stopping = False
-        self.aborted = 0  # streams cancelled by their callers
+        self.aborted = 0
         self._thread = threading.Thread(target=self._run, name=f"engine-{worker_id}", daemon=True)
         self._thread.start()
 
     # ---- API ------------------------------------------------------------------------------
 
-    async def generate(self, prompt: list[int], params: dict | None = None, namespace: str = "default",
-                       skip_cache: bool = False):
-        """Stream the tokens of one request, then a final dict with usage and finish reason
-        (``finish_reason == "error"`` and ``error`` for a request the engine refused)."""
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue = asyncio.Queue()
-        try:
-            sampling = SamplingParams(**(params or {}))
-        except (TypeError, ValueError) as e:
-            yield {"finish_reason": "error", "error": str(e), "usage": None, "worker_id": self.worker_id}
-            return
-        box: dict = {}  # the engine thread puts the request's Sequence here
-        self._inbox.put(("add", prompt, sampling, namespace, loop, tokens, box, skip_cache))
-        self._wake.set()
+    async def generate(self, request: GenerateRequest):
+        """Stream the token ids of one request, then a ``GenerateEnd``."""
+        stream = _Stream(request, asyncio.get_running_loop(), asyncio.Queue())
+        self._post(stream)
         ended = False
         try:
             while True:
-                item = await tokens.get()
-                if isinstance(item, dict):
-                    ended = True
-                    yield item
-                    return
+                item = await stream.out.get()
+                ended = isinstance(item, GenerateEnd)
                 yield item
+                if ended:
+                    return
         finally:
             if not ended:
                 # The caller went away: free the request's slot and blocks. Sent even if the
-                # engine thread has not added the request yet: the inbox is FIFO, so the abort
-                # finds the sequence in ``box`` once the add ran.
-                self._inbox.put(("abort", box))
-                self._wake.set()
+                # engine thread has not taken the request yet: the inbox is FIFO, so the abort
+                # finds ``stream.seq`` set once the request was taken.
+                self._post(_Abort(stream))
 
     def shutdown(self) -> None:
         """Stop the engine thread and flush background copies (blocks reach T2)."""
@@ -120,55 +187,46 @@ class DecodeWorker:
         self.cache.close()
 
     async def prefetch(self, prompt: list[int], namespace: str = "default") -> int:
-        """Warm the cached prefix of ``prompt`` into this worker (from T1/T2 into T0, unpinned,
+        """Warm the cached prefix of ``prompt`` into this worker (from T1/T2 into T0, released after,
         so it is also in T1); returns the tokens of it now held here."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        self._inbox.put(("prefetch", prompt, namespace, loop, done))
-        self._wake.set()
+        done = loop.create_future()
+        self._post(_Prefetch(prompt, namespace, loop, done))
         return await done
 
     def prefer(self, prompt: list[int], namespace: str, ttl_s: float) -> None:
         """Keep the blocks of ``prompt`` (a pinned session's history) in T0/T1 longest."""
         self.cache.prefer(self._prefix(prompt, namespace).hashes, ttl_s)
 
-    def _prefix(self, tokens: list[int], namespace: str) -> PrefixHasher:
-        return hashed_prefix(self.spec.fingerprint, namespace, self.spec.block_size, tokens)
-
     def flush(self) -> None:
         """Wait until blocks committed so far reached the lower tiers (T1, T2)."""
         self.cache.flush()
 
-    def block_events(self) -> tuple[str, list[tuple[int, bool, bytes]]]:
-        """This incarnation's id and the (tier, stored?, block hash) events since the last
-        call, for the router."""
-        out = []
-        while self._events:
-            e = self._events.popleft()
-            out.append((int(e.tier), e.stored, e.block_hash))
-        return self.incarnation, out
+    def block_events(self) -> BlockEvents:
+        """The events since the last call, for the router."""
+        events = [self._events.popleft() for _ in range(len(self._events))]
+        return BlockEvents(self.incarnation, events)
 
-    def info(self) -> dict:
-        """What the session service needs to compute this worker's prefix hashes and limits."""
-        return {"worker_id": self.worker_id, "incarnation": self.incarnation, "model": self.spec.model_id,
-                "fingerprint": self.spec.fingerprint, "block_size": self.spec.block_size,
-                "vocab_size": self.model_config.vocab_size,
-                "max_context": self.model_config.max_position_embeddings,
-                "eos_token_ids": list(self.model_config.eos_token_ids)}
+    def info(self) -> WorkerInfo:
+        c = self.model_config
+        return WorkerInfo(self.worker_id, self.incarnation, self.spec.model_id, self.spec.fingerprint,
+                          self.spec.block_size, c.vocab_size, c.max_position_embeddings, tuple(c.eos_token_ids))
 
-    def health(self) -> dict:
-        return {"worker_id": self.worker_id, "alive": self._thread.is_alive(), "pid": os.getpid(),
-                "incarnation": self.incarnation}
+    def stats(self) -> WorkerStats:
+        return WorkerStats(self.worker_id, self._thread.is_alive(), len(self.engine.running),
+                           len(self.engine.waiting), self.aborted, self.engine.preempted, self.cache.stats())
 
-    def stats(self) -> dict:
-        return {"worker_id": self.worker_id, "running": len(self.engine.running),
-                "waiting": len(self.engine.waiting), "aborted": self.aborted,
-                "cache": asdict(self.cache.stats())}
+    def _prefix(self, tokens: list[int], namespace: str) -> PrefixHasher:
+        return PrefixHasher.for_namespace(self.spec.fingerprint, namespace, self.spec.block_size, tokens)
+
+    def _post(self, message: _Stream | _Abort | _Prefetch) -> None:
+        self._inbox.put(message)
+        self._wake.set()
 
     # ---- engine thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, Sequence]] = {}
+        streams: dict[int, _Stream] = {}  # by sequence id
         while not self._stopping:
             self._drain_inbox(streams)
             if not self.engine.has_work():
@@ -181,55 +239,48 @@ class DecodeWorker:
                 log.exception("engine step failed")
                 outputs = []  # still send the final records of what it finished (its errors)
             for out in outputs:
-                loop, q, seq = streams[out.seq.id]
-                loop.call_soon_threadsafe(q.put_nowait, out.token)
-            for sid, (loop, q, seq) in list(streams.items()):
+                streams[out.seq.id].send(out.token)
+            for sid, stream in list(streams.items()):
+                seq = stream.seq
                 if seq.status is Status.FINISHED:
-                    usage = asdict(seq.usage)
-                    final = {"finish_reason": seq.finish_reason, "error": seq.error, "usage": usage,
-                             "worker_id": self.worker_id}
-                    loop.call_soon_threadsafe(q.put_nowait, final)
+                    stream.send(GenerateEnd(seq.finish_reason, self.worker_id, seq.usage, seq.error or ""))
                     del streams[sid]
 
-    def _drain_inbox(self, streams: dict) -> None:
+    def _drain_inbox(self, streams: dict[int, _Stream]) -> None:
         while True:
             try:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if msg[0] == "abort":
-                seq = msg[1].get("seq")  # None: the add was refused (its caller had the error)
+            if isinstance(msg, _Abort):
+                seq = msg.stream.seq  # None: the request was refused (its caller had the error)
                 if seq is not None and seq.status is not Status.FINISHED:
                     self.engine.abort(seq)
                     self.aborted += 1
-                continue
-            if msg[0] == "prefetch":
-                self._prefetch(*msg[1:])
-                continue
-            _, prompt, sampling, namespace, loop, q, box, skip_cache = msg
-            try:
-                seq = self.engine.add_request(prompt, sampling, namespace, skip_cache)
-            except ValueError as e:
-                loop.call_soon_threadsafe(q.put_nowait, {"finish_reason": "error", "error": str(e), "usage": None,
-                                                         "worker_id": self.worker_id})
-                continue
-            box["seq"] = seq
-            streams[seq.id] = (loop, q, seq)
+            elif isinstance(msg, _Prefetch):
+                self._prefetch(msg)
+            else:
+                r = msg.request
+                try:
+                    msg.seq = self.engine.add_request(r.prompt, r.sampling, r.namespace, r.skip_cache)
+                except ValueError as e:
+                    msg.send(GenerateEnd(FinishReason.ERROR, self.worker_id, error=str(e)))
+                    continue
+                streams[msg.seq.id] = msg
 
-    def _prefetch(self, prompt: list[int], namespace: str, loop: asyncio.AbstractEventLoop,
-                  done: asyncio.Future) -> None:
+    def _prefetch(self, msg: _Prefetch) -> None:
         try:
-            prefix = self._prefix(prompt, namespace)
+            prefix = self._prefix(msg.prompt, msg.namespace)
             loaded = self.cache.load(prefix, self.cache.lookup(prefix))
             self.cache.release(loaded.block_table)
             result: int | BaseException = loaded.num_tokens
         except Exception as e:  # noqa: BLE001 - reported to the caller, the engine goes on
             log.exception("prefetch failed")
             result = e
-        loop.call_soon_threadsafe(_settle, done, result)
+        msg.loop.call_soon_threadsafe(_settle, msg.done, result)
 
 
-def _settle(future: asyncio.Future, result) -> None:
+def _settle(future: asyncio.Future, result: int | BaseException) -> None:
     if future.done():  # the caller gave up
         return
     if isinstance(result, BaseException):

@@ -17,7 +17,8 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -32,17 +33,17 @@ from workers.tokenizer import IncrementalDecoder
 log = logging.getLogger(__name__)
 
 
-def hashed_prefix(fingerprint: bytes, namespace: str, block_size: int, tokens: Seq[int]) -> PrefixHasher:
-    """``tokens`` with the hashes of their full blocks, as every worker and the router name them."""
-    prefix = PrefixHasher.for_namespace(fingerprint, namespace, block_size)
-    prefix.extend(tokens)
-    return prefix
-
-
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # an end-of-sequence token, a stop token or a stop string
+    LENGTH = "length"  # max_tokens
+    ABORT = "abort"  # the caller went away
+    ERROR = "error"  # the engine could not serve it (the sequence's ``error`` says why)
 
 
 @dataclass(slots=True)
@@ -65,18 +66,18 @@ class Sequence:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt: list[int], params: SamplingParams, prefix: PrefixHasher) -> None:
+    def __init__(self, params: SamplingParams, prefix: PrefixHasher) -> None:
         self.id = next(Sequence._ids)
         self.params = params
-        self.prefix = prefix  # all tokens so far, with hashes of the full blocks
-        self.prompt_len = len(prompt)
+        self.prefix = prefix  # all tokens so far (the prompt, then the output), with hashes of the full blocks
+        self.prompt_len = prefix.num_tokens
         self.block_table: list[int] = []
         self.num_computed = 0  # tokens whose K/V is in T0 (loaded or computed)
         self.num_committed_blocks = 0
         self.status = Status.WAITING
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.error: str | None = None
-        self.usage = Usage(prompt_tokens=len(prompt))
+        self.usage = Usage(prompt_tokens=prefix.num_tokens)
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -132,6 +133,7 @@ class Engine:
         self.detokenize = detokenize  # ids -> str, for stop strings
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preempted = 0  # times T0 ran full and a running sequence went back to waiting
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -153,8 +155,8 @@ class Engine:
                              f"model's context of {limit} tokens")
         if params.stop and self.detokenize is None:
             raise ValueError("stop strings need a detokenizer")
-        prefix = hashed_prefix(self.cache.spec.fingerprint, namespace, self.block_size, prompt)
-        seq = Sequence(list(prompt), params, prefix)
+        prefix = PrefixHasher.for_namespace(self.cache.spec.fingerprint, namespace, self.block_size, prompt)
+        seq = Sequence(params, prefix)
         seq.skip_cache = skip_cache
         if params.stop:
             seq.decoder = IncrementalDecoder(self.detokenize)
@@ -166,7 +168,7 @@ class Engine:
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq.status is not Status.FINISHED:
-            self._finish(seq, "abort")
+            self._finish(seq, FinishReason.ABORT)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -191,7 +193,7 @@ class Engine:
         finally:
             if seq.status is not Status.FINISHED:
                 self.abort(seq)
-        if seq.finish_reason == "error":
+        if seq.finish_reason is FinishReason.ERROR:
             raise RequestFailed(seq.error)
 
     # ---- one step -----------------------------------------------------------------------
@@ -209,7 +211,7 @@ class Engine:
             log.exception("forward pass failed for sequences %s", [seq.id for seq in batch])
             for seq in batch:
                 seq.error = f"the model's forward pass failed: {type(e).__name__}: {e}"
-                self._finish(seq, "error")
+                self._finish(seq, FinishReason.ERROR)
             return []
         return self._postprocess(batch, logits)
 
@@ -226,7 +228,7 @@ class Engine:
             except CacheFullError as e:  # can never fit: fail this request, not the engine
                 self.waiting.popleft()
                 seq.error = f"prompt of {len(seq)} tokens does not fit in T0: {e}"
-                self._finish(seq, "error")
+                self._finish(seq, FinishReason.ERROR)
                 continue
             self.waiting.popleft()
             self.running.append(seq)  # the batch's sequences are running from here on
@@ -276,6 +278,7 @@ class Engine:
 
     def _preempt(self, seq: Sequence) -> None:
         log.info("T0 full: preempting sequence %d (%d tokens)", seq.id, len(seq))
+        self.preempted += 1
         self.running.remove(seq)
         self.cache.release(seq.block_table)
         seq.block_table, seq.num_computed, seq.num_committed_blocks = [], 0, 0
@@ -303,7 +306,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - e.g. NaN logits: fail this request, not the engine
                 log.exception("sampling failed for sequence %d", seq.id)
                 seq.error = f"sampling failed: {type(e).__name__}: {e}"
-                self._finish(seq, "error")
+                self._finish(seq, FinishReason.ERROR)
                 continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
@@ -323,22 +326,22 @@ class Engine:
             self.cache.commit(seq.prefix, i, seq.block_table[i])
         seq.num_committed_blocks = max(seq.num_committed_blocks, full)
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params
         if token in p.stop_token_ids or (token in self.eos and not p.ignore_eos):
-            return "stop"
+            return FinishReason.STOP
         if seq.decoder is not None and (new := seq.decoder.push(token)):
             # Only new text can complete a stop string, which then starts at most its length
             # minus one characters before it: decoding the whole output per token was quadratic.
             window = seq.stop_tail + new
             if any(s in window for s in p.stop):
-                return "stop"
+                return FinishReason.STOP
             seq.stop_tail = window[max(0, len(window) - max(map(len, p.stop)) + 1):]
         if seq.num_output_tokens >= p.max_tokens:
-            return "length"
+            return FinishReason.LENGTH
         return None
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.usage.decode_s = time.perf_counter() - (seq.first_token_at or seq.arrival)

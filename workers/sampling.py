@@ -1,6 +1,7 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +28,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # NaN fails too
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # NaN fails too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 

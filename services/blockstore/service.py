@@ -4,23 +4,25 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
-from kvstore.config import BlockStoreConfig
+from kvstore.blockstore_wire import HASH_SIZES, MAX_TOUCH_TTL_S, encode_get_response
 from kvstore.v1 import blockstore_pb2 as pb
 from kvstore.v1 import blockstore_pb2_grpc as pb_grpc
-from services.blockstore.auth import TokenTable, check_namespace, require_namespace
-from services.blockstore.errors import RequestError, StoreError, StoreUnavailableError
 from services.blockstore.metrics import Metrics
-from services.blockstore.store import HASH_SIZES, GetCounts, RedisBlockStore, block_problem
-from services.blockstore.wire import encode_get_response
-from services.grpc_server import rpc_status
+from services.blockstore.store import GetCounts, RedisBlockStore, block_problem
+from services.common.auth import TokenTable, check_namespace, require_namespace
+from services.common.errors import RequestError, StoreError, StoreUnavailableError
+from services.common.grpc_server import rpc_status
+
+if TYPE_CHECKING:  # the server module, which builds this servicer, defines it
+    from services.blockstore.server import BlockStoreConfig
 
 logger = logging.getLogger(__name__)
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
-MAX_TOUCH_TTL_S = 30 * 86400
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlockStore"].full_name  # "kvstore.v1.BlockStore"
 
 

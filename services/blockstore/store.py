@@ -21,13 +21,11 @@ from redis.asyncio.retry import Retry  # (redis.retry.Retry would silently never
 from redis.backoff import NoBackoff
 
 from kvstore.codec import peek_block, read_header
-from services.blockstore.errors import StoreError, StoreUnavailableError
 from services.blockstore.resp import LeanRedis
-from services.redis_errors import UNAVAILABLE
+from services.common.errors import REDIS_UNAVAILABLE, StoreError, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
-HASH_SIZES = (16, 32)
 _SOCKET_READ_SIZE = 1 << 20  # redis-py reads 32 KiB at a time by default; blocks are ~200 KB
 
 
@@ -80,7 +78,7 @@ def _redis_errors() -> Iterator[None]:
     """Translate redis-py exceptions into the service's typed errors."""
     try:
         yield
-    except UNAVAILABLE as e:
+    except REDIS_UNAVAILABLE as e:
         raise StoreUnavailableError(f"{type(e).__name__}: {e}") from e
     except rex.RedisError as e:
         raise StoreError(f"{type(e).__name__}: {e}") from e

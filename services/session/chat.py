@@ -8,21 +8,7 @@ template, as ids for the byte tokenizer), which is exactly what the template add
 """
 from __future__ import annotations
 
-from workers.tokenizer import Tokenizer
-
-ROLES = ("system", "user", "assistant", "tool")
-
-
-class ChatFormatError(ValueError):
-    """Messages the template cannot render (unknown role, bad content)."""
-
-
-def check_messages(messages: list[dict]) -> None:
-    for i, m in enumerate(messages):
-        if m.get("role") not in ROLES:
-            raise ChatFormatError(f"message {i}: role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
-            raise ChatFormatError(f"message {i}: content must be a string")
+from workers.tokenizer import ChatFormatError, Tokenizer, check_messages
 
 
 class ChatFormatter:

@@ -1,7 +1,7 @@
 """The session service's gRPC server: Sessions API, health (SERVING while Redis answers and a
 worker is live), reflection, Prometheus metrics, graceful shutdown.
 
-The worker pool and tokenizer are passed in: ``kvstore serve`` (kvstore/serve.py) builds
+The worker pool and tokenizer are passed in: ``kvstore serve`` (services/cli/serve.py) builds
 them, and tests restart a server over the same pool to show that sessions live in Redis.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import grpc
 import redis.asyncio as aioredis
@@ -16,17 +17,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio.cluster import RedisCluster
 
-from kvstore.blockstore_client import BlockStoreClient
-from kvstore.config import BlockStoreClientConfig, SessionServiceConfig
+from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
 from kvstore.v1 import session_pb2_grpc as pb_grpc
-from services.blockstore.auth import TokenTable
-from services.blockstore.errors import ConfigError
-from services.grpc_server import MetricsEndpoint, bind
-from services.net import host_port, is_loopback
+from services.common.auth import TokenTable
+from services.common.errors import ConfigError
+from services.common.grpc_server import MetricsEndpoint, bind
+from services.common.net import host_port, is_loopback
 from services.session.metrics import SessionMetrics
+from services.session.pool import WorkerPool
 from services.session.service import SERVICE_NAME, SessionServicer
 from services.session.state import SessionStore
-from workers.pool import WorkerPool
 from workers.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,32 @@ logger = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 1.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(slots=True)
+class SessionServiceConfig:
+    """The session service (the gRPC API for agent runtimes)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50052  # 0 picks a free port
+    redis_url: str = ""  # session state; empty: `kvstore serve` starts an embedded redis-server
+    redis_cluster: bool = False
+    # "key=tenant-a;key2=tenant-b,tenant-c;admin=*". Empty: no authentication (loopback only),
+    # one namespace "default".
+    api_keys: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    metrics_port: int = 0
+    grace_seconds: float = 5.0
+    max_message_bytes: int = 64 << 20
+    max_tokens: int = 4096  # per Generate
+    default_max_tokens: int = 64
+    max_input_tokens: int = 32768
+    max_concurrent_generations: int = 64
+    # The block store, for Pin (keeps a pinned session's blocks in the cold tier); empty: none.
+    blockstore_address: str = ""
+    blockstore_token: str = ""
+
 
 
 def validate_config(config: SessionServiceConfig) -> TokenTable:

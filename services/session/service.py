@@ -13,25 +13,28 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from kvstore.blockstore_client import BlockStoreClient
-from kvstore.config import SessionServiceConfig
+from kvstore.blockstore_wire import MAX_TOUCH_TTL_S
 from kvstore.v1 import session_pb2 as pb
 from kvstore.v1 import session_pb2_grpc as pb_grpc
-from services.blockstore.auth import ANY_NAMESPACE, TokenTable, check_namespace, require_namespace, valid_namespace
-from services.blockstore.errors import RequestError
-from services.blockstore.service import MAX_TOUCH_TTL_S
-from services.grpc_server import rpc_status
-from services.redis_errors import UNAVAILABLE as REDIS_UNAVAILABLE
-from services.session.chat import ChatFormatError, ChatFormatter
+from services.common.auth import ANY_NAMESPACE, TokenTable, check_namespace, require_namespace, valid_namespace
+from services.common.errors import REDIS_UNAVAILABLE, RequestError
+from services.common.grpc_server import rpc_status
+from services.session.chat import ChatFormatter
 from services.session.metrics import SessionMetrics
+from services.session.pool import GenerationError, NoWorkerError, WorkerLostError, WorkerPool
 from services.session.state import (Session, SessionChanged, SessionClosed, SessionNotFound, SessionStore,
                                     valid_session_id)
-from workers.pool import Generated, GenerationError, NoWorkerError, WorkerLostError, WorkerPool
-from workers.tokenizer import IncrementalDecoder, Tokenizer
+from workers.actor import GenerateEnd, GenerateRequest
+from workers.sampling import SamplingParams
+from workers.tokenizer import ChatFormatError, IncrementalDecoder, Tokenizer
+
+if TYPE_CHECKING:  # the server module, which builds this servicer, defines it
+    from services.session.server import SessionServiceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ def public_id(namespace: str, session_id: str) -> str:
 
 class SessionServicer(pb_grpc.SessionsServicer):
     def __init__(self, store: SessionStore, pool: WorkerPool, tokenizer: Tokenizer, api_keys: TokenTable,
-                 metrics: SessionMetrics, config: SessionServiceConfig | None = None,
+                 metrics: SessionMetrics, config: SessionServiceConfig,
                  blockstore: BlockStoreClient | None = None) -> None:
         self._store = store
         self._pool = pool
@@ -58,14 +61,14 @@ class SessionServicer(pb_grpc.SessionsServicer):
         self._chat = ChatFormatter(tokenizer)
         self._keys = api_keys
         self._metrics = metrics
-        self._config = config or SessionServiceConfig()  # its limits (max_tokens, ...)
+        self._config = config  # its limits (max_tokens, ...)
         self._blockstore = blockstore  # for Pin: keeps a pinned session's blocks in the cold tier
         self._active = 0
         self._background: set[asyncio.Task] = set()  # work done after a reply (re-pins); see stop()
 
     @property
     def model(self) -> str:
-        return self._pool.info["model"]
+        return self._pool.info.model
 
     async def stop(self, timeout: float) -> None:
         """Give the work started after replies ``timeout`` seconds to finish, then cancel it
@@ -126,15 +129,15 @@ class SessionServicer(pb_grpc.SessionsServicer):
     async def _turn(self, session: Session, request: pb.GenerateRequest,
                     arrival: float) -> AsyncIterator[pb.GenerateResponse]:
         """Generate's new turn: stream the tokens, record the turn, send its usage."""
-        params = self._sampling(request.sampling if request.HasField("sampling") else None)
+        sampling = self._sampling(request.sampling if request.HasField("sampling") else None)
         tokens, messages, chat = self._input(session, request.input if request.HasField("input") else None, True)
         prompt = session.tokens + tokens
         if not prompt:
             raise RequestError(_INVALID, "nothing to generate from: the session is empty and so is the input")
-        if len(prompt) + params["max_tokens"] > self._pool.info["max_context"]:
+        if len(prompt) + sampling.max_tokens > self._pool.info.max_context:
             raise RequestError(_INVALID, f"the session ({len(prompt)} tokens with this input) plus max_tokens "
-                                         f"({params['max_tokens']}) exceeds the model's context of "
-                                         f"{self._pool.info['max_context']} tokens")
+                                         f"({sampling.max_tokens}) exceeds the model's context of "
+                                         f"{self._pool.info.max_context} tokens")
         if request.worker_id and request.worker_id not in self._pool.worker_ids:
             raise RequestError(_INVALID, f"unknown worker_id {request.worker_id!r}; workers: "
                                          f"{', '.join(self._pool.worker_ids)}")
@@ -146,10 +149,10 @@ class SessionServicer(pb_grpc.SessionsServicer):
         try:
             decoder = IncrementalDecoder(self._tok.decode)
             first_at = end = None
-            result: Generated | None = None
-            async for item in self._pool.generate(prompt, params, session.namespace, _router_key(session),
-                                                  request.worker_id or None, request.skip_cache):
-                if isinstance(item, Generated):
+            result: GenerateEnd | None = None
+            generation = GenerateRequest(prompt, sampling, session.namespace, request.skip_cache)
+            async for item in self._pool.generate(generation, _router_key(session), request.worker_id or None):
+                if isinstance(item, GenerateEnd):
                     result = item
                     break
                 if first_at is None:
@@ -172,10 +175,10 @@ class SessionServicer(pb_grpc.SessionsServicer):
         n = len(output)
         usage = pb.Usage(
             prompt_tokens=len(prompt), completion_tokens=n,
-            cached_tokens_t0=result.cached_tokens[0], cached_tokens_t1=result.cached_tokens[1],
-            cached_tokens_t2=result.cached_tokens[2], ttft_seconds=(first_at or end) - arrival,
+            cached_tokens_t0=result.usage.cached_tokens[0], cached_tokens_t1=result.usage.cached_tokens[1],
+            cached_tokens_t2=result.usage.cached_tokens[2], ttft_seconds=(first_at or end) - arrival,
             tokens_per_second=(n - 1) / (end - first_at) if n > 1 and end > first_at else 0.0,
-            finish_reason=result.finish_reason, worker_id=result.worker_id, failovers=result.failovers)
+            finish_reason=result.finish_reason.value, worker_id=result.worker_id, failovers=result.failovers)
         record = json.dumps({"ids": output, "text": text, "usage": _usage_dict(usage)})
         appended = await self._store.append_turn(
             session.namespace, session.id, tokens + tokens_after, request_id=request.request_id, messages=turn_msgs,
@@ -296,7 +299,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
         if kind == "tokens":
             ids = list(inp.tokens.ids)
             self._check_size(len(ids))
-            vocab = self._pool.info["vocab_size"]
+            vocab = self._pool.info.vocab_size
             if bad := [t for t in ids if t >= vocab]:
                 raise RequestError(_INVALID, f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
             return ids, [], False
@@ -319,18 +322,19 @@ class SessionServicer(pb_grpc.SessionsServicer):
         if n > limit:
             raise RequestError(_INVALID, f"input of {n} tokens is over max_input_tokens={limit}")
 
-    def _sampling(self, s: pb.SamplingParams | None) -> dict:
+    def _sampling(self, s: pb.SamplingParams | None) -> SamplingParams:
         lim = self._config
         if s is None:
-            return {"max_tokens": lim.default_max_tokens}
+            return SamplingParams(max_tokens=lim.default_max_tokens)
         max_tokens = s.max_tokens or lim.default_max_tokens
         if max_tokens > lim.max_tokens:
             raise RequestError(_INVALID, f"max_tokens {max_tokens} is over the limit of {lim.max_tokens}")
-        if s.temperature < 0 or not 0 <= s.top_p <= 1:
-            raise RequestError(_INVALID, "temperature must be >= 0 and top_p in (0, 1]")
-        return {"max_tokens": max_tokens, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p or 1.0,
-                "seed": s.seed if s.HasField("seed") else None, "stop_token_ids": tuple(s.stop_token_ids),
-                "stop": tuple(s.stop), "ignore_eos": s.ignore_eos}
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k,
+                                  top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
+                                  stop_token_ids=tuple(s.stop_token_ids), stop=tuple(s.stop), ignore_eos=s.ignore_eos)
+        except ValueError as e:
+            raise RequestError(_INVALID, str(e)) from None
 
     def _checked_metadata(self, metadata) -> dict[str, str]:
         out = dict(metadata)

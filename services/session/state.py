@@ -33,7 +33,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from kvstore.hashing import token_bytes
-from services.redis_errors import UNAVAILABLE
+from services.common.errors import REDIS_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +209,6 @@ class SessionStore:
         session.messages = [json.loads(x) for x in msgs]
         return session
 
-    async def append(self, namespace: str, session_id: str, tokens: list[int], request_id: str = "") -> int:
-        """Append tokens; with a ``request_id``, a retry of the same request is a no-op.
-
-        Returns the history length afterwards (for a retry: as after the first attempt)."""
-        return (await self.append_turn(namespace, session_id, tokens, request_id=request_id)).num_tokens
-
     async def append_turn(self, namespace: str, session_id: str, tokens: list[int], *, request_id: str = "",
                           messages: list[dict] | None = None, expected_len: int | None = None,
                           result: str = "") -> Appended:
@@ -274,7 +268,7 @@ class SessionStore:
             renewer.cancel()
             try:
                 await self._lease(keys=[keys[1]], args=[owner])
-            except UNAVAILABLE as e:  # the lease lapses by itself after LEASE_S
+            except REDIS_UNAVAILABLE as e:  # the lease lapses by itself after LEASE_S
                 logger.warning("could not release the lease of request %r: %s", request_id, e)
 
     async def _keep_lease(self, key: str, owner: str) -> None:
@@ -282,7 +276,7 @@ class SessionStore:
             await asyncio.sleep(LEASE_S / 3)
             try:
                 await self._lease(keys=[key], args=[owner, int(LEASE_S * 1000)])
-            except UNAVAILABLE as e:  # the next renewal may still come in time
+            except REDIS_UNAVAILABLE as e:  # the next renewal may still come in time
                 logger.warning("could not renew a request lease: %s", e)
 
     async def fork(self, namespace: str, session_id: str, metadata: dict[str, str] | None = None) -> Session:

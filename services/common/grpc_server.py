@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from services.blockstore.errors import ConfigError, RequestError, ServerStartError
-from services.net import host_port
+from services.common.errors import ConfigError, RequestError, ServerStartError
+from services.common.net import host_port
 
 logger = logging.getLogger(__name__)
 

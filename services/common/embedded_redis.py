@@ -25,7 +25,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.net import is_loopback
+from services.common.net import is_loopback
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from workers.actor import WorkerConfig, remote_worker_class
-from workers.engine import hashed_prefix
-from workers.router import NoWorkerError, Router, RouterConfig
+from kvstore.hashing import PrefixHasher
+from services.session.router import NoWorkerError, Router, RouterConfig
+from workers.actor import GenerateEnd, GenerateRequest, WorkerConfig, WorkerInfo, remote_worker_class
+from workers.engine import FinishReason, Usage
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +60,6 @@ class PoolConfig:
 
 
 @dataclass(slots=True)
-class Generated:
-    """The end of one generation (the tokens were streamed before it)."""
-
-    finish_reason: str
-    worker_id: str
-    cached_tokens: list[int]  # by tier, as found by the worker that finished it (zeros: it died first)
-    failovers: int = 0
-
-
-@dataclass(slots=True)
 class _Worker:
     worker_id: str
     handle: ray.actor.ActorHandle
@@ -87,7 +78,7 @@ class WorkerPool:
             raise ValueError(f"worker_resources has {len(self.config.worker_resources)} entries for "
                              f"{self.config.num_workers} workers")
         self.router = Router(self.config.router)
-        self.info: dict = {}  # the model's facts (fingerprint, block size, vocab, context)
+        self.info: WorkerInfo | None = None  # the model's facts (fingerprint, block size, vocab, context)
         self._workers: dict[str, _Worker] = {}
         self._poller: asyncio.Task | None = None
 
@@ -110,14 +101,14 @@ class WorkerPool:
             handle = cls.options(**options).remote(worker_id, worker_cfg)
             self._workers[worker_id] = _Worker(worker_id, handle)
         infos = await asyncio.gather(*(w.handle.info.remote() for w in self._workers.values()))
-        fingerprints = {i["fingerprint"] for i in infos}
+        fingerprints = {i.fingerprint for i in infos}
         if len(fingerprints) != 1:
             raise RuntimeError("the workers serve different models (fingerprints differ)")
         self.info = infos[0]
         for w, info in zip(self._workers.values(), infos):
-            self._join(w, info["incarnation"])
+            self._join(w, info.incarnation)
         self._poller = asyncio.create_task(self._poll_loop(), name="worker-pool-poll")
-        log.info("%d decode workers ready (%s, %s)", len(self._workers), self.info["model"],
+        log.info("%d decode workers ready (%s, %s)", len(self._workers), self.info.model,
                  "GPU" if gpus else f"{cfg.cpus_per_worker:g} CPU each")
 
     async def close(self, kill: bool = True) -> None:
@@ -148,34 +139,34 @@ class WorkerPool:
     # ---- requests -------------------------------------------------------------------------
 
     def block_hashes(self, tokens: list[int], namespace: str) -> list[bytes]:
-        return hashed_prefix(self.info["fingerprint"], namespace, self.info["block_size"], tokens).hashes
+        return PrefixHasher.for_namespace(self.info.fingerprint, namespace, self.info.block_size, tokens).hashes
 
     def _route(self, tokens: list[int], namespace: str, session_id: str | None) -> str:
         # A session's affinity decides without the prefix: hash its history only when it does not.
         wid = self.router.sticky(session_id)
         return wid if wid is not None else self.router.choose(self.block_hashes(tokens, namespace), session_id)
 
-    async def generate(self, prompt: list[int], params: dict, namespace: str, session_id: str | None = None,
-                       worker_id: str | None = None, skip_cache: bool = False) -> AsyncIterator[int | Generated]:
-        """Yield the generated token ids, then a ``Generated``. Resumes on another worker when
+    async def generate(self, request: GenerateRequest, session_id: str | None = None,
+                       worker_id: str | None = None) -> AsyncIterator[int | GenerateEnd]:
+        """Yield the generated token ids, then a ``GenerateEnd``. Resumes on another worker when
         the one running it dies (at most ``max_failovers`` times)."""
         if worker_id is not None and worker_id not in self._workers:
             raise NoWorkerError(f"unknown worker {worker_id!r}; workers: {', '.join(self.worker_ids)}")
         output: list[int] = []
         failovers = 0
-        max_tokens = int(params.get("max_tokens", 64))
+        max_tokens = request.sampling.max_tokens
         while True:
-            tokens = prompt + output
+            tokens = request.prompt + output
             wid = worker_id if worker_id is not None and self._workers[worker_id].live else \
-                self._route(tokens, namespace, session_id)
-            handle = self._workers[wid].handle
-            attempt = dict(params, max_tokens=max_tokens - len(output))
+                self._route(tokens, request.namespace, session_id)
+            attempt = dataclasses.replace(request, prompt=tokens, sampling=dataclasses.replace(
+                request.sampling, max_tokens=max_tokens - len(output)))
             self.router.started(wid)
-            stream = handle.generate.remote(tokens, attempt, namespace, skip_cache)
+            stream = self._workers[wid].handle.generate.remote(attempt)
             try:
                 async for ref in stream:
                     item = await ref
-                    if isinstance(item, dict):
+                    if isinstance(item, GenerateEnd):
                         break
                     output.append(item)
                     yield item
@@ -190,7 +181,7 @@ class WorkerPool:
                 if len(output) >= max_tokens:
                     # It died after streaming the last token, before its final record: the
                     # generation is complete (a retry would ask for 0 tokens and be refused).
-                    yield Generated("length", wid, [0, 0, 0], failovers)
+                    yield GenerateEnd(FinishReason.LENGTH, wid, Usage(len(request.prompt), len(output)), failovers=failovers)
                     return
                 if failovers > self.config.max_failovers:
                     raise WorkerLostError(f"generation lost {failovers} workers; giving up") from e
@@ -200,10 +191,10 @@ class WorkerPool:
                 raise
             finally:
                 self.router.finished(wid)
-            if item["finish_reason"] == "error":
-                raise GenerationError(item["error"])
-            usage = item["usage"]  # of the attempt that finished (after a failover: the resumed one)
-            yield Generated(item["finish_reason"], wid, list(usage["cached_tokens"]), failovers)
+            if item.finish_reason is FinishReason.ERROR:
+                raise GenerationError(item.error)
+            item.failovers = failovers  # its usage is the attempt's that finished (after a failover: the resumed one)
+            yield item
             return
 
     async def prefetch(self, tokens: list[int], namespace: str, session_id: str) -> tuple[str, int]:
@@ -255,7 +246,7 @@ class WorkerPool:
     async def _poll(self, w: _Worker) -> None:
         """Drain a worker's block events; notice deaths, restarts and recoveries."""
         try:
-            incarnation, events = await asyncio.wait_for(w.handle.block_events.remote(), self.config.call_timeout_s)
+            batch = await asyncio.wait_for(w.handle.block_events.remote(), self.config.call_timeout_s)
         except (RayActorError, GetTimeoutError, asyncio.TimeoutError) as e:
             if w.live:
                 log.warning("worker %s does not answer (%s)", w.worker_id, type(e).__name__)
@@ -264,9 +255,9 @@ class WorkerPool:
         except Exception:  # noqa: BLE001 - polling must go on
             log.exception("polling worker %s failed", w.worker_id)
             return
-        if not w.live or incarnation != w.incarnation:
-            self._join(w, incarnation)
-        self.router.apply_events(w.worker_id, events)
+        if not w.live or batch.incarnation != w.incarnation:
+            self._join(w, batch.incarnation)
+        self.router.apply_events(w.worker_id, batch.events)
 
 
-__all__ = ["Generated", "GenerationError", "NoWorkerError", "PoolConfig", "WorkerLostError", "WorkerPool"]
+__all__ = ["GenerationError", "NoWorkerError", "PoolConfig", "WorkerLostError", "WorkerPool"]

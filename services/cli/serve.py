@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
-from kvstore.config import BlockStoreClientConfig, CacheConfig, SessionServiceConfig, from_env
+from kvstore.blockstore_client import BlockStoreClientConfig
+from kvstore.cache import CacheConfig
 from services.blockstore.server import EXIT_ON_STDIN_EOF
-from services.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
-from services.session.server import SessionServer
+from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
+from services.session.pool import PoolConfig, WorkerPool
+from services.session.server import SessionServer, SessionServiceConfig
 from workers.actor import WorkerConfig
 from workers.loader import builtin_config
-from workers.pool import PoolConfig, WorkerPool
 from workers.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -32,26 +34,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class ServeConfig:
-    """Everything ``kvstore serve`` starts, with embedded defaults."""
+    """Everything ``kvstore serve`` starts, with embedded defaults. ``session.redis_url`` and
+    ``session.blockstore_*`` are the whole service's: empty starts embedded ones."""
 
-    host: str = "127.0.0.1"
-    port: int = 50052  # the session service; 0 picks a free port
-    api_keys: str = ""  # "key=tenant-a;key2=*"; empty: no auth, loopback only
-    tls_cert: str = ""  # PEM paths: serve the session API over TLS
-    tls_key: str = ""
+    session: SessionServiceConfig = field(default_factory=SessionServiceConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)  # each worker's
     model: str = "small"  # a built-in model (tiny, small, qwen2.5-0.5b-shape) or a checkpoint directory
     workers: int = 2
     cpus_per_worker: float = 1.0
     block_size: int = 16
-    t0_blocks: int = 1024
-    t1_blocks: int = 4096
-    redis_url: str = ""  # empty: an embedded redis-server (session state and blocks)
-    redis_maxmemory: str = "2gb"
-    blockstore_address: str = ""  # empty: start a block store process on the Redis
-    blockstore_token: str = ""
+    redis_maxmemory: str = "2gb"  # of the embedded Redis
     ray_address: str = ""  # empty: start a local Ray; else e.g. "auto" or "ray://head:10001"
-    metrics_port: int = 0
-    max_concurrent_generations: int = 64
 
     def __post_init__(self) -> None:
         """Fail before starting anything on what would only fail later, inside a worker."""
@@ -61,14 +54,8 @@ class ServeConfig:
             raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        self.cache_config()  # validates capacities
         if not os.path.isdir(self.model):
             builtin_config(self.model)  # raises naming the built-in models
-
-    def cache_config(self) -> CacheConfig:
-        """The workers' cache: KVSTORE_<FIELD> settings (codec, policies, ...), then the
-        capacities from here."""
-        return from_env(CacheConfig, t0_blocks=self.t0_blocks, t1_blocks=self.t1_blocks)
 
 
 class Service:
@@ -78,7 +65,7 @@ class Service:
         self.config = config
         self.redis: EmbeddedRedis | None = None
         self.blockstore: subprocess.Popen | None = None
-        self.blockstore_address = config.blockstore_address
+        self.blockstore_address = config.session.blockstore_address
         self.pool: WorkerPool | None = None
         self.server: SessionServer | None = None
         self._ray_started = False
@@ -90,7 +77,7 @@ class Service:
     async def start(self) -> None:
         cfg = self.config
         try:
-            redis_url = cfg.redis_url
+            redis_url = cfg.session.redis_url
             if not redis_url:
                 # Embedded, shared by blocks and sessions: volatile-lru evicts only keys with
                 # a TTL, i.e. blocks, never a session's history (which has none).
@@ -100,22 +87,20 @@ class Service:
                     maxmemory=cfg.redis_maxmemory, maxmemory_policy="volatile-lru")).start()
                 redis_url = self.redis.url
             if not self.blockstore_address:
-                self.blockstore, self.blockstore_address = await asyncio.to_thread(start_blockstore_process, redis_url)
+                self.blockstore, self.blockstore_address = await asyncio.to_thread(
+                    start_blockstore_process, redis_url,
+                    env={"KVSTORE_BLOCKSTORE_REDIS_CLUSTER": "1"} if cfg.session.redis_cluster else None)
             self.init_ray()  # blocks a few seconds; nothing is served yet
             worker = WorkerConfig(
-                model=cfg.model, block_size=cfg.block_size,
-                cache=cfg.cache_config(),
-                blockstore=BlockStoreClientConfig(address=self.blockstore_address, token=cfg.blockstore_token))
+                model=cfg.model, block_size=cfg.block_size, cache=cfg.cache,
+                blockstore=BlockStoreClientConfig(address=self.blockstore_address,
+                                                  token=cfg.session.blockstore_token))
             self.pool = WorkerPool(PoolConfig(num_workers=cfg.workers, worker=worker,
                                               cpus_per_worker=cfg.cpus_per_worker))
             await self.pool.start()
-            tokenizer = load_tokenizer(cfg.model if os.path.isdir(cfg.model) else None, self.pool.info["vocab_size"])
-            self.server = SessionServer(SessionServiceConfig(
-                host=cfg.host, port=cfg.port, redis_url=redis_url, api_keys=cfg.api_keys,
-                tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
-                metrics_port=cfg.metrics_port, max_concurrent_generations=cfg.max_concurrent_generations,
-                blockstore_address=self.blockstore_address, blockstore_token=cfg.blockstore_token),
-                self.pool, tokenizer)
+            tokenizer = load_tokenizer(cfg.model if os.path.isdir(cfg.model) else None, self.pool.info.vocab_size)
+            self.server = SessionServer(dataclasses.replace(
+                cfg.session, redis_url=redis_url, blockstore_address=self.blockstore_address), self.pool, tokenizer)
             await self.server.start()
         except BaseException:
             await self.stop()
@@ -229,7 +214,8 @@ async def serve(config: ServeConfig, ready=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
-    print(f"kvstore serving sessions on {service.address} ({config.workers} workers, model {config.model}; "
+    print(f"kvstore serving sessions on {service.address} ({config.workers} workers, model {config.model} "
+          "(the built-in models have random weights: their text is noise); "
           f"block store {service.blockstore_address}; Ctrl-C stops)", flush=True)
     if ready is not None:
         ready(service)

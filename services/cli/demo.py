@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
+from kvstore.cache import CacheConfig
 from kvstore.client import SessionClient
+from services.cli.serve import BackgroundService, ServeConfig
+from services.session.server import SessionServiceConfig
 
 TOPICS = ("a trip to Kyoto", "a database migration", "a birthday party", "a marathon plan", "a garden")
 
@@ -137,10 +140,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     console = console or Console(width=max(Console().width, 120))
     if cfg.address:
         return _run_against(cfg.address, cfg, console)
-    from kvstore.serve import BackgroundService, ServeConfig
-
-    serve_cfg = ServeConfig(port=0, model=cfg.model, workers=cfg.workers, t0_blocks=cfg.t0_blocks,
-                            t1_blocks=cfg.t1_blocks)
+    serve_cfg = ServeConfig(SessionServiceConfig(port=0), CacheConfig(t0_blocks=cfg.t0_blocks, t1_blocks=cfg.t1_blocks),
+                            model=cfg.model, workers=cfg.workers)
     with console.status("starting the service: embedded Redis, block store, Ray and decode workers..."):
         service = BackgroundService(serve_cfg).start()
     console.print(f"service on {service.address} ({cfg.workers} workers, model {cfg.model}, block store "

@@ -13,15 +13,17 @@ import asyncio
 import logging
 import sys
 
+from kvstore.client import SessionAPIError, SessionClient
 from kvstore.config import add_config_flags, config_from_args, from_env
+from services.blockstore.server import main as blockstore_main
+from services.cli.demo import DemoConfig, run_demo
+from services.cli.serve import ServeConfig, serve
+from services.cli.tiers_demo import DemoConfig as TiersDemoConfig
+from services.cli.tiers_demo import run_demo as run_tiers_demo
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kvstore`` parser; raises ValueError for a bad KVSTORE_SERVE_* variable."""
-    from kvstore.demo import DemoConfig
-    from kvstore.serve import ServeConfig
-    from kvstore.tiers_demo import DemoConfig as TiersDemoConfig
-
     parser = argparse.ArgumentParser(prog="kvstore", description="Distributed tiered KV-cache for LLM inference.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,10 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvstore.demo import DemoConfig
-    from kvstore.serve import ServeConfig
-    from kvstore.tiers_demo import DemoConfig as TiersDemoConfig
-
     try:
         parser = build_parser()
     except ValueError as e:
@@ -57,31 +55,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     if args.command == "blockstore":
-        from services.blockstore.server import main as serve
-
-        return serve(args.rest)
+        return blockstore_main(args.rest)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
-            from kvstore.serve import serve
-
             return asyncio.run(serve(config_from_args(ServeConfig, args)))
         if args.command == "demo":
-            from kvstore.demo import run_demo
-
             totals = run_demo(config_from_args(DemoConfig, args))
             return 0 if totals["same"] else 1
         if args.command == "chat":
             return _chat(args)
         if args.command == "tiers-demo":
-            from kvstore.tiers_demo import run_demo as run_tiers_demo
-
             run_tiers_demo(config_from_args(TiersDemoConfig, args))
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a clear message instead of a traceback for what users can fix
-        from kvstore.client import SessionAPIError
-
         if isinstance(e, (ValueError, RuntimeError, OSError, SessionAPIError)):
             print(f"kvstore {args.command}: {e}", file=sys.stderr)
             return 2 if isinstance(e, ValueError) else 1
@@ -90,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from kvstore.client import SessionAPIError, SessionClient
-
     with SessionClient(args.address, api_key=args.api_key, timeout_s=None) as kv:
         session = args.session or kv.create_session(system_prompt=args.system).session_id
         print(f"session {session}  (/fork branches it, /info shows it, /quit or Ctrl-D ends)")

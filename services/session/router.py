@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from kvstore.cache import BlockEvent, Tier
+
 
 class NoWorkerError(RuntimeError):
     """No live worker to route to."""
@@ -30,8 +32,7 @@ class WorkerState:
 @dataclass(slots=True)
 class RouterConfig:
     """What a block of prompt already cached is worth, by where it would come from, in units
-    of a block held in T0. Measured by bench/ttft.py at 2k history (small model, CPU): against
-    recompute, a T1 hit saves as much TTFT as a T0 hit, a T2 hit ~88% of it. Blocks another
+    of a block held in T0 (from bench/ttft.py; see docs/architecture.md). Blocks another
     worker holds are (write-through) in T2, so every worker can get them at the T2 price."""
 
     t0_weight: float = 1.0
@@ -72,14 +73,14 @@ class Router:
         self.remove_worker(worker_id)
         self.add_worker(worker_id)
 
-    def apply_events(self, worker_id: str, events: Iterable[tuple[int, bool, bytes]]) -> None:
-        """(tier, stored?, block hash) events from a worker's cache, in order."""
+    def apply_events(self, worker_id: str, events: Iterable[BlockEvent]) -> None:
+        """A worker's cache events, in order."""
         state = self._workers.get(worker_id)
         if state is None:
             return
-        for tier, stored, block_hash in events:
-            tier_set = state.t0 if tier == 0 else state.t1
-            (tier_set.add if stored else tier_set.discard)(block_hash)
+        for e in events:
+            tier_set = state.t0 if e.tier is Tier.T0 else state.t1
+            (tier_set.add if e.stored else tier_set.discard)(e.block_hash)
 
     def prefix_score(self, worker_id: str, block_hashes: Sequence[bytes]) -> float:
         """Weighted length of the prefix this worker can reuse: its contiguous run in T0/T1,

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from services.blockstore.errors import ConfigError, RequestError
+from services.common.errors import ConfigError, RequestError
 
 NAMESPACE_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 _NAMESPACE_RE = re.compile(NAMESPACE_PATTERN)

@@ -4,8 +4,9 @@ between the workers from turn to turn, so their history comes back from T0 (same
 hot), T1 (same worker, spilled) or T2 (the other worker's blocks, through the block store
 service and an embedded Redis).
 
-There is no model yet: "prefill" writes synthetic KV derived from each block's hash, and every
-reused block is checked byte for byte against what was committed under its hash.
+No model runs here: "prefill" writes synthetic KV derived from each block's hash, and every
+reused block is checked byte for byte against what was committed under its hash
+(``kvstore demo`` runs the real engine).
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvstore.cache import Tier, TieredKVCache
-from kvstore.blockstore_client import BlockStoreClient
-from kvstore.config import BlockStoreClientConfig, BlockStoreConfig, CacheConfig
+from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
+from kvstore.cache import CacheConfig, Tier, TieredKVCache
 from kvstore.hashing import PrefixHasher
 from kvstore.spec import KVSpec
+from services.blockstore.server import BlockStoreConfig, BlockStoreThread
 
 # The KV shape of Qwen2.5-0.5B: 24 layers, 2 KV heads of 64, bf16; 16-token blocks (192 KiB).
 DEMO_SPEC = KVSpec(24, 2, 64, torch.bfloat16, 16, model_id="demo-qwen2.5-0.5b-shape")
@@ -67,9 +68,6 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, int]:
     with ExitStack() as stack:
         address = None
         if cfg.t2:
-            # Imported here: the core library does not depend on the services otherwise.
-            from services.blockstore.server import BlockStoreThread
-
             server = stack.enter_context(BlockStoreThread(BlockStoreConfig(port=0, embedded_maxmemory="512mb")))
             address = server.address
             console.print(f"T2: block store on {address}, embedded Redis at {server.server.redis_url}")

@@ -1,7 +1,8 @@
-"""Typed errors of the block store service."""
+"""Typed errors of the services, and which Redis exceptions mean "unreachable now"."""
 from __future__ import annotations
 
 import grpc
+import redis.exceptions as rex
 
 
 class ConfigError(ValueError):
@@ -27,3 +28,9 @@ class RequestError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+# Retry later (UNAVAILABLE), not a bad command (INTERNAL). ClusterDownError / TryAgainError are
+# ResponseErrors, but a cluster that heals answers again.
+REDIS_UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, rex.TryAgainError,
+                     rex.RedisClusterException, OSError, TimeoutError)
