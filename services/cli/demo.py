@@ -145,7 +145,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     with console.status("starting the service: embedded Redis, block store, Ray and decode workers..."):
         service = BackgroundService(serve_cfg).start()
     console.print(f"service on {service.address} ({cfg.workers} workers, model {cfg.model}, block store "
-                  f"{service.service.blockstore_address})")
+                  f"{service.service.blockstore_address}); the built-in models have random weights, so their "
+                  "text is noise: the table compares token ids")
     try:
         return _run_against(service.address, cfg, console, service.service.pool.worker_ids)
     finally:

@@ -20,6 +20,7 @@ from services.cli.demo import DemoConfig, run_demo
 from services.cli.serve import ServeConfig, serve
 from services.cli.tiers_demo import DemoConfig as TiersDemoConfig
 from services.cli.tiers_demo import run_demo as run_tiers_demo
+from workers.loader import BUILTIN_MODELS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     with SessionClient(args.address, api_key=args.api_key, timeout_s=None) as kv:
-        session = args.session or kv.create_session(system_prompt=args.system).session_id
+        info = kv.get_session(args.session) if args.session else kv.create_session(system_prompt=args.system)
+        session = info.session_id
         print(f"session {session}  (/fork branches it, /info shows it, /quit or Ctrl-D ends)")
+        if info.model in BUILTIN_MODELS:
+            print(f"note: the built-in model {info.model!r} has seeded random weights: its replies are noise "
+                  "(serve a checkpoint with --model DIR for real text)")
         while True:
             try:
                 line = input("you> ").strip()
