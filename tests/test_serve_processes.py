@@ -172,11 +172,11 @@ def open_serve(tmp_path_factory):
 def test_no_process_of_serve_listens_beyond_loopback(open_serve):
     tree = open_serve.tree()
     found = listeners(set(tree))
-    names = [listener.name for listener in found]
-    # All of them are seen: the session service and block store (python), both Redis, Ray's own.
-    assert names.count("redis-server") == 2 and {"python", "gcs_server", "raylet"} <= set(names), found
     beyond = [(listener, tree[listener.pid][:120]) for listener in found if not loopback(listener.host)]
     assert not beyond, beyond
+    names = [listener.name for listener in found]
+    # All of them were seen: the session service and block store (python), both Redis, Ray's own.
+    assert names.count("redis-server") == 2 and {"python", "gcs_server", "raylet"} <= set(names), found
 
 
 def test_session_redis_killed_mid_workload_loses_no_acknowledged_turn(open_serve):
