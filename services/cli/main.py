@@ -22,6 +22,18 @@ from services.common.errors import ConfigError
 SERVE_ENV = "KVSTORE_SERVE_"
 
 
+_SERVE_HELP = {
+    "api_keys": "'key=ns1,ns2;key2=*' (shows in ps: prefer --api-keys-file or the environment); "
+                "empty and no file: no authentication, loopback only",
+    "api_keys_file": "API keys, one 'key=ns1,ns2' or 'sha256:<hex of the key>=ns1' per line",
+    "data_dir": "the session Redis' append-only file; empty: $XDG_DATA_HOME/kvstore or ~/.local/share/kvstore",
+    "session_redis_maxmemory": "maxmemory of the embedded session Redis (noeviction)",
+    "redis_maxmemory": "maxmemory of the embedded block Redis (allkeys-lru)",
+    "redis_url": "Redis for sessions (must not evict) and, without --blocks-redis-url, blocks; empty: embedded",
+    "blocks_redis_url": "Redis for blocks (allkeys-lru advised); empty: --redis-url, else embedded",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``kvstore`` parser; raises ValueError for a bad KVSTORE_SERVE_* variable."""
     # Imported here: torch and Ray take seconds, and `serve` refuses an unsafe bind before that.
@@ -34,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_config_flags(sub.add_parser("serve", help="run the service: Redis, block store, Ray workers, "
                                                   "session API"),
-                     from_env(ServeConfig, prefix=SERVE_ENV), env_prefix=SERVE_ENV)
+                     from_env(ServeConfig, prefix=SERVE_ENV), env_prefix=SERVE_ENV, help=_SERVE_HELP)
     add_config_flags(sub.add_parser("demo", help="scripted agent workload against the service "
                                                  "(starts one without --address)"), DemoConfig())
     chat = sub.add_parser("chat", help="an interactive session against a running service")

@@ -117,7 +117,7 @@ class Service:
                 self.session_redis = EmbeddedRedis(EmbeddedRedisConfig(
                     maxmemory=cfg.session_redis_maxmemory, maxmemory_policy="noeviction", appendonly=True,
                     data_dir=str(Path(cfg.data_dir or default_data_dir()) / "session-redis"),
-                    password=secrets.token_urlsafe(32))).start()
+                    password=secrets.token_urlsafe(32), startup_timeout_s=600)).start()  # a big file loads slowly
                 session_url = self.session_redis.url
             blockstore_token = cfg.session.blockstore_token
             if not self.blockstore_address:
