@@ -206,10 +206,10 @@ def test_session_redis_killed_mid_workload_loses_no_acknowledged_turn(open_serve
                         return
                     rid, tokens = uuid.uuid4().hex, [turn % 200 + 1, i + 1]
                     if turn % 4 == 3:
-                        n = acknowledged(lambda: kv.generate(session, tokens=tokens, max_tokens=2, ignore_eos=True,
-                                                             request_id=rid).result().usage.num_tokens)
+                        acknowledged(lambda t=tokens, r=rid: kv.generate(
+                            session, tokens=t, max_tokens=2, ignore_eos=True, request_id=r).result())
                     else:
-                        n = acknowledged(lambda: kv.append(session, tokens=tokens, request_id=rid))
+                        n = acknowledged(lambda t=tokens, r=rid: kv.append(session, tokens=t, request_id=r))
                         acked[session].append((n, tokens))
                     if killed.is_set():
                         after_kill[session] += 1
@@ -252,7 +252,7 @@ def test_block_store_and_its_redis_killed_come_back_and_health_follows(open_serv
             kv.generate(session, tokens=[9, 10], max_tokens=2).result()  # the cold tier is optional to a turn
             if name == "block store":  # (a Redis is back within the health check's period)
                 wait_for(lambda: open_serve.health() == NOT_SERVING, 20, f"NOT_SERVING without the {name}")
-            wait_for(lambda: f"{name} restarted" in open_serve.log.read_text(), 60, f"the {name} restarted")
+            wait_for(lambda n=name: f"{n} restarted" in open_serve.log.read_text(), 60, f"the {name} restarted")
             wait_for(lambda: open_serve.health() == SERVING, 30, f"SERVING again after the {name} restarted")
             assert pid_of() != old
             kv.generate(session, tokens=[11, 12], max_tokens=2).result()

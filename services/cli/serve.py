@@ -42,6 +42,7 @@ from workers.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
+
 def default_data_dir() -> Path:
     """Where the session Redis keeps its append-only file unless ``--data-dir``."""
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "kvstore"
@@ -108,32 +109,10 @@ class Service:
     async def start(self) -> None:
         cfg = self.config
         try:
-            # Each Redis started on this thread blocks it ~10 ms (more to load an append-only
-            # file); nothing is served yet.
-            session_url = cfg.session.redis_url
-            if not session_url:
-                # noeviction and an append-only file: session state is never evicted, and a
-                # killed Redis loses no acknowledged turn.
-                self.session_redis = EmbeddedRedis(EmbeddedRedisConfig(
-                    maxmemory=cfg.session_redis_maxmemory, maxmemory_policy="noeviction", appendonly=True,
-                    data_dir=str(Path(cfg.data_dir or default_data_dir()) / "session-redis"),
-                    password=secrets.token_urlsafe(32), startup_timeout_s=600)).start()  # a big file loads slowly
-                session_url = self.session_redis.url
+            session_url = cfg.session.redis_url or self._start_session_redis()
             blockstore_token = cfg.session.blockstore_token
             if not self.blockstore_address:
-                blocks_url, cluster = cfg.blocks_redis_url, cfg.blocks_redis_cluster
-                if not blocks_url and cfg.session.redis_url:
-                    blocks_url, cluster = cfg.session.redis_url, cfg.session.redis_cluster
-                if not blocks_url:  # a cache: evicts least recently used blocks, keeps nothing
-                    self.blocks_redis = EmbeddedRedis(EmbeddedRedisConfig(
-                        maxmemory=cfg.redis_maxmemory, maxmemory_policy="allkeys-lru",
-                        password=secrets.token_urlsafe(32))).start()
-                    blocks_url = self.blocks_redis.url
-                blockstore_token = secrets.token_urlsafe(32)
-                self._start_blockstore = functools.partial(start_blockstore_process, blocks_url, env={
-                    BLOCKSTORE_ENV + "TOKENS": f"{blockstore_token}={ANY_NAMESPACE}",
-                    BLOCKSTORE_ENV + "REDIS_CLUSTER": "1" if cluster else "0"})
-                self.blockstore, self.blockstore_address = await asyncio.to_thread(self._start_blockstore)
+                blockstore_token = await self._start_blockstore_tier()
             self.init_ray()  # blocks a few seconds; nothing is served yet
             worker = WorkerConfig(
                 model=cfg.model, block_size=cfg.block_size, cache=cfg.cache,
@@ -151,6 +130,36 @@ class Service:
             await self.stop()
             raise
 
+    def _start_session_redis(self) -> str:
+        """noeviction and an append-only file: session state is never evicted, and a killed
+        Redis loses no acknowledged turn. Blocks this thread ~10 ms (longer to load a big file);
+        nothing is served yet."""
+        cfg = self.config
+        self.session_redis = EmbeddedRedis(EmbeddedRedisConfig(
+            maxmemory=cfg.session_redis_maxmemory, maxmemory_policy="noeviction", appendonly=True,
+            data_dir=str(Path(cfg.data_dir or default_data_dir()) / "session-redis"),
+            password=secrets.token_urlsafe(32), startup_timeout_s=600)).start()
+        return self.session_redis.url
+
+    async def _start_blockstore_tier(self) -> str:
+        """The block Redis (unless a URL is given) and the block store process; returns the
+        block store's token."""
+        cfg = self.config
+        blocks_url, cluster = cfg.blocks_redis_url, cfg.blocks_redis_cluster
+        if not blocks_url and cfg.session.redis_url:
+            blocks_url, cluster = cfg.session.redis_url, cfg.session.redis_cluster
+        if not blocks_url:  # a cache: evicts least recently used blocks, keeps nothing
+            self.blocks_redis = EmbeddedRedis(EmbeddedRedisConfig(
+                maxmemory=cfg.redis_maxmemory, maxmemory_policy="allkeys-lru",
+                password=secrets.token_urlsafe(32))).start()
+            blocks_url = self.blocks_redis.url
+        token = secrets.token_urlsafe(32)
+        self._start_blockstore = functools.partial(start_blockstore_process, blocks_url, env={
+            BLOCKSTORE_ENV + "TOKENS": f"{token}={ANY_NAMESPACE}",
+            BLOCKSTORE_ENV + "REDIS_CLUSTER": "1" if cluster else "0"})
+        self.blockstore, self.blockstore_address = await asyncio.to_thread(self._start_blockstore)
+        return token
+
     def _supervise(self) -> None:
         self.supervisor = Supervisor(self.server.metrics.registry)
         for name, redis_ in (("session Redis", self.session_redis), ("block Redis", self.blocks_redis)):
@@ -161,6 +170,7 @@ class Service:
         self.supervisor.start()
 
     def _restart_blockstore(self) -> None:
+        self.blockstore.stdin.close()  # the dead one's pipe
         port = int(self.blockstore_address.rsplit(":", 1)[1])  # the workers know this address
         self.blockstore, _ = self._start_blockstore(port=port)
 

@@ -289,9 +289,8 @@ class EmbeddedRedis:
             self._proc = _SPAWNER.submit(
                 subprocess.Popen, cmd, cwd=self._dir, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True).result()  # terminal ^C reaches us, not redis; we shut it down
-        with contextlib.suppress(BrokenPipeError):  # it exited at once: reported below
-            with self._proc.stdin as settings:
-                settings.write(f"requirepass {self.config.password}\n".encode() if self.config.password else b"")
+        with contextlib.suppress(BrokenPipeError), self._proc.stdin as settings:  # exited at once: reported below
+            settings.write(f"requirepass {self.config.password}\n".encode() if self.config.password else b"")
         deadline = time.monotonic() + self.config.startup_timeout_s
         delay = 0.002
         probe = self._probe()
