@@ -1,12 +1,18 @@
+import hashlib
 import io
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 from rich.console import Console
 
+from services.cli.keys import api_keys
 from services.cli.main import main
 from services.cli.tiers_demo import DemoConfig, run_demo
+from services.common.auth import TokenTable
+from services.common.errors import ConfigError, RequestError
 
 
 def test_demo_reuses_from_every_tier_and_verifies_every_block():
@@ -19,8 +25,40 @@ def test_demo_reuses_from_every_tier_and_verifies_every_block():
     assert "T0 hit" in out.getvalue()
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli.main", *args], capture_output=True, text=True, timeout=timeout)
+def cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args, env", [
+    (["serve", "--host", "0.0.0.0"], {}),
+    (["--log-level", "INFO", "serve", "--model", "tiny"], {"KVSTORE_SERVE_HOST": "10.1.2.3"}),
+    (["serve", "--host", "::", "--api-keys-file", os.devnull], {}),  # a file without keys
+])
+def test_serve_refuses_a_non_loopback_host_without_keys_before_starting_anything(args, env):
+    start = time.monotonic()
+    r = cli(*args, env=env, timeout=30)
+    elapsed = time.monotonic() - start
+    assert r.returncode == 2 and "refusing to serve on non-loopback host" in r.stderr, r.stderr
+    assert "--api-keys-file" in r.stderr and "Ray" not in r.stderr + r.stdout  # nothing started
+    assert elapsed < 2, f"refused after {elapsed:.1f} s"
+
+
+def test_api_keys_come_from_the_flag_and_a_file_of_plain_and_hashed_entries(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text(f"# tenant a\nkey-a=tenant-a\n\nsha256:{hashlib.sha256(b'key-b').hexdigest()}=tenant-b,shared\n")
+    table = TokenTable(api_keys("0.0.0.0", "admin=*", str(keys)))
+    for key, namespaces in (("key-a", {"tenant-a"}), ("key-b", {"tenant-b", "shared"}), ("admin", {"*"})):
+        assert table.authenticate([("authorization", f"Bearer {key}")]) == namespaces
+    for wrong in ("sha256:" + hashlib.sha256(b"key-b").hexdigest(), "key-c"):  # the digest is not the key
+        with pytest.raises(RequestError, match="unknown token"):
+            table.authenticate([("authorization", f"Bearer {wrong}")])
+    with pytest.raises(ConfigError, match="64 hex digits"):
+        TokenTable("sha256:abc=tenant-a")
+    with pytest.raises(ConfigError, match="listed twice"):
+        TokenTable(f"key-b=x\nsha256:{hashlib.sha256(b'key-b').hexdigest()}=y")
+    with pytest.raises(ConfigError, match="cannot read the API keys file"):
+        api_keys("127.0.0.1", "", str(tmp_path / "missing"))
 
 
 def test_cli_rejects_bad_flags_with_a_message(capsys):
@@ -41,9 +79,10 @@ def test_cli_rejects_bad_flags_with_a_message(capsys):
     assert "UNAVAILABLE" in capsys.readouterr().err
 
 
-def test_demo_starts_the_service_reuses_every_tier_and_shuts_down():
+def test_demo_starts_the_service_reuses_every_tier_and_shuts_down(tmp_path):
     """The README's first command, smaller: serve + scripted agent workload + clean exit."""
-    r = cli("demo", "--model", "tiny", "--sessions", "2", "--rounds", "3", timeout=300)
+    r = cli("demo", "--model", "tiny", "--sessions", "2", "--rounds", "3", timeout=300,
+            env={"XDG_DATA_HOME": str(tmp_path)})  # where the session Redis keeps its data
     assert r.returncode == 0, r.stdout + r.stderr
     summary = r.stdout[r.stdout.index("prompt tokens: reused"):]
     t0, t1, t2 = (int(summary.split(" from " + t)[0].split()[-1]) for t in ("T0", "T1", "T2"))
@@ -51,12 +90,13 @@ def test_demo_starts_the_service_reuses_every_tier_and_shuts_down():
     assert "outputs with and" in summary and "identical" in summary and "service stopped" in r.stdout
 
 
-def test_serve_chat_and_clean_shutdown_on_sigterm():
+def test_serve_chat_and_clean_shutdown_on_sigterm(tmp_path):
     """`kvstore serve` prints its address, serves `kvstore chat`, and stops cleanly on SIGTERM."""
     import signal
 
     proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "--port", "0", "--model", "tiny",
-                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--workers", "1", "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
         for line in proc.stdout:

@@ -15,16 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _interpolate(arg: str) -> str:
-    """Compose's ${VAR:-default} -> default and ${VAR:?message} -> a sample value."""
-    return re.sub(r"\$\{[A-Z_]+:([-?])([^}]*)\}", lambda m: m[2] if m[1] == "-" else "x=y", arg)
+    """Compose's ${VAR:-default} -> default and ${VAR:?message} / ${VAR} -> a sample value."""
+    return re.sub(r"\$\{[A-Z_]+(?::([-?])([^}]*))?\}", lambda m: m[2] if m[1] == "-" else "x", arg)
 
 
 def test_compose_file_is_valid_and_matches_the_cli():
     compose = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())
-    assert set(compose["services"]) == {"redis", "blockstore", "sessions"}
-    redis_cmd = compose["services"]["redis"]["command"]
-    # Blocks and sessions share this Redis: only keys with a TTL (blocks) may be evicted.
-    assert redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "volatile-lru" and "--maxmemory" in redis_cmd
+    assert set(compose["services"]) == {"redis-sessions", "redis-blocks", "blockstore", "sessions"}
+    # Sessions are never evicted and survive a crash; blocks are a cache.
+    sessions_redis = compose["services"]["redis-sessions"]["command"][-1]
+    assert "--maxmemory-policy noeviction" in sessions_redis and "--appendonly yes" in sessions_redis
+    assert "--maxmemory-policy allkeys-lru" in compose["services"]["redis-blocks"]["command"][-1]
+    for name in ("redis-sessions", "redis-blocks"):  # the password on stdin, not the command line
+        assert "redis-server - " in compose["services"][name]["command"][-1]
+        assert "requirepass $$REDIS_PASSWORD\n" in compose["services"][name]["command"][-1]
     store = compose["services"]["blockstore"]
     assert store["build"]["dockerfile"] == "deploy/Dockerfile"
     assert (ROOT / store["build"]["dockerfile"]).exists()
@@ -32,16 +36,23 @@ def test_compose_file_is_valid_and_matches_the_cli():
     # The real parsers: an unknown or misspelt flag fails here (SystemExit / _UsageError).
     args = build_parser(BlockStoreConfig()).parse_args([_interpolate(a) for a in store["command"][2:]])
     config = config_from_args(BlockStoreConfig, args)
-    assert (config.host, config.port, config.redis_url) == ("0.0.0.0", 50051, "redis://redis:6379/0")
+    assert (config.host, config.port) == ("0.0.0.0", 50051)
     fields = {f.name.upper() for f in dataclasses.fields(BlockStoreConfig)}
     for var in store["environment"]:
         assert var.startswith("KVSTORE_BLOCKSTORE_") and var.removeprefix("KVSTORE_BLOCKSTORE_") in fields, var
-    assert compose["services"]["blockstore"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert store["environment"]["KVSTORE_BLOCKSTORE_REDIS_URL"].endswith("@redis-blocks:6379/0")
+    assert compose["services"]["blockstore"]["depends_on"]["redis-blocks"]["condition"] == "service_healthy"
     sessions = compose["services"]["sessions"]
     assert sessions["command"][0] == "serve" and sessions["image"] == store["image"]
     args = cli.build_parser().parse_args([_interpolate(a) for a in sessions["command"]])
     serve = config_from_args(ServeConfig, args)
-    assert (serve.session.blockstore_address, serve.session.redis_url, serve.model) == ("blockstore:50051", "redis://redis:6379/0", "small")
+    assert (serve.session.blockstore_address, serve.model) == ("blockstore:50051", "small")
+    for var in sessions["environment"]:  # KVSTORE_SERVE_<FIELD> sets what --<field> does
+        assert var.startswith("KVSTORE_SERVE_"), var
+        cli.build_parser().parse_args(["serve", "--" + var.removeprefix("KVSTORE_SERVE_").lower().replace("_", "-"), "x"])
+    assert sessions["environment"]["KVSTORE_SERVE_REDIS_URL"].endswith("@redis-sessions:6379/0")
+    for service in (store, sessions):  # secrets only in the environment: a command line is public
+        assert not [a for a in service["command"] if re.search("TOKEN|KEYS|PASSWORD|redis://", a)], service["command"]
 
 
 def test_dockerfile_copies_what_exists():

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
 from services.common.embedded_redis import (
     EmbeddedRedis,
@@ -160,6 +162,43 @@ def test_restart_after_crash_returns_on_same_port():
         assert server.port == port and c.set("again", 3) and c.get("again") == b"3"
 
 
+def test_password_is_required_protected_mode_on():
+    with EmbeddedRedis(EmbeddedRedisConfig(password="pw/with:odd@chars")) as server:
+        once = {"retry": Retry(NoBackoff(), 0)}  # redis-py retries authentication errors for seconds
+        for client in (redis.Redis(port=server.port, **once), redis.Redis(port=server.port, password="wrong", **once)):
+            with pytest.raises(redis.AuthenticationError):
+                client.set("k", "v")
+            with pytest.raises(redis.AuthenticationError):
+                client.get("k")
+        c = redis.Redis.from_url(server.url, decode_responses=True)
+        assert c.set("k", "v") and server.client().get("k") == b"v"
+        assert c.config_get("protected-mode") == {"protected-mode": "yes"}
+        assert "pw/with" not in repr(server)
+        server.kill()
+        server.restart()  # the same password again
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port, **once).ping()
+        assert c.ping()
+
+
+def test_data_dir_keeps_acknowledged_writes_across_a_kill_and_a_restart_and_is_locked(tmp_path):
+    config = EmbeddedRedisConfig(data_dir=str(tmp_path / "data"), appendonly=True, maxmemory_policy="noeviction",
+                                 password="secret")
+    with EmbeddedRedis(config) as server:
+        c = redis.Redis.from_url(server.url)
+        for i in range(300):  # each one acknowledged before the kill
+            c.rpush("turns", i)
+        server.kill()  # SIGKILL: no shutdown, no final fsync
+        server.restart()
+        assert [int(x) for x in c.lrange("turns", 0, -1)] == list(range(300))
+        assert server.data_dir == (tmp_path / "data").resolve() and (tmp_path / "data").stat().st_mode & 0o77 == 0
+        with pytest.raises(RedisStartError, match="in use by another embedded Redis"):
+            EmbeddedRedis(config).start()  # two servers appending to one file would corrupt it
+    assert (tmp_path / "data" / "appendonly.aof").exists()  # stop keeps a data_dir
+    with EmbeddedRedis(config) as again:  # and the next run finds the data
+        assert again.client().llen("turns") == 300
+
+
 def test_cluster_spreads_keys_over_all_nodes(redis_cluster):
     assert len(redis_cluster.startup_nodes) == 3
     assert redis_cluster.url == f"redis://127.0.0.1:{redis_cluster.startup_nodes[0][1]}/0"
@@ -200,19 +239,28 @@ def test_exit_without_stop_leaves_no_redis_server():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
-def test_parent_killed_leaves_no_redis_server():
+@pytest.mark.parametrize("starter", ["main thread", "thread that ends"])
+def test_parent_killed_leaves_no_redis_server(starter):
+    """Also when a short-lived thread started it (as `kvstore serve` restarts a dead server)."""
     pid, data_dir = 0, None
     with subreaper():
-        child = run_child("""
-            import sys
-            server = EmbeddedRedis().start()
-            print(server.pid, server.data_dir, flush=True)
+        child = run_child(f"""
+            import sys, threading
+            servers = []
+            start = lambda: servers.append(EmbeddedRedis().start())
+            if {starter == "main thread"}:
+                start()
+            else:
+                thread = threading.Thread(target=start)
+                thread.start()
+                thread.join()
+            print(servers[0].pid, servers[0].data_dir, flush=True)
             sys.stdin.read()  # block until killed
         """)
         try:
             pid, data_dir = child.stdout.readline().split()
             pid = int(pid)
-            assert pid_alive(pid)
+            assert pid_alive(pid) and not wait_until(lambda: not pid_alive(pid), timeout=0.3)  # outlives the thread
             child.send_signal(signal.SIGKILL)  # no atexit runs: relies on the parent-death signal
             child.wait(timeout=10)
             assert wait_until(lambda: reaped(pid), timeout=5), f"redis-server {pid} orphaned"

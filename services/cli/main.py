@@ -11,26 +11,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from kvstore.client import SessionAPIError, SessionClient
 from kvstore.config import add_config_flags, config_from_args, from_env
-from services.blockstore.server import main as blockstore_main
-from services.cli.demo import DemoConfig, run_demo
-from services.cli.serve import ServeConfig, serve
-from services.cli.tiers_demo import DemoConfig as TiersDemoConfig
-from services.cli.tiers_demo import run_demo as run_tiers_demo
-from workers.loader import BUILTIN_MODELS
+from services.cli.keys import api_keys
+from services.common.errors import ConfigError
+
+SERVE_ENV = "KVSTORE_SERVE_"
+
+
+_SERVE_HELP = {
+    "api_keys": "'key=ns1,ns2;key2=*' (shows in ps: prefer --api-keys-file or the environment); "
+                "empty and no file: no authentication, loopback only",
+    "api_keys_file": "API keys, one 'key=ns1,ns2' or 'sha256:<hex of the key>=ns1' per line",
+    "data_dir": "the session Redis' append-only file; empty: $XDG_DATA_HOME/kvstore or ~/.local/share/kvstore",
+    "session_redis_maxmemory": "maxmemory of the embedded session Redis (noeviction)",
+    "redis_maxmemory": "maxmemory of the embedded block Redis (allkeys-lru)",
+    "redis_url": "Redis for sessions (must not evict) and, without --blocks-redis-url, blocks; empty: embedded",
+    "blocks_redis_url": "Redis for blocks (allkeys-lru advised); empty: --redis-url, else embedded",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kvstore`` parser; raises ValueError for a bad KVSTORE_SERVE_* variable."""
+    # Imported here: torch and Ray take seconds, and `serve` refuses an unsafe bind before that.
+    from services.cli.demo import DemoConfig
+    from services.cli.serve import ServeConfig
+    from services.cli.tiers_demo import DemoConfig as TiersDemoConfig
+
     parser = argparse.ArgumentParser(prog="kvstore", description="Distributed tiered KV-cache for LLM inference.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
     add_config_flags(sub.add_parser("serve", help="run the service: Redis, block store, Ray workers, "
                                                   "session API"),
-                     from_env(ServeConfig, prefix="KVSTORE_SERVE_"), env_prefix="KVSTORE_SERVE_")
+                     from_env(ServeConfig, prefix=SERVE_ENV), env_prefix=SERVE_ENV, help=_SERVE_HELP)
     add_config_flags(sub.add_parser("demo", help="scripted agent workload against the service "
                                                  "(starts one without --address)"), DemoConfig())
     chat = sub.add_parser("chat", help="an interactive session against a running service")
@@ -48,7 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serve_refusal(argv: list[str]) -> str:
+    """Why ``kvstore <argv>`` must not start ("" if it may): ``serve`` on a non-loopback
+    ``--host`` without API keys, or with unusable keys. Checked in a fraction of a second,
+    before the imports of the full parser; ``Service`` checks again (e.g. an abbreviated flag)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--log-level")
+    pre.add_argument("command", nargs="?")
+    for name in ("host", "api_keys", "api_keys_file"):
+        pre.add_argument(f"--{name.replace('_', '-')}", dest=name, default=os.environ.get(SERVE_ENV + name.upper(), ""))
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return ""  # the full parser says what is wrong
+    if known.command != "serve" or not known.host:
+        return ""
+    try:
+        api_keys(known.host, known.api_keys, known.api_keys_file)
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if refusal := _serve_refusal(argv):
+        print(f"kvstore serve: {refusal}", file=sys.stderr)
+        return 2
     try:
         parser = build_parser()
     except ValueError as e:
@@ -56,18 +98,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     if args.command == "blockstore":
+        from services.blockstore.server import main as blockstore_main
         return blockstore_main(args.rest)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
-            return asyncio.run(serve(config_from_args(ServeConfig, args)))
+            from services.cli.serve import ServeConfig, serve
+            config = config_from_args(ServeConfig, args)
+            os.environ.pop(SERVE_ENV + "API_KEYS", None)  # read: no child process inherits the keys
+            return asyncio.run(serve(config))
         if args.command == "demo":
+            from services.cli.demo import DemoConfig, run_demo
             totals = run_demo(config_from_args(DemoConfig, args))
             return 0 if totals["same"] else 1
         if args.command == "chat":
             return _chat(args)
         if args.command == "tiers-demo":
-            run_tiers_demo(config_from_args(TiersDemoConfig, args))
+            from services.cli.tiers_demo import DemoConfig, run_demo
+            run_demo(config_from_args(DemoConfig, args))
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a clear message instead of a traceback for what users can fix
@@ -79,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from workers.loader import BUILTIN_MODELS
     with SessionClient(args.address, api_key=args.api_key, timeout_s=None) as kv:
         info = kv.get_session(args.session) if args.session else kv.create_session(system_prompt=args.system)
         session = info.session_id

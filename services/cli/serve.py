@@ -1,27 +1,38 @@
 """``kvstore serve``: the whole service on one machine (or joining a Ray cluster).
 
-Starts, in order: Redis (embedded unless ``--redis-url``), the block store (its own process,
-unless ``--blockstore-address``), Ray (local unless ``--ray-address``) with N decode
-workers, and the session service in this process. Stops them in reverse order.
+Starts, in order: the session Redis (embedded, durable, unless ``--redis-url``), the block
+Redis (embedded, an LRU cache, unless a URL is given for it), the block store (its own
+process, unless ``--blockstore-address``), Ray (local, on loopback, unless ``--ray-address``)
+with N decode workers, and the session service in this process; then supervises the embedded
+processes. Stops them in reverse order. Internal tiers get per-run secrets (docs/security.md).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
+from ray._private import ray_constants
 
 from kvstore.blockstore_client import BlockStoreClientConfig
 from kvstore.cache import CacheConfig
+from services.blockstore.server import ENV_PREFIX as BLOCKSTORE_ENV
 from services.blockstore.server import EXIT_ON_STDIN_EOF
+from services.cli.keys import api_keys
+from services.cli.supervisor import Supervisor
+from services.common.auth import ANY_NAMESPACE
 from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 from services.session.pool import PoolConfig, WorkerPool
 from services.session.server import SessionServer, SessionServiceConfig
@@ -30,6 +41,11 @@ from workers.loader import builtin_config
 from workers.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def default_data_dir() -> Path:
+    """Where the session Redis keeps its append-only file unless ``--data-dir``."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "kvstore"
 
 
 @dataclass(slots=True)
@@ -43,7 +59,12 @@ class ServeConfig:
     workers: int = 2
     cpus_per_worker: float = 1.0
     block_size: int = 16
-    redis_maxmemory: str = "2gb"  # of the embedded Redis
+    api_keys_file: str = ""  # more API keys, one 'key=ns1,ns2' or 'sha256:<hex>=ns1' per line
+    data_dir: str = ""  # of the embedded session Redis (append-only file); empty: default_data_dir()
+    session_redis_maxmemory: str = "1gb"  # of the embedded session Redis (noeviction: full refuses writes)
+    redis_maxmemory: str = "2gb"  # of the embedded block Redis (allkeys-lru)
+    blocks_redis_url: str = ""  # the block store's Redis; empty: --redis-url if set, else an embedded one
+    blocks_redis_cluster: bool = False  # blocks_redis_url names a node of a Redis Cluster
     ray_address: str = ""  # empty: start a local Ray; else e.g. "auto" or "ray://head:10001"
 
     def __post_init__(self) -> None:
@@ -59,52 +80,99 @@ class ServeConfig:
 
 
 class Service:
-    """The running pieces; ``await start()`` / ``await stop()`` on one event loop."""
+    """The running pieces; ``await start()`` / ``await stop()`` on one event loop. The
+    constructor checks the API keys (it reads ``api_keys_file``) and raises ``ConfigError``
+    for a non-loopback host without keys, before anything starts."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.redis: EmbeddedRedis | None = None
+        self.api_keys = api_keys(config.session.host, config.session.api_keys, config.api_keys_file)
+        self.session_redis: EmbeddedRedis | None = None
+        self.blocks_redis: EmbeddedRedis | None = None
         self.blockstore: subprocess.Popen | None = None
         self.blockstore_address = config.session.blockstore_address
+        self._start_blockstore: Callable[..., tuple[subprocess.Popen, str]] | None = None
         self.pool: WorkerPool | None = None
         self.server: SessionServer | None = None
+        self.supervisor: Supervisor | None = None
         self._ray_started = False
 
     @property
     def address(self) -> str:
         return self.server.address if self.server else ""
 
+    @property
+    def data_dir(self) -> Path | None:
+        """Where the embedded session Redis keeps its data (None with ``--redis-url``)."""
+        return self.session_redis.data_dir if self.session_redis else None
+
     async def start(self) -> None:
         cfg = self.config
         try:
-            redis_url = cfg.session.redis_url
-            if not redis_url:
-                # Embedded, shared by blocks and sessions: volatile-lru evicts only keys with
-                # a TTL, i.e. blocks, never a session's history (which has none).
-                # Started on this thread (blocking ~10 ms): from the main thread it gets a
-                # parent-death signal, so it never outlives `kvstore serve`.
-                self.redis = EmbeddedRedis(EmbeddedRedisConfig(
-                    maxmemory=cfg.redis_maxmemory, maxmemory_policy="volatile-lru")).start()
-                redis_url = self.redis.url
+            session_url = cfg.session.redis_url or self._start_session_redis()
+            blockstore_token = cfg.session.blockstore_token
             if not self.blockstore_address:
-                self.blockstore, self.blockstore_address = await asyncio.to_thread(
-                    start_blockstore_process, redis_url,
-                    env={"KVSTORE_BLOCKSTORE_REDIS_CLUSTER": "1"} if cfg.session.redis_cluster else None)
+                blockstore_token = await self._start_blockstore_tier()
             self.init_ray()  # blocks a few seconds; nothing is served yet
             worker = WorkerConfig(
                 model=cfg.model, block_size=cfg.block_size, cache=cfg.cache,
-                blockstore=BlockStoreClientConfig(address=self.blockstore_address,
-                                                  token=cfg.session.blockstore_token))
+                blockstore=BlockStoreClientConfig(address=self.blockstore_address, token=blockstore_token))
             self.pool = WorkerPool(PoolConfig(num_workers=cfg.workers, worker=worker,
                                               cpus_per_worker=cfg.cpus_per_worker))
             await self.pool.start()
             tokenizer = load_tokenizer(cfg.model if os.path.isdir(cfg.model) else None, self.pool.info.vocab_size)
             self.server = SessionServer(dataclasses.replace(
-                cfg.session, redis_url=redis_url, blockstore_address=self.blockstore_address), self.pool, tokenizer)
+                cfg.session, redis_url=session_url, api_keys=self.api_keys, blockstore_address=self.blockstore_address,
+                blockstore_token=blockstore_token), self.pool, tokenizer)
             await self.server.start()
+            self._supervise()
         except BaseException:
             await self.stop()
             raise
+
+    def _start_session_redis(self) -> str:
+        """noeviction and an append-only file: session state is never evicted, and a killed
+        Redis loses no acknowledged turn. Blocks this thread ~10 ms (longer to load a big file);
+        nothing is served yet."""
+        cfg = self.config
+        self.session_redis = EmbeddedRedis(EmbeddedRedisConfig(
+            maxmemory=cfg.session_redis_maxmemory, maxmemory_policy="noeviction", appendonly=True,
+            data_dir=str(Path(cfg.data_dir or default_data_dir()) / "session-redis"),
+            password=secrets.token_urlsafe(32), startup_timeout_s=600)).start()
+        return self.session_redis.url
+
+    async def _start_blockstore_tier(self) -> str:
+        """The block Redis (unless a URL is given) and the block store process; returns the
+        block store's token."""
+        cfg = self.config
+        blocks_url, cluster = cfg.blocks_redis_url, cfg.blocks_redis_cluster
+        if not blocks_url and cfg.session.redis_url:
+            blocks_url, cluster = cfg.session.redis_url, cfg.session.redis_cluster
+        if not blocks_url:  # a cache: evicts least recently used blocks, keeps nothing
+            self.blocks_redis = EmbeddedRedis(EmbeddedRedisConfig(
+                maxmemory=cfg.redis_maxmemory, maxmemory_policy="allkeys-lru",
+                password=secrets.token_urlsafe(32))).start()
+            blocks_url = self.blocks_redis.url
+        token = secrets.token_urlsafe(32)
+        self._start_blockstore = functools.partial(start_blockstore_process, blocks_url, env={
+            BLOCKSTORE_ENV + "TOKENS": f"{token}={ANY_NAMESPACE}",
+            BLOCKSTORE_ENV + "REDIS_CLUSTER": "1" if cluster else "0"})
+        self.blockstore, self.blockstore_address = await asyncio.to_thread(self._start_blockstore)
+        return token
+
+    def _supervise(self) -> None:
+        self.supervisor = Supervisor(self.server.metrics.registry)
+        for name, redis_ in (("session Redis", self.session_redis), ("block Redis", self.blocks_redis)):
+            if redis_ is not None:
+                self.supervisor.watch(name, redis_.is_running, redis_.restart)
+        if self.blockstore is not None:
+            self.supervisor.watch("block store", lambda: self.blockstore.poll() is None, self._restart_blockstore)
+        self.supervisor.start()
+
+    def _restart_blockstore(self) -> None:
+        self.blockstore.stdin.close()  # the dead one's pipe
+        port = int(self.blockstore_address.rsplit(":", 1)[1])  # the workers know this address
+        self.blockstore, _ = self._start_blockstore(port=port)
 
     def init_ray(self) -> None:
         """Join ``ray_address`` or start a local Ray (unless this process already has one).
@@ -115,11 +183,14 @@ class Service:
             ray.init(address=self.config.ray_address, log_to_driver=False)
         else:
             cpus = max(os.cpu_count() or 1, int(self.config.workers * self.config.cpus_per_worker))
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            start_local_ray(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         self._ray_started = True
 
     async def stop(self) -> None:
         """Stop in reverse order; idempotent."""
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+            self.supervisor = None
         if self.server is not None:
             await self.server.stop()
             self.server = None
@@ -136,9 +207,25 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.blockstore.kill()
             self.blockstore = None
-        if self.redis is not None:
-            await asyncio.to_thread(self.redis.stop)
-            self.redis = None
+        for redis_ in (self.blocks_redis, self.session_redis):
+            if redis_ is not None:
+                await asyncio.to_thread(redis_.stop)
+        self.blocks_redis = self.session_redis = None
+
+
+def start_local_ray(**kwargs) -> None:
+    """``ray.init(**kwargs)`` of a new local Ray whose every server listens on 127.0.0.1 only.
+
+    Ray binds to the node's address and replaces a loopback one by the host's own unless it
+    runs as a single-machine Ray, as on macOS and Windows (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+    read when ``ray`` is imported): that switch is turned on for this call only.
+    """
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(**kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
 
 
 class BackgroundLoop:
@@ -186,16 +273,18 @@ class BackgroundService:
             self._loop = None
 
 
-def start_blockstore_process(redis_url: str, *, env: dict[str, str] | None = None,
-                             cwd: str | None = None) -> tuple[subprocess.Popen, str]:
-    """``kvstore blockstore serve`` on a free loopback port, as its own process (it is CPU
-    bound and must not share this process's GIL). It holds a pipe from us on its stdin and
-    exits when that closes, so it never outlives us, however we end. ``env`` adds to our
-    environment (e.g. KVSTORE_BLOCKSTORE_* settings); ``cwd`` is where it runs."""
-    cmd = [sys.executable, "-m", "services.blockstore", "--port", "0", "--redis-url", redis_url]
+def start_blockstore_process(redis_url: str, *, env: dict[str, str] | None = None, cwd: str | None = None,
+                             port: int = 0) -> tuple[subprocess.Popen, str]:
+    """``kvstore blockstore serve`` on loopback ``port`` (0: a free one), as its own process (it
+    is CPU bound and must not share this process's GIL). It holds a pipe from us on its stdin
+    and exits when that closes, so it never outlives us, however we end. ``env`` adds to our
+    environment (e.g. KVSTORE_BLOCKSTORE_* settings); ``cwd`` is where it runs. Secrets (the
+    Redis URL's password, tokens) go through the environment: a command line is public."""
+    cmd = [sys.executable, "-m", "services.blockstore", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE,
                             text=True, start_new_session=True, cwd=cwd,
-                            env={**os.environ, **(env or {}), EXIT_ON_STDIN_EOF: "1"})
+                            env={**os.environ, **(env or {}), BLOCKSTORE_ENV + "REDIS_URL": redis_url,
+                                 EXIT_ON_STDIN_EOF: "1"})
     assert proc.stdout is not None
     for line in proc.stdout:
         if "listening on" in line:
@@ -216,7 +305,8 @@ async def serve(config: ServeConfig, ready=None) -> int:
             loop.add_signal_handler(sig, stop.set)
     print(f"kvstore serving sessions on {service.address} ({config.workers} workers, model {config.model} "
           "(the built-in models have random weights: their text is noise); "
-          f"block store {service.blockstore_address}; Ctrl-C stops)", flush=True)
+          f"block store {service.blockstore_address}; session data in {service.data_dir or 'the given Redis'}; "
+          "Ctrl-C stops)", flush=True)
     if ready is not None:
         ready(service)
     try:

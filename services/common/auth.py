@@ -1,10 +1,14 @@
 """Bearer tokens and the namespaces they may reach.
 
 ``BlockStoreConfig.tokens`` reads ``"tokA=ns1,ns2;tokB=*"``: each token lists the namespaces
-it may use, ``*`` meaning all of them. An empty string turns authentication off.
+it may use, ``*`` meaning all of them. Entries are separated by ``;`` or newlines (lines
+starting with ``#`` are comments), and ``sha256:<64 hex digits>=ns1`` gives a token by its
+SHA-256 digest, so that a file of keys need not hold them in plaintext. An empty string turns
+authentication off.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 from collections.abc import Iterable
@@ -18,6 +22,8 @@ _NAMESPACE_RE = re.compile(NAMESPACE_PATTERN)
 ANY_NAMESPACE = "*"
 _ALL = frozenset({ANY_NAMESPACE})
 _BEARER = "bearer "
+_DIGEST = "sha256:"
+_HEX_DIGEST_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def valid_namespace(namespace: str) -> bool:
@@ -34,23 +40,31 @@ def check_namespace(namespace: str) -> None:
 
 
 class TokenTable:
-    """Parsed tokens; ``authenticate`` checks a call's metadata against them."""
+    """Parsed tokens, kept as SHA-256 digests; ``authenticate`` checks a call's metadata against them."""
 
     def __init__(self, spec: str) -> None:
         self._entries: list[tuple[bytes, frozenset[str]]] = []
-        for number, part in enumerate(filter(None, (p.strip() for p in spec.split(";"))), 1):
+        parts = (p.strip() for p in re.split(r"[;\n]", spec))
+        for number, part in enumerate((p for p in parts if p and not p.startswith("#")), 1):
             token, sep, namespaces = part.partition("=")
             token = token.strip()
             allowed = frozenset(n.strip() for n in namespaces.split(",") if n.strip())
             if not sep or not token or not allowed:
-                raise ConfigError(f"tokens: entry {number} is malformed; expected 'token=ns1,ns2' "
-                                  "or 'token=*', entries separated by ';'")
+                raise ConfigError(f"tokens: entry {number} is malformed; expected 'token=ns1,ns2', 'token=*' or "
+                                  "'sha256:<64 hex digits>=ns1', entries separated by ';' or newlines")
             if bad := [n for n in allowed if n != ANY_NAMESPACE and not valid_namespace(n)]:
                 raise ConfigError(f"tokens: invalid namespace(s) {sorted(bad)}; "
                                   f"namespaces must match {NAMESPACE_PATTERN}")
-            if any(hmac.compare_digest(token.encode(), t) for t, _ in self._entries):
+            if token.startswith(_DIGEST):
+                if not _HEX_DIGEST_RE.fullmatch(token[len(_DIGEST):]):
+                    raise ConfigError(f"tokens: entry {number}: '{_DIGEST}' must be followed by the 64 hex digits "
+                                      "of the token's SHA-256 digest")
+                digest = bytes.fromhex(token[len(_DIGEST):])
+            else:
+                digest = hashlib.sha256(token.encode()).digest()
+            if any(hmac.compare_digest(digest, d) for d, _ in self._entries):
                 raise ConfigError("tokens: a token is listed twice")
-            self._entries.append((token.encode(), allowed))
+            self._entries.append((digest, allowed))
 
     @property
     def enabled(self) -> bool:
@@ -69,9 +83,9 @@ class TokenTable:
         if token is None:
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED,
                                "missing credentials: send metadata 'authorization: Bearer <token>'")
-        allowed = None
+        allowed, digest = None, hashlib.sha256(token).digest()
         for candidate, namespaces in self._entries:  # compare with every entry, in constant time
-            if hmac.compare_digest(candidate, token):
+            if hmac.compare_digest(candidate, digest):
                 allowed = namespaces
         if allowed is None:
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "unknown token")

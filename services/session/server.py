@@ -170,6 +170,11 @@ class SessionServer:
             reason = f"Redis: {e or type(e).__name__}"
         if not reason and not self.pool.live_worker_ids:
             reason = "no live decode worker"
+        if not reason and self._blockstore is not None:
+            try:  # Stats reaches the block store and its Redis; the client's deadline bounds it
+                await asyncio.to_thread(self._blockstore.stats)
+            except Exception as e:  # noqa: BLE001 - any failure means not serving
+                reason = f"block store: {e}"
         healthy = not reason
         if healthy != self._healthy and self._health is not None:
             self._healthy = healthy
