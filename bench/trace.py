@@ -25,6 +25,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def main() -> int:
 
     cfg = ServeConfig(SessionServiceConfig(port=0, max_concurrent_generations=8),
                       CacheConfig(t0_blocks=args.t0_blocks, t1_blocks=args.t1_blocks), model=args.model,
-                      workers=args.workers)
+                      workers=args.workers, data_dir=tempfile.mkdtemp(prefix="kvstore-trace-"))
     with console.status("starting the service..."):
         service = BackgroundService(cfg).start()
     rows, paired = [], []

@@ -13,6 +13,7 @@ runs the workload and shuts everything down.
 from __future__ import annotations
 
 import statistics
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -140,10 +141,15 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     console = console or Console(width=max(Console().width, 120))
     if cfg.address:
         return _run_against(cfg.address, cfg, console)
+    data = tempfile.TemporaryDirectory(prefix="kvstore-demo-")  # the demo's sessions are not kept
     serve_cfg = ServeConfig(SessionServiceConfig(port=0), CacheConfig(t0_blocks=cfg.t0_blocks, t1_blocks=cfg.t1_blocks),
-                            model=cfg.model, workers=cfg.workers)
-    with console.status("starting the service: embedded Redis, block store, Ray and decode workers..."):
-        service = BackgroundService(serve_cfg).start()
+                            model=cfg.model, workers=cfg.workers, data_dir=data.name)
+    try:
+        with console.status("starting the service: embedded Redis, block store, Ray and decode workers..."):
+            service = BackgroundService(serve_cfg).start()
+    except BaseException:
+        data.cleanup()
+        raise
     console.print(f"service on {service.address} ({cfg.workers} workers, model {cfg.model}, block store "
                   f"{service.service.blockstore_address}); the built-in models have random weights, so their "
                   "text is noise: the table compares token ids")
@@ -152,6 +158,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     finally:
         with console.status("shutting down..."):
             service.stop()
+        data.cleanup()
         console.print("service stopped")
 
 
