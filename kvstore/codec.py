@@ -86,6 +86,8 @@ FP8_MAX = 448.0  # largest finite float8 e4m3fn
 FP8_GROUP = 64  # elements per fp8 scale at most (~32 dB SNR on Gaussian data)
 # float8 e4m3fn bits placed in a wider float: (int(b) << shift) & mask has the value of b times
 # 2**-bias_shift, subnormals included (same mantissa bits, exponent bias 7 against the wider one).
+_GRAIN = 32768  # torch's at::internal::GRAIN_SIZE: smaller element-wise ops run serially
+_ROUND = 1.5 * 2**23
 _BF16_128 = 0x4300  # bf16 bits of 128.0: below it, scale * 2**120 is a finite float
 # Masks 0x87F0, 0xBF80 and 0x87F00000, as signed ints.
 _FP8_WIDEN = {torch.bfloat16: (torch.int16, 4, -0x7810, 120), torch.float16: (torch.int16, 7, -0x4080, 8),
@@ -445,10 +447,16 @@ def _check_lossy_planes(codec: Codec, shape: tuple[int, ...], planes: tuple[tupl
 
 
 def _bf16_scales(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    scales = (amax / qmax).to(torch.bfloat16)
-    if not bool(torch.isfinite(scales).all()):
-        raise ValueError("lossy codecs need finite KV values (the block has inf or nan)")
-    return scales
+    return (amax / qmax).to(torch.bfloat16)
+
+
+def _serial_chunks(rows: int, row_numel: int) -> list[slice]:
+    """Row slices of fewer than ``_GRAIN`` elements each (one slice if torch runs on one
+    thread): torch runs an op that small on the calling thread alone. A parallel op waits for
+    its OpenMP team, and on a busy host (the model, the T2 writers, gRPC) a descheduled team
+    thread stalls it by milliseconds; the chunks' extra ops cost ~30 us per 192 KiB block."""
+    step = rows if torch.get_num_threads() == 1 else max(1, (_GRAIN - 1) // row_numel)
+    return [slice(i, i + step) for i in range(0, rows, step)]
 
 
 def _quantize(x: torch.Tensor, codec: Codec) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
@@ -457,21 +465,31 @@ def _quantize(x: torch.Tensor, codec: Codec) -> tuple[list[np.ndarray], list[tup
     exactly the scale the values were made with."""
     if x.dim() != 5 or x.shape[1] != 2:
         raise ValueError(f"lossy codecs need a block shape [layers, 2, tokens, heads, head_dim], got {tuple(x.shape)}")
-    planes = _lossy_planes(codec, tuple(x.shape))
-    x = x.float()
+    layers, _, tokens, heads, head_dim = shape = tuple(x.shape)
     if codec is Codec.INT8:
-        k, v = x[:, 0], x[:, 1]
-        scales = [_bf16_scales(k.abs().amax(dim=1, keepdim=True), INT8_MAX),  # per channel
-                  _bf16_scales(v.abs().amax(dim=3, keepdim=True), INT8_MAX)]  # per token
-        q = torch.stack([k / scales[0].float(), v / scales[1].float()], dim=1)
-        values = q.nan_to_num_(0.0).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        scales = [torch.empty(layers, 1, heads, head_dim, dtype=torch.bfloat16),  # K: per channel
+                  torch.empty(layers, tokens, heads, 1, dtype=torch.bfloat16)]  # V: per token
+        values = torch.empty(shape, dtype=torch.int8)
+        for c in _serial_chunks(layers, x[0].numel()):
+            part = x[c].to(torch.float32, copy=True)
+            for half, dim in ((0, 1), (1, 3)):
+                scales[half][c] = s = _bf16_scales(part[:, half].abs().amax(dim=dim, keepdim=True), INT8_MAX)
+                part[:, half].div_(s)
+            # Round half to even by adding and subtracting 1.5 * 2**23 (exact below 2**22):
+            # round_ is one of torch's unary ops that go parallel from 2048 elements.
+            part.nan_to_num_(0.0).clamp_(-INT8_MAX, INT8_MAX).add_(_ROUND).sub_(_ROUND)
+            values[c] = part
     else:
-        groups = x.view(-1, _fp8_group(x.shape))
-        scales = [_bf16_scales(groups.abs().amax(dim=1, keepdim=True), FP8_MAX)]
-        q = (groups / scales[0].float()).nan_to_num_(0.0).clamp_(-FP8_MAX, FP8_MAX)
-        values = q.to(torch.float8_e4m3fn)
-    parts = [tensor_bytes(t.contiguous()) for t in (*scales, values)]
-    return parts, list(planes)
+        groups = x.view(-1, _fp8_group(shape))
+        scales = [torch.empty(groups.shape[0], 1, dtype=torch.bfloat16)]
+        values = torch.empty(groups.shape, dtype=torch.float8_e4m3fn)
+        for c in _serial_chunks(*groups.shape):
+            part = groups[c].to(torch.float32, copy=True)
+            scales[0][c] = s = _bf16_scales(part.abs().amax(dim=1, keepdim=True), FP8_MAX)
+            values[c] = part.div_(s).nan_to_num_(0.0).clamp_(-FP8_MAX, FP8_MAX)
+    if not all(bool(torch.isfinite(s).all()) for s in scales):
+        raise ValueError("lossy codecs need finite KV values (the block has inf or nan)")
+    return [tensor_bytes(t) for t in (*scales, values)], list(_lossy_planes(codec, shape))
 
 
 def _view(payload: np.ndarray, start: int, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -479,31 +497,42 @@ def _view(payload: np.ndarray, start: int, n: int, dtype: torch.dtype) -> torch.
 
 
 def _dequantize(hdr: BlockHeader, payload: np.ndarray, out: np.ndarray) -> None:
-    """Scale and write a lossy block's values into ``out`` as ``hdr.dtype``: one widening
-    copy into ``out``, then in-place multiplies by the scales (no full-size temporaries)."""
+    """Scale and write a lossy block's values into ``out`` as ``hdr.dtype``, chunk by chunk:
+    one widening copy into ``out``, then in place (fp8: two bit operations and) a multiply by
+    the scales. (A mixed int8 * bf16 multiply into ``out`` measured slower: torch widens
+    through a temporary.)"""
     (_, s0), *rest = hdr.planes
     dtype, shape = hdr.dtype, hdr.shape
     target = torch.from_numpy(out).view(dtype)
     if hdr.codec is Codec.INT8:
         layers, _, tokens, heads, head_dim = shape
         s1 = rest[0][1]
-        k_scales = _view(payload, 0, s0, torch.bfloat16).view(layers, 1, heads, head_dim)
-        v_scales = _view(payload, s0, s1, torch.bfloat16).view(layers, tokens, heads, 1)
+        k_scales = _view(payload, 0, s0, torch.bfloat16).view(layers, 1, heads, head_dim).to(dtype)
+        v_scales = _view(payload, s0, s1, torch.bfloat16).view(layers, tokens, heads, 1).to(dtype)
+        values = _view(payload, s0 + s1, rest[1][1], torch.int8).view(shape)
         target = target.view(shape)
-        target.copy_(_view(payload, s0 + s1, hdr.raw_len // hdr.dtype.itemsize, torch.int8).view(shape))
-        target[:, 0].mul_(k_scales.to(dtype))
-        target[:, 1].mul_(v_scales.to(dtype))
+        for c in _serial_chunks(layers, values[0].numel()):
+            part = target[c]
+            part.copy_(values[c])
+            part.select(1, 0).mul_(k_scales[c])
+            part.select(1, 1).mul_(v_scales[c])
         return
     n_groups = s0 // 2
     words, shift, mask, bias_shift = _FP8_WIDEN[dtype]
     bits = target.view(words).view(n_groups, -1)
-    bits.copy_(_view(payload, s0, rest[0][1], torch.int8).view(n_groups, -1))  # sign-extends
-    bits.bitwise_left_shift_(shift).bitwise_and_(mask)
+    values = _view(payload, s0, rest[0][1], torch.int8).view(n_groups, -1)
     scales = _view(payload, 0, s0, torch.bfloat16).view(n_groups, 1).float()
+    pre = 1.0
     if payload[:s0].view("<u2").max() >= _BF16_128:  # scale * 2**bias_shift may overflow
-        target.mul_(2.0**(bias_shift // 2))
-        bias_shift -= bias_shift // 2
-    bits.view(dtype).mul_((scales * 2.0**bias_shift).to(dtype))
+        pre, bias_shift = 2.0**(bias_shift // 2), bias_shift - bias_shift // 2
+    factors = (scales * 2.0**bias_shift).to(dtype)
+    for c in _serial_chunks(*values.shape):
+        part = bits[c]
+        part.copy_(values[c])  # sign-extends
+        part.bitwise_left_shift_(shift).bitwise_and_(mask)
+        if pre != 1.0:
+            part.view(dtype).mul_(pre)
+        part.view(dtype).mul_(factors[c])
 
 
 def _mismatch(what: str, want: object, got: object) -> NoReturn:

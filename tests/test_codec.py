@@ -295,6 +295,25 @@ def test_lossy_decode_is_the_exact_dequantization_of_the_stored_planes(codec, dt
         assert float(reference_scales(enc).max()) >= 128
 
 
+@pytest.mark.parametrize("codec", LOSSY)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lossy_blocks_are_the_same_whatever_torch_threads(codec, dtype):
+    """One torch thread encodes and decodes a block whole, more threads chunk by chunk."""
+    t = lossy_block("outliers", dtype, QWEN)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            enc = encode(t, codec)
+            results.append((enc, tensor_bytes(decoded(enc))))
+    finally:
+        torch.set_num_threads(threads)
+    for enc, out in results[1:]:
+        assert enc == results[0][0]
+        np.testing.assert_array_equal(out, results[0][1])
+
+
 def reference_scales(enc: bytes) -> torch.Tensor:
     hdr = read_header(enc)
     n = hdr.planes[0][1]
