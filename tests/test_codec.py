@@ -273,7 +273,9 @@ def lossy_block(kind: str, dtype: torch.dtype, shape=BIG, seed=0) -> torch.Tenso
 @pytest.mark.parametrize("shape", [SMALL, BIG, (3, 2, 5, 3, 12)], ids=["small", "big", "odd"])
 def test_lossy_decode_is_the_exact_dequantization_of_the_stored_planes(codec, dtype, kind, shape):
     t = lossy_block(kind, dtype, shape)
+    before = t.clone()
     enc = encode(t, codec)
+    assert torch.equal(t.view(INT_VIEW[dtype]), before.view(INT_VIEW[dtype]))  # input untouched
     hdr = read_header(enc)
     assert hdr.codec == parse_codec(codec) and hdr.dtype == dtype and hdr.shape == shape
     want = reference_dequantize(enc)
