@@ -20,7 +20,8 @@ its ``KVSpec(kv_codec=...)``'s, which names the codec (``kvstore.spec.fingerprin
 the encoder refuses any other and decoders reject a block whose codec is not the one their
 expected fingerprint names. ``payload_sum`` = sum of (2i+1) * w[i] mod 2**64 over the payload's
 little-endian 64-bit words as stored. Decoding trusts nothing and raises a
-``BlockCodecError`` naming the first mismatch. Design and measurements: docs/architecture.md.
+``BlockCodecError`` naming the first mismatch. Design and measurements: docs/architecture.md,
+docs/codecs.md (the lossy codecs).
 """
 from __future__ import annotations
 
