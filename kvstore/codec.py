@@ -9,17 +9,26 @@ Layout (little-endian), version 2::
     | raw_len u64 | payload_len u64 | payload_sum u64 | header_crc32 u32  || payload (the planes, in order)
 
 Counts come first so the rest of the header parses with one cached ``struct.Struct``; the
-padding makes the payload 8-byte aligned. Codecs: ``raw``; ``lz4``, byte planes each
+padding makes the payload 8-byte aligned. Exact codecs: ``raw``; ``lz4``, byte planes each
 compressed on its own and kept compressed only when that saves ``min_saving`` (else the whole
-block is ``raw``). ``payload_sum`` = sum of (2i+1) * w[i] mod 2**64 over the payload's
+block is ``raw``). Lossy codecs (symmetric, scales rounded to bf16 before quantizing):
+``int8``, planes K scales per channel [layers, heads, head_dim] over the block's tokens, V
+scales per token [layers, tokens, heads] over head_dim, then int8 values in block order;
+``fp8``, planes one scale per group of g consecutive elements (g = elements / scales, a
+divisor of heads * head_dim), then float8 e4m3fn values. A lossy block's fingerprint must be
+its ``KVSpec(kv_codec=...)``'s, which names the codec (``kvstore.spec.fingerprint_kv_codec``):
+the encoder refuses any other and decoders reject a block whose codec is not the one their
+expected fingerprint names. ``payload_sum`` = sum of (2i+1) * w[i] mod 2**64 over the payload's
 little-endian 64-bit words as stored. Decoding trusts nothing and raises a
-``BlockCodecError`` naming the first mismatch. Design and measurements: docs/architecture.md.
+``BlockCodecError`` naming the first mismatch. Design and measurements: docs/architecture.md,
+docs/codecs.md (the lossy codecs).
 """
 from __future__ import annotations
 
 import functools
 import math
 import struct
+import warnings
 import zlib
 from enum import IntEnum
 from typing import NamedTuple, NoReturn
@@ -29,7 +38,7 @@ import numpy as np
 import torch
 
 from kvstore.hashing import token_bytes
-from kvstore.spec import DTYPE_IDS, DTYPE_ITEMSIZE, DTYPES_BY_ID
+from kvstore.spec import DTYPE_IDS, DTYPE_ITEMSIZE, DTYPES_BY_ID, EXACT, LOSSY_CODEC_IDS, fingerprint_kv_codec
 
 MAGIC = b"KVSB"
 CODEC_VERSION = 2
@@ -45,18 +54,45 @@ _U64 = 2**64
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32}  # one element as a little-endian word
 
 
+# Decoding reads the payload (often ``bytes``) through read-only torch views: never written.
+warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning, __name__)
+
+
 class Codec(IntEnum):
     RAW = 0
     LZ4 = 1
+    INT8 = 2
+    FP8 = 3
+
+    @property
+    def kv_codec(self) -> str:
+        """The ``KVSpec.kv_codec`` of the specs whose blocks this codec stores."""
+        return _KV_CODECS[self]
 
 
 class PlaneCodec(IntEnum):
-    """How one byte plane of an ``lz4`` block is stored (``BlockHeader.planes``)."""
-    STORED = 0
-    LZ4 = 1
+    """How one plane of a block is stored (``BlockHeader.planes``)."""
+    STORED = 0  # exact bytes (raw, or an lz4 byte plane left as is)
+    LZ4 = 1  # an lz4-compressed byte plane
+    SCALES_BF16 = 2  # lossy: one bf16 scale per group of elements
+    INT8 = 3  # lossy: int8 values, times their scale
+    FP8_E4M3 = 4  # lossy: float8 e4m3fn values, times their scale
 
 
 _CODECS = {c.value: c for c in Codec}
+_KV_CODECS = {c: c.name.lower() if c.name.lower() in LOSSY_CODEC_IDS else EXACT for c in Codec}
+assert {c.kv_codec: c.value for c in Codec if c.kv_codec != EXACT} == LOSSY_CODEC_IDS
+INT8_MAX = 127
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+FP8_GROUP = 64  # elements per fp8 scale at most (~32 dB SNR on Gaussian data)
+# float8 e4m3fn bits placed in a wider float: (int(b) << shift) & mask has the value of b times
+# 2**-bias_shift, subnormals included (same mantissa bits, exponent bias 7 against the wider one).
+_GRAIN = 32768  # torch's at::internal::GRAIN_SIZE: smaller element-wise ops run serially
+_ROUND = 1.5 * 2**23
+_BF16_128 = 0x4300  # bf16 bits of 128.0: below it, scale * 2**120 is a finite float
+# Masks 0x87F0, 0xBF80 and 0x87F00000, as signed ints.
+_FP8_WIDEN = {torch.bfloat16: (torch.int16, 4, -0x7810, 120), torch.float16: (torch.int16, 7, -0x4080, 8),
+              torch.float32: (torch.int32, 20, -0x78100000, 120)}
 
 
 class BlockCodecError(ValueError):
@@ -99,6 +135,16 @@ def tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).reshape(-1).numpy()
 
 
+def parse_codec(codec: Codec | str) -> Codec:
+    """A codec by name (``"raw"``, ``"lz4"``, ``"int8"``, ``"fp8"``) or id; ``ValueError``
+    naming the choices otherwise."""
+    try:
+        return Codec[codec.upper()] if isinstance(codec, str) else Codec(codec)
+    except (KeyError, ValueError):
+        raise ValueError(f"unknown codec {codec!r}; use one of "
+                         f"{[c.name.lower() for c in Codec]}") from None
+
+
 def encode_block(
     data: np.ndarray,
     *,
@@ -111,11 +157,15 @@ def encode_block(
     codec: Codec | str = Codec.LZ4,
     min_saving: float = MIN_SAVING,
 ) -> bytes:
-    """Serialize one block. ``data`` is the block's bytes as a flat uint8 array."""
-    try:
-        codec = Codec[codec.upper()] if isinstance(codec, str) else Codec(codec)
-    except (KeyError, ValueError):
-        raise ValueError(f"unknown codec {codec!r}; use 'raw' or 'lz4'") from None
+    """Serialize one block. ``data`` is the block's bytes as a flat uint8 array.
+
+    A lossy ``codec`` needs the fingerprint of a ``KVSpec`` with that ``kv_codec``, an exact
+    one that of an exact spec (``ValueError`` otherwise): lossy and exact blocks never mix.
+    """
+    codec = parse_codec(codec)
+    if codec.kv_codec != (wanted := fingerprint_kv_codec(fingerprint)):
+        raise ValueError(f"codec {codec.name.lower()} cannot store blocks of a spec with "
+                         f"kv_codec={wanted!r}: build the KVSpec with kv_codec={codec.kv_codec!r}")
     if dtype not in DTYPE_IDS:
         raise UnsupportedBlockError(f"dtype {dtype} has no codec id")
     data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
@@ -126,7 +176,9 @@ def encode_block(
 
     parts: list[np.ndarray] = [data]
     planes = [(PlaneCodec.STORED, data.size)]
-    if codec is Codec.LZ4:
+    if codec.kv_codec != EXACT:
+        parts, planes = _quantize(torch.from_numpy(data).view(dtype).view(shape), codec)
+    elif codec is Codec.LZ4:
         parts, planes = _compress_planes(data, itemsize, min_saving)
         if sum(n for _, n in planes) > data.size * (1 - min_saving):
             codec, parts, planes = Codec.RAW, [data], [(PlaneCodec.STORED, data.size)]
@@ -266,6 +318,11 @@ def read_header(buf: bytes | memoryview) -> BlockHeader:
         raise CorruptBlockError("raw length does not match shape and dtype")
     if sum(n for _, n in planes) != payload_len:
         raise CorruptBlockError("plane lengths do not add up to payload length")
+    if codec.kv_codec != fingerprint_kv_codec(fingerprint):
+        raise CorruptBlockError(f"codec {codec.name.lower()} in a block whose fingerprint is for "
+                                f"kv_codec={fingerprint_kv_codec(fingerprint)!r}")
+    if codec.kv_codec != EXACT:
+        _check_lossy_planes(codec, shape, planes)
     return BlockHeader(codec, dtype, shape, fingerprint, block_hash, parent_hash, tokens,
                        raw_len, payload_len, payload_sum, header_len, planes)
 
@@ -302,8 +359,11 @@ def decode_block(
     """
     mv = memoryview(buf)
     hdr = read_header(mv)
-    if expect_fingerprint is not None and expect_fingerprint != hdr.fingerprint:
-        _mismatch("fingerprint", expect_fingerprint, hdr.fingerprint)
+    if expect_fingerprint is not None:
+        if hdr.codec.kv_codec != (wanted := fingerprint_kv_codec(expect_fingerprint)):
+            _mismatch("codec", wanted, hdr.codec.kv_codec)
+        if expect_fingerprint != hdr.fingerprint:
+            _mismatch("fingerprint", expect_fingerprint, hdr.fingerprint)
     if expect_hash is not None and expect_hash != hdr.block_hash:
         _mismatch("block hash", expect_hash, hdr.block_hash)
     if expect_dtype is not None and expect_dtype != hdr.dtype:
@@ -322,8 +382,10 @@ def decode_block(
         if hdr.planes != ((PlaneCodec.STORED, hdr.raw_len),):
             raise CorruptBlockError("raw block with a plane table")
         out[:] = payload
-    else:
+    elif hdr.codec is Codec.LZ4:
         _decode_planes(hdr, payload, out)
+    else:
+        _dequantize(hdr, payload, out)
     if _checksum(payload) != hdr.payload_sum:
         raise CorruptBlockError("payload checksum mismatch")
     return hdr, out
@@ -354,6 +416,124 @@ def _decode_planes(hdr: BlockHeader, payload: np.ndarray, out: np.ndarray) -> No
             raise UnsupportedBlockError(f"unknown plane codec {kind}")
         planes.append(chunk)
     _join_planes(planes, out)
+
+
+def _lossy_planes(codec: Codec, shape: tuple[int, ...], group: int = 0) -> tuple[tuple[int, int], ...]:
+    """The plane table of a lossy block of ``shape`` (fp8: ``group`` elements per scale)."""
+    layers, _, tokens, heads, head_dim = shape
+    n = math.prod(shape)
+    if codec is Codec.INT8:
+        return ((PlaneCodec.SCALES_BF16, 2 * layers * heads * head_dim),
+                (PlaneCodec.SCALES_BF16, 2 * layers * tokens * heads), (PlaneCodec.INT8, n))
+    group = group or _fp8_group(shape)
+    return (PlaneCodec.SCALES_BF16, 2 * (n // group)), (PlaneCodec.FP8_E4M3, n)
+
+
+def _fp8_group(shape: tuple[int, ...]) -> int:
+    """Elements per fp8 scale: at most FP8_GROUP, within one token's heads * head_dim."""
+    return math.gcd(FP8_GROUP, shape[3] * shape[4])
+
+
+def _check_lossy_planes(codec: Codec, shape: tuple[int, ...], planes: tuple[tuple[int, int], ...]) -> None:
+    if len(shape) != 5 or shape[1] != 2 or 0 in shape:
+        raise CorruptBlockError(f"{codec.name.lower()} block of shape {shape}, not [layers, 2, tokens, heads, head_dim]")
+    group = 0
+    if codec is Codec.FP8:  # any group size that tiles a token's heads * head_dim
+        n_scales = planes[0][1] // 2 if planes else 0
+        group = math.prod(shape) // n_scales if n_scales else 0
+        if not group or shape[3] * shape[4] % group:
+            raise CorruptBlockError(f"fp8 plane table {planes} has no valid group size")
+    if planes != _lossy_planes(codec, shape, group):
+        raise CorruptBlockError(f"{codec.name.lower()} plane table {planes} does not fit shape {shape}")
+
+
+def _bf16_scales(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    return (amax / qmax).to(torch.bfloat16)
+
+
+def _serial_chunks(rows: int, row_numel: int) -> list[slice]:
+    """Row slices of fewer than ``_GRAIN`` elements each (one slice if torch runs on one
+    thread): torch runs an op that small on the calling thread alone. A parallel op waits for
+    its OpenMP team, and on a busy host (the model, the T2 writers, gRPC) a descheduled team
+    thread stalls it by milliseconds; the chunks' extra ops cost ~30 us per 192 KiB block."""
+    step = rows if torch.get_num_threads() == 1 else max(1, (_GRAIN - 1) // row_numel)
+    return [slice(i, i + step) for i in range(0, rows, step)]
+
+
+def _quantize(x: torch.Tensor, codec: Codec) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Scales and values of ``x`` ([layers, 2, tokens, heads, head_dim]) under a lossy codec.
+    Values are divided by their scale after it is rounded to bf16, so decoding multiplies by
+    exactly the scale the values were made with."""
+    if x.dim() != 5 or x.shape[1] != 2:
+        raise ValueError(f"lossy codecs need a block shape [layers, 2, tokens, heads, head_dim], got {tuple(x.shape)}")
+    layers, _, tokens, heads, head_dim = shape = tuple(x.shape)
+    if codec is Codec.INT8:
+        scales = [torch.empty(layers, 1, heads, head_dim, dtype=torch.bfloat16),  # K: per channel
+                  torch.empty(layers, tokens, heads, 1, dtype=torch.bfloat16)]  # V: per token
+        values = torch.empty(shape, dtype=torch.int8)
+        for c in _serial_chunks(layers, x[0].numel()):
+            part = x[c].to(torch.float32, copy=True)
+            for half, dim in ((0, 1), (1, 3)):
+                scales[half][c] = s = _bf16_scales(part[:, half].abs().amax(dim=dim, keepdim=True), INT8_MAX)
+                part[:, half].div_(s)
+            # Round half to even by adding and subtracting 1.5 * 2**23 (exact below 2**22):
+            # round_ is one of torch's unary ops that go parallel from 2048 elements.
+            part.nan_to_num_(0.0).clamp_(-INT8_MAX, INT8_MAX).add_(_ROUND).sub_(_ROUND)
+            values[c] = part
+    else:
+        groups = x.view(-1, _fp8_group(shape))
+        scales = [torch.empty(groups.shape[0], 1, dtype=torch.bfloat16)]
+        values = torch.empty(groups.shape, dtype=torch.float8_e4m3fn)
+        for c in _serial_chunks(*groups.shape):
+            part = groups[c].to(torch.float32, copy=True)
+            scales[0][c] = s = _bf16_scales(part.abs().amax(dim=1, keepdim=True), FP8_MAX)
+            values[c] = part.div_(s).nan_to_num_(0.0).clamp_(-FP8_MAX, FP8_MAX)
+    if not all(bool(torch.isfinite(s).all()) for s in scales):
+        raise ValueError("lossy codecs need finite KV values (the block has inf or nan)")
+    return [tensor_bytes(t) for t in (*scales, values)], list(_lossy_planes(codec, shape))
+
+
+def _view(payload: np.ndarray, start: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(payload[start:start + n]).view(dtype)
+
+
+def _dequantize(hdr: BlockHeader, payload: np.ndarray, out: np.ndarray) -> None:
+    """Scale and write a lossy block's values into ``out`` as ``hdr.dtype``, chunk by chunk:
+    one widening copy into ``out``, then in place (fp8: two bit operations and) a multiply by
+    the scales. (A mixed int8 * bf16 multiply into ``out`` measured slower: torch widens
+    through a temporary.)"""
+    (_, s0), *rest = hdr.planes
+    dtype, shape = hdr.dtype, hdr.shape
+    target = torch.from_numpy(out).view(dtype)
+    if hdr.codec is Codec.INT8:
+        layers, _, tokens, heads, head_dim = shape
+        s1 = rest[0][1]
+        k_scales = _view(payload, 0, s0, torch.bfloat16).view(layers, 1, heads, head_dim).to(dtype)
+        v_scales = _view(payload, s0, s1, torch.bfloat16).view(layers, tokens, heads, 1).to(dtype)
+        values = _view(payload, s0 + s1, rest[1][1], torch.int8).view(shape)
+        target = target.view(shape)
+        for c in _serial_chunks(layers, values[0].numel()):
+            part = target[c]
+            part.copy_(values[c])
+            part.select(1, 0).mul_(k_scales[c])
+            part.select(1, 1).mul_(v_scales[c])
+        return
+    n_groups = s0 // 2
+    words, shift, mask, bias_shift = _FP8_WIDEN[dtype]
+    bits = target.view(words).view(n_groups, -1)
+    values = _view(payload, s0, rest[0][1], torch.int8).view(n_groups, -1)
+    scales = _view(payload, 0, s0, torch.bfloat16).view(n_groups, 1).float()
+    pre = 1.0
+    if payload[:s0].view("<u2").max() >= _BF16_128:  # scale * 2**bias_shift may overflow
+        pre, bias_shift = 2.0**(bias_shift // 2), bias_shift - bias_shift // 2
+    factors = (scales * 2.0**bias_shift).to(dtype)
+    for c in _serial_chunks(*values.shape):
+        part = bits[c]
+        part.copy_(values[c])  # sign-extends
+        part.bitwise_left_shift_(shift).bitwise_and_(mask)
+        if pre != 1.0:
+            part.view(dtype).mul_(pre)
+        part.view(dtype).mul_(factors[c])
 
 
 def _mismatch(what: str, want: object, got: object) -> NoReturn:

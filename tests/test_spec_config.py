@@ -9,7 +9,15 @@ import torch
 from kvstore.cache import CacheConfig, Tier, TieredKVCache, WritePolicy
 from kvstore.config import config_from_args, from_env
 from kvstore.hashing import PrefixHasher
-from kvstore.spec import DTYPE_IDS, DTYPE_ITEMSIZE, KVSpec, dtype_name, parse_dtype
+from kvstore.spec import (
+    DTYPE_IDS,
+    DTYPE_ITEMSIZE,
+    LOSSY_CODEC_IDS,
+    KVSpec,
+    dtype_name,
+    fingerprint_kv_codec,
+    parse_dtype,
+)
 
 # --------------------------------------------------------------------------------------
 # KVSpec
@@ -88,6 +96,41 @@ def test_fingerprint_is_unambiguous_for_text_fields():
     b = KVSpec(num_layers=4, num_kv_heads=2, head_dim=64, model_id="org/m", weights_digest="v2|")
     assert a != b
     assert a.fingerprint != b.fingerprint
+
+
+@pytest.mark.parametrize("kv_codec", [None, "exact", "raw", "lz4"])
+def test_exact_fingerprints_are_those_of_specs_before_lossy_codecs(kv_codec):
+    """Blocks already stored stay valid: values computed on main before kv_codec existed."""
+    kw = {} if kv_codec is None else {"kv_codec": kv_codec}
+    qwen = KVSpec(24, 2, 64, torch.bfloat16, 16, model_id="Qwen/Qwen2.5-0.5B", **kw)
+    other = KVSpec(num_layers=4, num_kv_heads=2, head_dim=64, dtype=torch.float32, block_size=8,
+                   model_id="m", weights_digest="w", tp_rank=1, tp_size=2, **kw)
+    assert qwen.fingerprint.hex() == "66b4367a64c480ab99dd077c308c0191"
+    assert other.fingerprint.hex() == "4270c36e7f583ad4c98c33e813a0f1c8"
+    assert qwen.kv_codec == "exact" and fingerprint_kv_codec(qwen.fingerprint) == "exact"
+    assert qwen == KVSpec(24, 2, 64, torch.bfloat16, 16, model_id="Qwen/Qwen2.5-0.5B")
+
+
+def test_each_lossy_codec_has_fingerprints_of_its_own():
+    base = KVSpec(num_layers=4, num_kv_heads=2, head_dim=64, model_id="m", weights_digest="w")
+    lossy = {c: dataclasses.replace(base, kv_codec=c) for c in LOSSY_CODEC_IDS}
+    fps = {base.fingerprint} | {s.fingerprint for s in lossy.values()}
+    assert len(fps) == 1 + len(LOSSY_CODEC_IDS)
+    for codec, spec in lossy.items():
+        assert spec.kv_codec == codec and len(spec.fingerprint) == 16
+        assert fingerprint_kv_codec(spec.fingerprint) == codec
+        # Every other field still separates lossy specs too.
+        for v in ({"num_layers": 5}, {"dtype": torch.float16}, {"model_id": "m2"}, {"block_size": 8}):
+            other = dataclasses.replace(spec, **v)
+            assert other.fingerprint != spec.fingerprint and fingerprint_kv_codec(other.fingerprint) == codec
+    # An exact fingerprint ending like a lossy one's only in its last byte is still exact.
+    assert fingerprint_kv_codec(bytes(15) + bytes([LOSSY_CODEC_IDS["int8"]])) == "exact"
+
+
+@pytest.mark.parametrize("kv_codec", ["zstd", "", "INT8", "int4", None])
+def test_unknown_kv_codec_raises_value_error_naming_the_field(kv_codec):
+    with pytest.raises(ValueError, match="kv_codec"):
+        KVSpec(num_layers=4, num_kv_heads=2, head_dim=64, kv_codec=kv_codec)
 
 
 @pytest.mark.parametrize(
