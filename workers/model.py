@@ -504,7 +504,9 @@ class _FlashInferDecode:
 
         w = self.wrappers.get(window)
         if w is None:
-            w = self.wrappers[window] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
+            # Tensor cores: its CUDA-core decode kernels only take 1, 2, 3, 4 or 8 query heads per KV head.
+            w = self.wrappers[window] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_tensor_cores=True)
             w.plan(*self.plan_args, window_left=-1 if window is None else window - 1,
                    q_data_type=q.dtype, kv_data_type=k_pool.dtype)
         return w.run(q.contiguous(), (k_pool, v_pool))
