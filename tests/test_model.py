@@ -4,8 +4,9 @@ Parity: our logits over the paged T0 pool equal Hugging Face's for Llama (llama3
 RoPE scaling, tied and untied, attention bias), Mistral (sliding window, explicit head_dim)
 and Qwen2 (QKV bias), for a one-shot prefill and at every step of greedy decoding. Then the
 properties the cache relies on: a prefix prefilled earlier (read back through block tables)
-gives the same logits as a one-shot prefill; batched decode equals decoding alone. Then the
-loader's errors, sharded checkpoints, built-in models across processes.
+gives the same logits as a one-shot prefill; batched decode equals decoding alone; batched
+decode over block tables in one run, scattered, or in long runs (read in place and merged)
+equals transformers. Then the loader's errors, sharded checkpoints, built-in models across processes.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from kvstore.pools import DevicePool  # noqa: E402
 from workers.loader import BUILTIN_MODELS, CheckpointError, builtin_config, builtin_model, kv_spec, load_checkpoint  # noqa: E402
-from workers.model import ForwardBatch, ModelConfig  # noqa: E402
+from workers.model import ForwardBatch, ModelConfig, decode_kernel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 4  # small blocks: every prompt spans several, some partially filled
@@ -259,6 +260,123 @@ def test_batched_steps_equal_single(kind, loaded):
     _close(got, expect, rel=1e-5)
     last = model(mixed, kv.clone())
     _close(last, expect[[0, 4, 5]], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Decode attention over the paged pool: runs of consecutive slots read in place and merged
+# --------------------------------------------------------------------------------------------
+
+def _runs(table: list[int]) -> list[int]:
+    """Lengths (in blocks) of the runs of consecutive slots in a block table."""
+    runs = [1]
+    for a, b in zip(table, table[1:]):
+        if b == a + 1:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return runs
+
+
+def _decode_tables(layout: str, n_tokens: list[int], rng: random.Random) -> list[list[int]]:
+    need = [-(-n // BLOCK) for n in n_tokens]
+    if layout == "one_run":  # each sequence's blocks consecutive, sequences apart
+        starts = [3 + sum(need[:i]) + 5 * i for i in range(len(need))]
+        return [list(range(s, s + n)) for s, n in zip(starts, need)]
+    if layout == "fragmented":  # every block elsewhere
+        free = list(range(2 * sum(need)))
+        rng.shuffle(free)
+        return [[free.pop() for _ in range(n)] for n in need]
+    # long_runs: 4 runs of 64 blocks (256 tokens) each, placed out of order, then the rest one
+    # block at a time from a shuffled free list, the sequences taking turns (as decode allocates).
+    regions = list(range(4 * len(need)))
+    rng.shuffle(regions)
+    tables = [[s for r in regions[4 * i:4 * i + 4] for s in range(1000 + 70 * r, 1000 + 70 * r + 64)]
+              for i in range(len(need))]
+    free = list(range(1000))
+    rng.shuffle(free)
+    while any(len(t) < n for t, n in zip(tables, need)):
+        for t, n in zip(tables, need):
+            if len(t) < n:
+                t.append(free.pop())
+    return tables
+
+
+DECODE_LENS = {"one_run": [5, 23, 41], "fragmented": [5, 23, 41], "long_runs": [1030, 1100, 1157]}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", list(DECODE_LENS))
+@pytest.mark.parametrize("kind", ["llama3", "llama_linear", "mistral", "qwen2_swa"])
+def test_batched_decode_over_block_layouts_matches_hf(kind, layout, device, checkpoints, loaded):
+    """Three sequences of different lengths decode together, their contexts in one run each,
+    in single blocks scattered over the pool, or (over 1k tokens) in 4 runs of 256 tokens plus
+    a scattered tail: every step's logits and greedy token equal transformers' (GQA 4:2 and
+    4:1, a sliding window on every layer or on one)."""
+    hf, _ = checkpoints[kind]
+    config, model, _ = loaded[kind]
+    lens, steps = DECODE_LENS[layout], 5
+    tables = _decode_tables(layout, [n + steps for n in lens], random.Random(7))
+    runs = [_runs(t) for t in tables]
+    if layout == "one_run":
+        assert all(len(r) == 1 for r in runs)
+    elif layout == "fragmented":
+        assert all(len(r) > len(t) // 2 for r, t in zip(runs, tables))
+    else:
+        assert all(sum(n * BLOCK >= 256 for n in r) >= 4 and len(r) > 4 for r in runs) and min(lens) >= 1024
+    model.to(device)
+    try:
+        kv = _pool(config, num_blocks=max(max(t) for t in tables) + 1, device=device)
+        kv.normal_(generator=torch.Generator(device).manual_seed(0))  # a stray row read shows
+        seqs = [_prompt(config.vocab_size, n, seed=20 + i) for i, n in enumerate(lens)]
+        logits = torch.cat([model(ForwardBatch.build([(s, 0, t)], BLOCK, device=device), kv)
+                            for s, t in zip(seqs, tables)])
+        ours = []
+        for _ in range(steps):
+            ours.append(logits.cpu())
+            for s, tok in zip(seqs, logits.argmax(-1).tolist()):
+                s.append(tok)
+            step = ForwardBatch.build([([s[-1]], len(s) - 1, t) for s, t in zip(seqs, tables)], BLOCK, device=device)
+            logits = model(step, kv)
+    finally:
+        model.to("cpu")
+    for i, (seq, n) in enumerate(zip(seqs, lens)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq[:-1]])).logits[0, n - 1:]
+        _close(torch.stack([o[i] for o in ours]), ref)  # step 0 is the prefill's, then 4 decode steps
+        assert seq[n:] == ref.argmax(-1).tolist()  # the same greedy tokens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_decode_over_runs_close_to_hf(device, checkpoints):
+    """bf16 (where CUDA uses flashinfer's paged kernel when installed): decode over 1.1k tokens
+    in 4 long runs and a scattered tail stays within bf16 rounding of transformers in float32."""
+    hf, path = checkpoints["qwen2_swa"]  # layer 0 attends to all 1.1k tokens, layer 1 to a window
+    config, model, _ = load_checkpoint(path, dtype=torch.bfloat16, device=device)
+    n, steps = 1100, 4
+    (table,) = _decode_tables("long_runs", [n + steps], random.Random(8))
+    kv = _pool(config, num_blocks=max(table) + 1, device=device)
+    seq = _prompt(config.vocab_size, n, seed=30)
+    logits = model(ForwardBatch.build([(seq, 0, table)], BLOCK, device=device), kv)
+    ours = []
+    for _ in range(steps):
+        ours.append(logits[0].cpu())
+        seq.append(int(logits[0].argmax()))
+        logits = model(ForwardBatch.build([([seq[-1]], len(seq) - 1, table)], BLOCK, device=device), kv)
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq[:-1]])).logits[0, n - 1:]
+    _close(torch.stack(ours), ref, rel=3e-2)
+
+
+def test_decode_kernel_selection(monkeypatch):
+    """flashinfer's paged kernel only on CUDA in fp16/bf16 and when installed; else torch."""
+    import workers.model
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(workers.model, "_installed", lambda name: name == "flashinfer")
+    assert decode_kernel(cuda, torch.bfloat16) == decode_kernel(cuda, torch.float16) == "flashinfer"
+    assert decode_kernel(cuda, torch.float32) == decode_kernel(cpu, torch.bfloat16) == "torch"
+    monkeypatch.setattr(workers.model, "_installed", lambda name: False)
+    assert decode_kernel(cuda, torch.bfloat16) == "torch"
 
 
 def test_forward_rejects_bad_inputs(loaded):

@@ -10,21 +10,31 @@ One readable file in the spirit of gpt-fast / nano-vllm:
   tokens' K/V into the T0 pool ``kv[layer, 0|1]`` at ``slot_mapping`` and then attends over
   each sequence's whole context read back from its blocks (``block_tables``): a prefix that
   was loaded into T0 from another tier is reused without recomputing it.
-* Attention batching: sequences with one new token (decode) are attended together in one
-  ``scaled_dot_product_attention`` call per layer (their blocks gathered into a padded
-  ``[B, kv_heads, max_ctx, head_dim]`` tensor plus a key-padding mask; the query heads of a
-  KV group are packed as extra query rows, so GQA needs no K/V expansion). Sequences with
-  several new tokens (prefill, chunked prefill) get one SDPA call each (a loop over
-  sequences, not tokens): ``is_causal`` when the whole context is new, else an explicit
-  bottom-right causal mask (query i sits at absolute position ``context_len - query_len + i``).
+* Decode attention (sequences with one new token) reads the pool in place: a sequence's
+  block table is split into runs of consecutive slots (the allocator hands them out in
+  order, so a long context is usually a few runs); each run is a strided view of the pool,
+  attended with one SDPA call that also returns its log-sum-exp, and the runs' partial
+  outputs are merged exactly (online-softmax combination), for all sequences at once. Only
+  runs under ``_MIN_VIEW_TOKENS`` (a fragmented decode tail) are gathered, into one piece
+  per sequence: a copy of those few rows costs less than a call per run. The query heads of
+  a KV group are packed as query rows, so GQA needs no K/V expansion; a sliding window
+  clips the runs (no mask). On CUDA with flashinfer installed (fp16/bf16), its paged decode
+  kernel reads the pool through the block tables instead (``decode_kernel``).
+* Prefill (several new tokens): one SDPA call per sequence (a loop over sequences, not
+  tokens): ``is_causal`` when the whole context is new, else an explicit bottom-right causal
+  mask (query i sits at absolute position ``context_len - query_len + i``) over the context
+  read as a view when its blocks are consecutive, else gathered (a copy of O(context) rows
+  against O(query x context) attention math).
 * Sliding window: implemented (key j is visible to the query at position p iff
-  ``p - window < j <= p``, as in transformers); the pool keeps all blocks, the window is a mask.
+  ``p - window < j <= p``, as in transformers); the pool keeps all blocks.
 
 The module holds fused weights: ``qkv`` = [q_proj; k_proj; v_proj] and ``gate_up`` =
 [gate_proj; up_proj] (one matmul each); ``workers.loader`` maps Hugging Face names onto them.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -36,6 +46,9 @@ from kvstore.spec import parse_dtype
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Decode: runs of consecutive slots shorter than this are gathered (one copy per sequence)
+# rather than attended in place (one call each); both cost about the same at this length.
+_MIN_VIEW_TOKENS = 256
 
 
 def _hashable(value):
@@ -326,10 +339,48 @@ class _PrefillItem:
 @dataclass(slots=True)
 class _DecodeGroup:
     tokens: torch.Tensor | None  # token indices in the batch (None = all tokens, in order)
-    blocks: torch.Tensor  # [B * max_blocks] block slots (padded with the sequence's first block)
-    max_blocks: int
-    ctx: torch.Tensor  # [B] context lengths
-    masks: dict = field(default_factory=dict)  # window -> bool mask [B, 1, 1, max_blocks * block_size]
+    tables: list[list[int]]  # block table of each sequence (its first blocks covering ctx)
+    ctx: list[int]  # context lengths
+    pieces: dict = field(default_factory=dict)  # window -> _Pieces
+    kernel: "_FlashInferDecode | None" = None  # CUDA paged kernel, when selected
+
+
+@dataclass(slots=True)
+class _Pieces:
+    """Where each decode sequence's visible keys are: runs of the flat pool ``[slots * block_size,
+    K, D]`` read in place, and short runs gathered (all sequences' in one copy)."""
+
+    seqs: list[int]  # the sequence of each piece
+    rows: list[slice]  # its rows: of the flat pool, or of the gathered blocks laid end to end
+    gathered: list[bool]  # whether it reads the gathered blocks
+    blocks: torch.Tensor | None  # the slots to gather, None = none
+    owner: torch.Tensor | None  # seqs as a tensor; None when there is one piece per sequence
+
+
+def _sequence_pieces(table: list[int], ctx: int, window: int | None,
+                     block_size: int) -> tuple[list[slice], list[int], int, int]:
+    """The runs of consecutive slots that hold context positions [ctx - window, ctx): slices of
+    the flat pool, except short runs when there are several: their slots, and the rows
+    [start, stop) of those blocks laid end to end that hold context."""
+    bs = block_size
+    lo = 0 if window is None else max(0, ctx - window)
+    runs = []  # (first block, end block, first position, end position)
+    b, end = lo // bs, -(-ctx // bs)
+    while b < end:
+        e = b + 1
+        while e < end and table[e] == table[e - 1] + 1:
+            e += 1
+        runs.append((b, e, max(b * bs, lo), min(e * bs, ctx)))
+        b = e
+    short = [r for r in runs if r[3] - r[2] < _MIN_VIEW_TOKENS]
+    if len(short) < 2:
+        short = []
+    views = [slice(table[b] * bs + p0 - b * bs, table[b] * bs + p1 - b * bs)
+             for b, e, p0, p1 in runs if not short or p1 - p0 >= _MIN_VIEW_TOKENS]
+    if not short:
+        return views, [], 0, 0
+    slots = [table[i] for b, e, _, _ in short for i in range(b, e)]
+    return views, slots, short[0][2] - short[0][0] * bs, len(slots) * bs - (short[-1][1] * bs - short[-1][3])
 
 
 class _Plan:
@@ -374,14 +425,10 @@ class _Plan:
             start += q
         self.decode: _DecodeGroup | None = None
         if decode_tokens:
-            max_blocks = max(len(t) for t in decode_tables)
-            flat = [b for t in decode_tables for b in (t + [t[0]] * (max_blocks - len(t)))]
             all_tokens = len(decode_tokens) == T
             self.decode = _DecodeGroup(
                 tokens=None if all_tokens else torch.tensor(decode_tokens, dtype=torch.long, device=device),
-                blocks=torch.tensor(flat, dtype=torch.long, device=device),
-                max_blocks=max_blocks,
-                ctx=torch.tensor(decode_ctx, dtype=torch.long, device=device),
+                tables=decode_tables, ctx=decode_ctx,
             )
 
     def prefill_mask(self, item: _PrefillItem, window: int | None) -> torch.Tensor | None:
@@ -399,16 +446,79 @@ class _Plan:
                 item.masks[window] = mask
         return item.masks[window]
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
+    def decode_pieces(self, window: int | None) -> _Pieces:
         g = self.decode
-        if window not in g.masks:
-            kpos = torch.arange(g.max_blocks * self.block_size, device=self.device)[None, :]
-            ctx = g.ctx[:, None]
-            mask = kpos < ctx
-            if window is not None:
-                mask &= kpos >= ctx - window
-            g.masks[window] = mask[:, None, None, :]
-        return g.masks[window]
+        if window not in g.pieces:
+            seqs, rows, gathered, blocks = [], [], [], []
+            for i, (table, ctx) in enumerate(zip(g.tables, g.ctx)):
+                views, slots, start, stop = _sequence_pieces(table, ctx, window, self.block_size)
+                seqs += [i] * len(views)
+                rows += views
+                gathered += [False] * len(views)
+                if slots:
+                    base = len(blocks) * self.block_size
+                    seqs.append(i)
+                    rows.append(slice(base + start, base + stop))
+                    gathered.append(True)
+                    blocks += slots
+            as_long = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+            g.pieces[window] = _Pieces(seqs, rows, gathered, as_long(blocks) if blocks else None,
+                                       None if len(seqs) == len(g.ctx) else as_long(seqs))
+        return g.pieces[window]
+
+
+@functools.cache
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def decode_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The decode-attention implementation for this device and dtype: ``"flashinfer"`` (its
+    paged kernel reads the pool through the block tables) on CUDA in fp16/bf16 when the
+    package is installed, else ``"torch"`` (runs of the pool attended in place, merged)."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _installed("flashinfer"):
+        return "flashinfer"
+    return "torch"
+
+
+class _FlashInferDecode:
+    """flashinfer's batched paged decode over the pool layout ``[slots, block_size, K, D]`` (its NHD)."""
+
+    def __init__(self, workspace: torch.Tensor, g: _DecodeGroup, block_size: int, config: ModelConfig):
+        device = workspace.device
+        as_int = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+        blocks = [-(-c // block_size) for c in g.ctx]
+        indptr = [0]
+        for n in blocks:
+            indptr.append(indptr[-1] + n)
+        self.workspace = workspace
+        self.plan_args = (
+            as_int(indptr), as_int([s for t, n in zip(g.tables, blocks) for s in t[:n]]),
+            as_int([c - (n - 1) * block_size for c, n in zip(g.ctx, blocks)]),
+            config.num_heads, config.num_kv_heads, config.head_dim, block_size,
+        )
+        self.wrappers: dict = {}
+
+    def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, window: int | None):
+        import flashinfer
+
+        w = self.wrappers.get(window)
+        if w is None:
+            # Tensor cores: its CUDA-core decode kernels only take 1, 2, 3, 4 or 8 query heads per KV head.
+            w = self.wrappers[window] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_tensor_cores=True)
+            w.plan(*self.plan_args, window_left=-1 if window is None else window - 1,
+                   q_data_type=q.dtype, kv_data_type=k_pool.dtype)
+        return w.run(q.contiguous(), (k_pool, v_pool))
+
+
+def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q ``[1, K, R, D]`` over k, v ``[1, K, L, D]`` (strided views are
+    fine): the output ``[1, K, R, D]`` and the float32 log-sum-exp of the scores ``[1, K, R]``."""
+    if q.device.type == "cpu":  # the fused kernel SDPA itself dispatches to on CPU
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    return torch.matmul(s.softmax(-1), v.float()).to(q.dtype), s.logsumexp(-1)
 
 
 class Transformer(nn.Module):
@@ -425,6 +535,7 @@ class Transformer(nn.Module):
         # Plain attribute (not a buffer): stays valid when the module is built on the meta device.
         self._inv_freq_cpu = rope_inv_freq(config)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._flashinfer_workspace: dict[torch.device, torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -479,6 +590,11 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids ({T}), positions ({positions.shape[0]}) and slot_mapping "
                              f"({slot_mapping.shape[0]}) must have the same length")
         plan = _Plan(batch, T, block_size, device)
+        if plan.decode is not None and decode_kernel(device, self.dtype) == "flashinfer":
+            ws = self._flashinfer_workspace.get(device)
+            if ws is None:  # scratch the kernel splits long contexts into
+                ws = self._flashinfer_workspace[device] = torch.empty(128 << 20, dtype=torch.uint8, device=device)
+            plan.decode.kernel = _FlashInferDecode(ws, plan.decode, block_size, c)
 
         if all_logits:
             keep = None
@@ -545,17 +661,43 @@ class Transformer(nn.Module):
 
         g = plan.decode
         if g is not None:
-            B = g.ctx.shape[0]
-            L = g.max_blocks * plan.block_size
             qd = q if g.tokens is None else q.index_select(0, g.tokens)
-            # Pack the query heads of each KV group as rows: [B, K, H/K, D] (no K/V expansion).
-            qd = qd.reshape(B, K, H // K, D)
-            kd = k_pool.index_select(0, g.blocks).view(B, L, K, D).transpose(1, 2)
-            vd = v_pool.index_select(0, g.blocks).view(B, L, K, D).transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask(window))
-            od = od.reshape(B, H, D)
+            if g.kernel is not None:
+                od = g.kernel(qd, k_pool, v_pool, window)
+            else:
+                od = self._decode_attention(plan.decode_pieces(window), qd, k_pool, v_pool)
             if g.tokens is None:
                 out.copy_(od)
             else:
                 out.index_copy_(0, g.tokens, od)
         return out
+
+    @staticmethod
+    def _decode_attention(pieces: _Pieces, q: torch.Tensor, k_pool: torch.Tensor,
+                          v_pool: torch.Tensor) -> torch.Tensor:
+        """q ``[B, H, D]`` (one token per sequence) over each sequence's pieces of the pool."""
+        B, H, D = q.shape
+        K = k_pool.shape[2]
+        kf, vf = k_pool.view(-1, K, D), v_pool.view(-1, K, D)  # views: runs are read in place
+        if pieces.blocks is not None:
+            gk = k_pool.index_select(0, pieces.blocks).view(-1, K, D)
+            gv = v_pool.index_select(0, pieces.blocks).view(-1, K, D)
+        qs = q.view(B, 1, K, H // K, D)  # the query heads of a KV group as rows
+        own = pieces.owner
+        outs, lses = [], []
+        for i, rows, gathered in zip(pieces.seqs, pieces.rows, pieces.gathered):
+            k, v = (gk[rows], gv[rows]) if gathered else (kf[rows], vf[rows])
+            o, lse = _attention_lse(qs[i], k[None].transpose(1, 2), v[None].transpose(1, 2))
+            outs.append(o)
+            lses.append(lse)
+        if own is None:
+            return torch.cat(outs).view(B, H, D)
+        # Merge the pieces of each sequence: softmax over all its keys = its pieces' outputs
+        # weighted by exp(lse_piece - lse_sequence).
+        lse = torch.cat(lses)  # [P, K, R]
+        top = lse.new_full((B, *lse.shape[1:]), -math.inf).scatter_reduce_(
+            0, own.view(-1, 1, 1).expand_as(lse), lse, "amax")
+        w = (lse - top[own]).exp_()
+        num = lse.new_zeros(B, *outs[0].shape[1:]).index_add_(0, own, torch.cat(outs).float() * w[..., None])
+        den = lse.new_zeros(top.shape).index_add_(0, own, w)
+        return (num / den[..., None]).to(q.dtype).view(B, H, D)
