@@ -418,7 +418,7 @@ def test_get_through_the_narrowest_redis_window(redis_server, rc, monkeypatch):
 
     def recording(self):
         send_more(self)
-        ahead.append(self._sent - len(self._replies))
+        ahead.append(self._sent - self._parsed)
 
     monkeypatch.setattr(resp._Protocol, "_send_more", recording)
     cfg = BlockStoreConfig(port=0, redis_url=redis_server.url, tokens=TOKENS, get_chunk_bytes=CHUNK,
