@@ -96,8 +96,12 @@ class RedisBlockStore:
                  window_bytes: int) -> None:
         self.cluster = cluster
         self.ttl = ttl_seconds
-        # One immediate retry on a broken connection (e.g. pooled sockets after a Redis
-        # restart), none on timeouts: callers must learn of an outage within ~timeout_s.
+        # One immediate retry on a broken connection, which redis-py makes on a new socket:
+        # redis-py 8 hands out pooled connections unchecked (maintenance notifications
+        # "auto"), so after a Redis restart each stale one fails once ("Connection closed by
+        # server") and without this retry that reaches the caller. None on timeouts: callers
+        # must learn of an outage within ~timeout_s (health_check_interval would only add a
+        # PING per reuse).
         options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                        socket_read_size=_SOCKET_READ_SIZE,
                        retry=Retry(NoBackoff(), 1, supported_errors=(rex.ConnectionError,)))
