@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
 from redis.connection import parse_url
 
+from services.blockstore.budget import CallBudget
 from services.common.errors import StoreError, StoreUnavailableError
 
 Reply = memoryview | bytes | int | None  # bulk string, simple string, integer, nil
@@ -44,14 +44,6 @@ _BACKLOG_BYTES = 2 * _WAKE_BYTES  # replies parsed but not taken past which no c
 
 class ProtocolError(StoreError):
     """Redis sent something this client does not parse (or more than was asked for)."""
-
-
-class Budget(Protocol):
-    """Where the bytes of bulk replies are accounted (``services.blockstore.budget.CallBudget``)."""
-
-    def try_take(self, n: int) -> bool: ...
-    async def take(self, n: int) -> None: ...
-    def release(self, n: int) -> None: ...
 
 
 class _ErrorReply:
@@ -89,7 +81,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self._pending = 0  # size of the reply at _pos once its header is read (0: unknown)
         self._charged = 0  # budget taken for the reply at _pos
         self.blocked = 0  # budget the reply at _pos waits for (reading is paused meanwhile)
-        self._budget: Budget | None = None
+        self._budget: CallBudget | None = None
         self._expected = self._parsed = self._taken = 0  # replies of the pipeline
         self._ready: list[Reply | _ErrorReply] = []  # parsed, not taken yet
         self._ready_bytes = 0  # of bulk strings in _ready
@@ -126,7 +118,7 @@ class _Protocol(asyncio.BufferedProtocol):
 
     # -- one pipeline ----------------------------------------------------------------------
     def start(self, commands: Sequence[bytes], *, window: int = 0, value_hint: int = 0,
-              budget: Budget | None = None) -> None:
+              budget: CallBudget | None = None) -> None:
         """Send ``commands`` (encoded): all at once, or with ``window`` > 0 about that many
         bytes of replies in flight (at least two commands), and only while the consumer keeps
         up (``take``); replies are charged to ``budget`` if given."""
@@ -307,7 +299,7 @@ class _Connection:
         return self._protocol.closed is None
 
     async def stream(self, commands: Sequence[bytes], *, window: int = 0, value_hint: int = 0,
-                     budget: Budget | None = None) -> AsyncIterator[list[Reply | _ErrorReply]]:
+                     budget: CallBudget | None = None) -> AsyncIterator[list[Reply | _ErrorReply]]:
         """Batches of replies, in order, as they are parsed (see ``_Protocol.start``). An
         empty batch means the next reply waits for ``budget``: the consumer should give back
         what it can first. ConnectionError / TimeoutError, or the consumer stopping early,
@@ -371,7 +363,7 @@ class LeanRedis:
         return urlsplit(url).scheme in ("redis", "unix")
 
     async def getex(self, keys: Sequence[bytes], ttl_seconds: int,
-                    budget: Budget) -> AsyncIterator[list[memoryview | None]]:
+                    budget: CallBudget) -> AsyncIterator[list[memoryview | None]]:
         """``GETEX key EX ttl`` for every key in one pipeline, sent as a sliding window.
         Yields the values in key order, in batches as they arrive (None: missing); values
         are memoryviews of the receive buffers, each charged to ``budget`` for its length

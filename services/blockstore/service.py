@@ -100,7 +100,7 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
                 async with contextlib.aclosing(_messages(found, self._config.get_chunk_bytes)) as messages:
                     async for message, nbytes in messages:
                         await _write(context, message)
-                        del message  # gRPC is done with its copy too
+                        del message  # sent: ours goes before the next is built (gRPC's went already)
                         budget.release(nbytes)
                         sent += nbytes
             finally:
@@ -208,6 +208,8 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
 
 
 async def _write(context: grpc.aio.ServicerContext, message: bytes) -> None:
+    """``context.write``; a write that fails means the call is over (the client went away or
+    the server is stopping): CANCELLED, not an error to log."""
     try:
         await context.write(message)
     except Exception as e:  # noqa: BLE001 - the client went away or the server is stopping

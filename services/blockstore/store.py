@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry  # (redis.retry.Retry would silently never
 from redis.backoff import NoBackoff
 
 from kvstore.codec import peek_block, read_header
-from services.blockstore.budget import CallBudget
+from services.blockstore.budget import COPIES, CallBudget
 from services.blockstore.resp import LeanRedis
 from services.common.errors import REDIS_UNAVAILABLE, StoreError, StoreUnavailableError
 
@@ -195,7 +195,8 @@ class RedisBlockStore:
                     yield batch
             return
         # redis-py reads a pipeline's replies whole: sizes first, then pipelines of GETEX of
-        # at most half the call's budget (one key at least), each charged before it is sent.
+        # at most half of what the call's budget holds (one key at least: the next pipeline
+        # can be read while the last is sent), each charged before it is sent.
         pipe = self._pipeline()
         for key in keys:
             pipe.strlen(key)
@@ -203,7 +204,7 @@ class RedisBlockStore:
         start = 0
         while start < len(keys):
             end, size = start + 1, sizes[start]
-            while end < len(keys) and size + sizes[end] <= budget.limit // 2:
+            while end < len(keys) and size + sizes[end] <= budget.limit // (2 * COPIES):
                 size, end = size + sizes[end], end + 1
             if not budget.try_take(size):
                 yield []
