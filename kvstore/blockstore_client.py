@@ -6,7 +6,8 @@ Built so that decoding never waits on, or fails because of, the cold tier:
   safe because every block-store call is idempotent (Put is set-if-absent);
 - a circuit breaker: after ``breaker_failures`` consecutive failed calls the store is treated
   as down for ``breaker_reset_s``; meanwhile lookups and gets report misses at once and puts
-  are dropped and counted, then a single probe call decides whether to close it again.
+  are dropped, counted and raised (so nothing is taken as stored), then a single probe call
+  decides whether to close it again.
 Errors that retrying cannot fix (bad token, namespace not allowed, invalid request) raise
 ``BlockStoreError``; the cache counts them as T2 errors and carries on.
 """
@@ -226,14 +227,18 @@ class BlockStoreClient:
     def put(self, namespace: str, blocks: Sequence[tuple[bytes, bytes]]) -> None:
         """Store blocks (set-if-absent), split into requests under the size limit.
 
-        While the store is unavailable the blocks are dropped and counted, not raised."""
-        for batch in self._batches(blocks):
+        Raises ``BlockStoreUnavailable`` if the store cannot be reached (or the circuit is
+        open): the blocks not yet written are dropped and counted, and the caller must not
+        take any of them as stored."""
+        batches = self._batches(blocks)
+        for n, batch in enumerate(batches):
             req = pb.PutRequest(namespace=namespace, blocks=[pb.Block(hash=h, data=d) for h, d in batch])
             try:
                 self._call("Put", lambda t, r=req: self._stub.Put(r, timeout=t, metadata=self._metadata))
             except BlockStoreUnavailable:
                 with self._lock:
-                    self.counters.dropped_puts += len(batch)
+                    self.counters.dropped_puts += sum(map(len, batches[n:]))
+                raise
 
     def delete(self, namespace: str, hashes: Sequence[bytes], corrupt: bool = False) -> int:
         """Remove blocks (``corrupt``: this client found them damaged). 0 if unavailable."""

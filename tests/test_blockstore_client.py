@@ -1,6 +1,8 @@
 """The T2 client against the real block store service over a real Redis (single and cluster):
 round trips, the cache manager across processes, faults, corruption, auth."""
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from kvstore.blockstore_client import (
     BlockStoreClient,
     BlockStoreClientConfig,
     BlockStoreError,
+    BlockStoreUnavailable,
     BreakerState,
     CircuitBreaker,
 )
@@ -45,6 +48,12 @@ def store(request):
     cfg = BlockStoreConfig(port=0, redis_url=backend.url, redis_cluster=request.param == "cluster", tokens=TOKENS)
     with BlockStoreThread(cfg) as server:
         yield server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def client_for(address: str, **kw) -> BlockStoreClient:
@@ -148,18 +157,45 @@ def test_redis_killed_mid_run_then_restarted():
                 start = time.monotonic()
                 assert c.lookup("tenant", p.hashes) == 0  # a miss, not an exception
                 assert c.get("tenant", p.hashes) == [None, None]
-                c.put("tenant", [(p.hashes[1], encoded(p, 1))])  # dropped
+                with pytest.raises(BlockStoreUnavailable):
+                    c.put("tenant", [(p.hashes[1], encoded(p, 1))])  # dropped
                 assert time.monotonic() - start < 3 * 1.0 + 0.5
                 assert c.counters.dropped_puts >= 1
                 redis_.restart()
                 q = prefix(range(500, 500 + 2 * BS), namespace="tenant")
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:  # the breaker lets a probe through every 0.2 s
-                    c.put("tenant", [(q.hashes[0], encoded(q, 0))])
+                    with contextlib.suppress(BlockStoreUnavailable):
+                        c.put("tenant", [(q.hashes[0], encoded(q, 0))])
                     if c.lookup("tenant", q.hashes) == 1:
                         break
                 assert c.lookup("tenant", q.hashes) == 1, "hits did not resume after Redis came back"
                 assert c.breaker.state is BreakerState.CLOSED
+
+
+def test_puts_dropped_while_the_store_is_down_are_not_taken_as_stored(redis_server):
+    """A T2 write dropped because the block store is down raises, so the cache counts it as
+    dropped and does not mark the blocks present in T2: a later hit writes them for real."""
+    cfg = BlockStoreConfig(port=free_port(), redis_url=redis_server.url)
+    address = f"127.0.0.1:{cfg.port}"
+    ccfg = dict(token="", timeout_s=0.5, retries=0, breaker_failures=1, breaker_reset_s=0.1)
+    policy = CacheConfig(t0_blocks=8, t1_blocks=8, t1_t2_policy="selective", selective_hits=1)
+    p = prefix(range(2 * BS + 1), namespace="tenant")
+    with client_for(address, **ccfg) as c, TieredKVCache(SPEC, policy, remote=c) as cache:
+        cache.release(prefill(cache, p))  # computed and committed: in T0 and T1, not yet in T2
+        cache.flush()
+        cache.release(prefill(cache, p))  # a hit: now worth a T2 copy, but the store is down
+        cache.flush()
+        stats = cache.stats()
+        assert stats.t2_put_blocks == 0 and stats.t2_errors == 1 and stats.dropped_writes == 2
+        assert c.counters.dropped_puts == 2
+        with BlockStoreThread(cfg):
+            time.sleep(0.15)  # the circuit half-opens: the next call is the probe
+            cache.release(prefill(cache, p))  # another hit: the blocks were not marked stored
+            cache.flush()
+            assert cache.stats().t2_put_blocks == 2
+            with client_for(address, token="") as other:
+                assert other.lookup("tenant", p.hashes) == 2
 
 
 def test_circuit_breaker_states():

@@ -4,6 +4,7 @@ auth and SELECT, unix sockets, Redis down / restarted / unresponsive, abandoned 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from services.blockstore import resp
+from services.blockstore.budget import CallBudget, MemoryBudget
 from services.blockstore.resp import LeanRedis, encode_command
 from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 from services.common.errors import StoreError, StoreUnavailableError
@@ -20,11 +22,20 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def getex(lean: LeanRedis, keys: list[bytes], ttl: int = 100) -> list[bytes | None]:
-    """All values of one GETEX pipeline, as bytes."""
+def budget(limit: int = 1 << 40, wait_s: float = 60) -> CallBudget:
+    """A call's budget of ``limit`` bytes, alone in its process budget."""
+    return CallBudget(MemoryBudget(limit), limit, time.monotonic() + wait_s)
+
+
+async def getex(lean: LeanRedis, keys: list[bytes], ttl: int = 100, within: CallBudget | None = None
+                ) -> list[bytes | None]:
+    """All values of one GETEX pipeline, as bytes, each released from the budget once copied."""
+    within = within or budget()
     out: list[bytes | None] = []
-    async for batch in lean.getex(keys, ttl):
+    async for batch in lean.getex(keys, ttl, within):
         out += [None if v is None else bytes(v) for v in batch]
+        within.release(sum(len(v) for v in batch if v is not None))
+    assert within.used == 0
     return out
 
 
@@ -72,7 +83,7 @@ def test_a_large_pipeline_arrives_in_batches_in_order_and_the_buffer_grows(redis
         lean = LeanRedis(redis_server.url, timeout_s=5)
         lean._value_hint = 1000  # far too small: the receive buffer must grow mid-pipeline
         try:
-            batches = [batch async for batch in lean.getex(list(values), 100)]
+            batches = [batch async for batch in lean.getex(list(values), 100, budget())]
             again = await getex(lean, list(values))  # the same pooled connection, a learnt size
             return batches, again
         finally:
@@ -93,7 +104,7 @@ def test_a_window_keeps_few_commands_in_flight_and_loses_nothing(redis_server, r
 
     def recording(self):
         send_more(self)
-        in_flight.append((self._sent, len(self._replies)))
+        in_flight.append((self._sent, self._parsed))
 
     monkeypatch.setattr(resp._Protocol, "_send_more", recording)
 
@@ -110,7 +121,63 @@ def test_a_window_keeps_few_commands_in_flight_and_loses_nothing(redis_server, r
     assert all(sent - parsed <= 2 for sent, parsed in in_flight)
     in_flight.clear()
     assert run(main(1 << 30)) == [values.get(k) for k in keys]  # a window wider than the pipeline
-    assert in_flight == [(40, 0)]
+    assert in_flight[0] == (40, 0)
+
+
+def test_commands_go_out_only_as_the_consumer_takes_the_replies(redis_server, rc):
+    """A consumer that stops taking replies (its own client stopped reading) stops the GETEX
+    commands too: Redis executes a few beyond what was taken, not the whole pipeline."""
+    values = {f"slow{i}".encode(): os.urandom(200_000) for i in range(100)}
+    rc.mset(values)
+
+    def getex_calls() -> int:
+        return rc.info("commandstats").get("cmdstat_getex", {}).get("calls", 0)
+
+    async def main():
+        lean = LeanRedis(redis_server.url, timeout_s=5)
+        within, out, executed = budget(), [], None
+        try:
+            before = getex_calls()
+            async with contextlib.aclosing(lean.getex(list(values), 100, within)) as batches:
+                async for batch in batches:
+                    out += [bytes(v) for v in batch]
+                    within.release(sum(map(len, batch)))
+                    if executed is None:
+                        await asyncio.sleep(0.3)  # plenty of time for Redis to run them all
+                        executed = getex_calls() - before
+            return executed, out
+        finally:
+            await lean.close()
+
+    executed, out = run(main())
+    assert out == list(values.values())
+    assert executed <= 12, executed  # 2 in flight + under 1 MiB parsed and not taken
+
+
+def test_a_short_budget_pauses_reading_and_says_so_with_an_empty_batch(redis_server, rc):
+    values = {f"b{i}".encode(): os.urandom(300_000) for i in range(12)}
+    rc.mset(values)
+
+    async def main():
+        lean = LeanRedis(redis_server.url, timeout_s=5)
+        within, out, held, peak, waits = budget(limit=2 * 700_000), [], [], 0, 0
+        try:
+            async for batch in lean.getex(list(values), 100, within):
+                peak = max(peak, within.used)
+                if not batch:  # what we hold must go before the next value can come
+                    waits += 1
+                    within.release(sum(map(len, held)))
+                    held.clear()
+                out += [bytes(v) for v in batch]
+                held += batch
+            within.release(sum(map(len, held)))
+            return out, peak, waits, within.used
+        finally:
+            await lean.close()
+
+    out, peak, waits, left = run(main())
+    assert out == list(values.values())
+    assert peak <= 2 * 700_000 and waits >= 5 and left == 0
 
 
 def test_an_error_reply_is_a_store_error_and_the_pool_recovers(redis_server, rc):
@@ -214,7 +281,7 @@ def test_a_consumer_stopping_early_closes_that_connection_and_the_next_call_work
     async def main():
         lean = LeanRedis(redis_server.url, timeout_s=2)
         try:
-            stream = lean.getex(list(values), 100)
+            stream = lean.getex(list(values), 100, budget())
             first = await anext(stream)
             await stream.aclose()  # mid-pipeline: its replies are still arriving
             assert not lean._idle  # not returned to the pool

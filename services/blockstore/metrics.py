@@ -44,6 +44,8 @@ class Metrics:
                                 registry=r)
         self.in_flight = Gauge(p + "in_flight", "RPCs being served, by method", ["method"], registry=r)
         self.redis_up = Gauge(p + "redis_up", "1 while the last Redis health ping succeeded", registry=r)
+        self.budget_used = Gauge(p + "budget_bytes_in_use", "block bytes held by calls (memory_budget_bytes caps it)",
+                                 registry=r)
 
     def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """One finished RPC."""

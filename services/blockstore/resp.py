@@ -1,17 +1,20 @@
 """A lean Redis client for the block store's hot path: pipelined GETEX on one Redis server.
 
-An ``asyncio.BufferedProtocol`` reads each pipeline's replies into one buffer, parses them in
-place and hands values over as memoryviews in batches while the rest arrives; commands go out
-as a sliding window of ``window_bytes`` of replies in flight (redis-py copied each ~200 KB
-reply several times, and a fully queued pipeline cost Redis twice the CPU per byte; numbers
-in docs/architecture.md). Only what the block store needs is implemented: RESP2 bulk strings,
-simple strings, integers and errors (no arrays), AUTH and SELECT from the URL, TCP or unix
-sockets without TLS (``rediss://`` stays on redis-py, see ``LeanRedis.supports``).
+An ``asyncio.BufferedProtocol`` reads replies into ~4 MiB buffers, parses them in place and
+hands values over as memoryviews in batches while the rest arrives; commands go out as a
+sliding window of ``window_bytes`` of replies in flight (redis-py copied each ~200 KB reply
+several times, and a fully queued pipeline cost Redis twice the CPU per byte; numbers in
+docs/architecture.md). Memory is bounded: commands are sent only while the consumer takes
+the replies (it takes them as its own client reads), every value is charged to a budget as
+soon as its length is read, and reading pauses while the budget is short. Only what the block
+store needs is implemented: RESP2 bulk strings, simple strings, integers and errors (no
+arrays), AUTH and SELECT from the URL, TCP or unix sockets without TLS (``rediss://`` stays
+on redis-py, see ``LeanRedis.supports``).
 
 Failure semantics mirror the redis-py setup in ``store``: no reply progress for
 ``timeout_s`` or a refused / broken connection raise ``StoreUnavailableError``; a broken
-pooled connection is retried once on a fresh one before any reply was handed out (pooled
-sockets die with a restarted Redis); an error reply raises ``StoreError``. A connection left
+pooled connection is retried once on a new socket before any reply was handed out, and the
+other idle ones are dropped (pooled sockets die with a restarted Redis); an error reply raises ``StoreError``. A connection left
 mid-pipeline (error reply, timeout, cancellation, consumer stopping early) is closed, never
 reused.
 """
@@ -25,15 +28,18 @@ from urllib.parse import urlsplit
 import numpy as np
 from redis.connection import parse_url
 
+from services.blockstore.budget import CallBudget
 from services.common.errors import StoreError, StoreUnavailableError
 
 Reply = memoryview | bytes | int | None  # bulk string, simple string, integer, nil
-_MIN_FREE = 64 << 10  # a buffer with less room left grows (and is copied)
-_SLACK = 256 << 10  # room beyond the expected size of a pipeline's replies (never touched: free)
+_EMPTY = np.empty(0, np.uint8)
+_MIN_FREE = 64 << 10  # a buffer with less room left is replaced (its unparsed tail is copied)
+_BUF_BYTES = 4 << 20  # receive buffers hold about this much (a larger reply gets one of its own)
 _MAX_LINE = 64 << 10  # a status / integer / error line longer than this is a protocol error
 _POOL_SIZE = 16  # idle connections kept
 WINDOW_BYTES = 256 << 10  # GETEX replies kept in flight per pipeline (see LeanRedis.getex)
 _WAKE_BYTES = 512 << 10  # hand replies over in batches of about this much (fewer task switches)
+_BACKLOG_BYTES = 2 * _WAKE_BYTES  # replies parsed but not taken past which no command is sent
 
 
 class ProtocolError(StoreError):
@@ -58,26 +64,32 @@ def encode_command(*args: bytes) -> bytes:
 
 
 class _Protocol(asyncio.BufferedProtocol):
-    """Reads the replies of one pipeline at a time into a single uninitialised buffer.
+    """Reads the replies of one pipeline at a time into uninitialised buffers of ~4 MiB.
 
-    Bulk strings are recorded as (offset, length) and become memoryviews when taken; a
-    buffer that fills up is replaced by a larger copy, and views taken earlier keep the old
-    one alive, so they stay valid.
+    Bulk strings become memoryviews of the buffer they arrived in; a buffer that fills up is
+    replaced by a fresh one holding only the unparsed tail, and views taken earlier keep the
+    old one alive while they are in use, so memory follows what the consumer still holds.
+    With a budget, every bulk reply's bytes are taken from it once its length is read; when
+    the budget has no room, reading pauses until the consumer got it (``blocked``, ``grant``).
     """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._buf = np.empty(0, np.uint8)
-        self._mv = memoryview(self._buf)
-        self._end = 0  # bytes received
-        self._pos = 0  # bytes parsed
-        self._expected = 0
-        self._replies: list[object] = []  # tuple (offset, length) for bulk strings
-        self._taken = 0  # replies handed out by take()
-        self._woken_at = 0  # parse position at the last wake-up
+        self._buf, self._mv = _EMPTY, memoryview(_EMPTY)
+        self._end = 0  # bytes received into _buf
+        self._pos = 0  # bytes of _buf parsed
+        self._pending = 0  # size of the reply at _pos once its header is read (0: unknown)
+        self._charged = 0  # budget taken for the reply at _pos
+        self.blocked = 0  # budget the reply at _pos waits for (reading is paused meanwhile)
+        self._budget: CallBudget | None = None
+        self._expected = self._parsed = self._taken = 0  # replies of the pipeline
+        self._ready: list[Reply | _ErrorReply] = []  # parsed, not taken yet
+        self._ready_bytes = 0  # of bulk strings in _ready
+        self._unwoken = 0  # bytes parsed since the consumer was last woken
         self._held: list[bytes] = []  # commands not sent yet (see LeanRedis.getex)
         self._sent = 0  # commands of this pipeline sent so far
-        self._ahead = 0  # commands kept sent beyond the replies parsed
+        self._window = 0  # bytes of replies to keep in flight (0: send every command at once)
+        self._estimate = 0  # bytes per reply: the hint, or the largest seen in this pipeline
         self._wakeup: asyncio.Future[None] | None = None
         self.progress = 0  # bytes received so far, for the inactivity timeout
         self.closed: Exception | None = None
@@ -87,27 +99,15 @@ class _Protocol(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if len(self._buf) - self._end < _MIN_FREE:
-            self._grow(self._end + _MIN_FREE)
+        need = self._pending - (self._end - self._pos) if self._pending else 0  # of the reply at _pos
+        if len(self._buf) - self._end < max(_MIN_FREE, need):
+            self._rebuffer()
         return self._mv[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
         self.progress += nbytes
-        try:
-            self._parse()
-            if self._held:
-                self._send_more()
-        except ProtocolError as e:
-            self.fail(e)
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        if len(self._replies) > self._taken and (
-                self._taken == 0 or self._pos - self._woken_at >= _WAKE_BYTES
-                or len(self._replies) == self._expected):  # the first reply goes out at once
-            self._woken_at = self._pos
-            self._wake()
+        self._advance()
 
     def eof_received(self) -> bool:
         self.fail(ConnectionError("Redis closed the connection"))
@@ -117,20 +117,20 @@ class _Protocol(asyncio.BufferedProtocol):
         self.fail(exc if isinstance(exc, Exception) else ConnectionError("connection lost"))
 
     # -- one pipeline ----------------------------------------------------------------------
-    def start(self, commands: Sequence[bytes], size_hint: int, ahead: int = 0) -> None:
-        """Send ``commands`` (encoded), all at once or, with ``ahead`` > 0, that many at
-        first and then one more per reply parsed; ``take`` hands out their replies."""
+    def start(self, commands: Sequence[bytes], *, window: int = 0, value_hint: int = 0,
+              budget: CallBudget | None = None) -> None:
+        """Send ``commands`` (encoded): all at once, or with ``window`` > 0 about that many
+        bytes of replies in flight (at least two commands), and only while the consumer keeps
+        up (``take``); replies are charged to ``budget`` if given."""
         if self.closed is not None:
             raise ConnectionError(f"connection unusable: {self.closed}")
         if self._end != self._pos or self._taken != self._expected:
             raise ProtocolError("previous pipeline not fully read")
-        # A fresh buffer per pipeline: the previous one is referenced by its results.
-        self._buf = np.empty(size_hint + _SLACK, np.uint8)  # not zeroed: written by recv
-        self._mv = memoryview(self._buf)
-        self._end = self._pos = self._taken = self._woken_at = 0
-        self._expected = len(commands)
-        self._replies = []
-        self._held, self._sent, self._ahead = list(commands), 0, ahead or len(commands)
+        self._expected, self._parsed, self._taken = len(commands), 0, 0
+        self._ready, self._ready_bytes, self._unwoken = [], 0, 0
+        self._pending = self._charged = self.blocked = 0
+        self._budget, self._window, self._estimate = budget, window, value_hint
+        self._held, self._sent = list(commands), 0
         assert self.transport is not None  # set by connection_made before the first pipeline
         self._send_more()
 
@@ -141,24 +141,64 @@ class _Protocol(asyncio.BufferedProtocol):
 
     def take(self) -> list[Reply | _ErrorReply]:
         """The replies parsed since the last call (bulk strings as memoryviews); raises the
-        connection's error once nothing is left to hand out."""
-        replies = self._replies[self._taken:]
+        connection's error once nothing is left to hand out. Their budget is the caller's."""
+        replies, self._ready, self._ready_bytes = self._ready, [], 0
         if not replies and self.closed is not None:
             raise self.closed
         self._taken += len(replies)
-        view = memoryview(self._buf)
-        return [view[r[0]:r[0] + r[1]] if isinstance(r, tuple) else r for r in replies]  # type: ignore[misc]
+        if self._end == self._pos and (self.finished or len(self._buf) - self._end < _MIN_FREE):
+            # A spent buffer: only the views handed out may keep it alive now.
+            self._buf, self._mv, self._end, self._pos = _EMPTY, memoryview(_EMPTY), 0, 0
+        self._send_more()
+        return replies
+
+    def grant(self, n: int) -> None:
+        """The consumer took the ``n`` bytes the reply at hand was blocked on: read on."""
+        self._charged, self.blocked = n, 0
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._advance()  # part of the reply may be in the buffer already
+
+    def discard(self) -> None:
+        """Give back the budget of replies not handed out (the pipeline is abandoned)."""
+        if self._budget is not None:
+            self._budget.release(self._ready_bytes + self._charged)
+        self._ready, self._ready_bytes, self._charged = [], 0, 0
 
     def wait(self) -> asyncio.Future[None]:
-        """A future done when the next batch of replies is parsed, or the connection fails."""
+        """A future done when the next batch of replies is parsed, the pipeline is blocked on
+        the budget, or the connection fails."""
         self._wakeup = asyncio.get_running_loop().create_future()
-        if len(self._replies) > self._taken or self.closed is not None:
+        if self._ready or self.blocked or self.closed is not None:
             self._wakeup.set_result(None)
         return self._wakeup
 
+    def _advance(self) -> None:
+        """Parse what arrived, send what the window allows, wake the consumer if due."""
+        try:
+            self._parse()
+            self._send_more()
+        except ProtocolError as e:
+            self.fail(e)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        # The first reply goes out at once; then batches, unless nothing more is on its way.
+        if self.blocked or self._ready and (
+                self._taken == 0 or self._unwoken >= _WAKE_BYTES or self._parsed == self._sent):
+            self._unwoken = 0
+            self._wake()
+
     def _send_more(self) -> None:
-        n = min(len(self._replies) + self._ahead - self._sent, len(self._held))
-        if n > 0 and self.transport is not None:
+        if not self._held or self.transport is None or self.closed is not None:
+            return
+        n = len(self._held)
+        if self._window:
+            # In flight: a window's worth of replies as sized so far, and nothing new while
+            # the consumer is behind (it takes replies as its own client reads).
+            ahead = max(2, self._window // max(1, self._estimate))
+            n = min(n, self._parsed + ahead - self._sent) if self._ready_bytes < _BACKLOG_BYTES else 0
+        if n > 0:
             self.transport.write(b"".join(self._held[:n]))
             del self._held[:n]
             self._sent += n
@@ -167,17 +207,23 @@ class _Protocol(asyncio.BufferedProtocol):
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    def _grow(self, need: int) -> None:
+    def _rebuffer(self) -> None:
         # Only between recv calls: the loop has released the view it wrote through.
-        bigger = np.empty(max(need, 2 * len(self._buf)), np.uint8)
-        bigger[:self._end] = self._buf[:self._end]
-        self._buf, self._mv = bigger, memoryview(bigger)
+        tail = self._end - self._pos
+        if self._pending > _BUF_BYTES:
+            size = self._pending  # exactly: nothing after it may keep this buffer alive
+        else:
+            rest = (self._expected - self._parsed) * (self._estimate + 16)  # expected bytes to come
+            size = max(min(rest, _BUF_BYTES), self._pending, tail) + _MIN_FREE
+        fresh = np.empty(size, np.uint8)
+        fresh[:tail] = self._buf[self._pos:self._end]
+        self._buf, self._mv, self._pos, self._end = fresh, memoryview(fresh), 0, tail
 
     def _parse(self) -> None:
-        mv, end, replies = self._mv, self._end, self._replies
+        mv, end, ready = self._mv, self._end, self._ready
         pos = self._pos
-        while pos < end:
-            if len(replies) >= self._expected:
+        while pos < end and not self.blocked:
+            if self._parsed >= self._expected:
                 raise ProtocolError("unsolicited data from Redis")
             head = bytes(mv[pos:min(end, pos + 32)])  # a bulk header fits: "$<len>\r\n"
             nl = head.find(b"\r\n")
@@ -191,29 +237,40 @@ class _Protocol(asyncio.BufferedProtocol):
                     break
                 head = bytes(mv[pos:pos + nl + 2])
             kind, line = head[:1], head[1:nl]
+            reply: Reply | _ErrorReply
             if kind == b"$":
                 n = _int(line)
-                if n < 0:
-                    replies.append(None)
-                    pos += nl + 2
-                    continue
-                start = pos + nl + 2
-                if end < start + n + 2:
-                    break  # the value is still arriving
-                if bytes(mv[start + n:start + n + 2]) != b"\r\n":
-                    raise ProtocolError("bulk string not terminated by CRLF")
-                replies.append((start, n))
-                pos = start + n + 2
-                continue
-            if kind == b"+":
-                replies.append(line)
+                if n >= 0:
+                    start = pos + nl + 2
+                    self._estimate = max(self._estimate, n)
+                    if self._budget is not None and n and not self._charged:
+                        if not self._budget.try_take(n):
+                            self.blocked = n
+                            if self.transport is not None:
+                                self.transport.pause_reading()
+                            break
+                        self._charged = n
+                    if end < start + n + 2:
+                        self._pending = start + n + 2 - pos
+                        break  # the value is still arriving
+                    if bytes(mv[start + n:start + n + 2]) != b"\r\n":
+                        raise ProtocolError("bulk string not terminated by CRLF")
+                    reply, pos = mv[start:start + n], start + n + 2
+                    self._ready_bytes += n
+                    self._unwoken += n
+                    self._pending = self._charged = 0
+                else:
+                    reply, pos = None, pos + nl + 2
+            elif kind == b"+":
+                reply, pos = line, pos + nl + 2
             elif kind == b":":
-                replies.append(_int(line))
+                reply, pos = _int(line), pos + nl + 2
             elif kind == b"-":
-                replies.append(_ErrorReply(line.decode("utf-8", "replace")))
+                reply, pos = _ErrorReply(line.decode("utf-8", "replace")), pos + nl + 2
             else:
                 raise ProtocolError(f"unsupported reply type {kind!r}")
-            pos += nl + 2
+            ready.append(reply)
+            self._parsed += 1
         self._pos = pos
 
     def fail(self, exc: Exception) -> None:
@@ -241,29 +298,37 @@ class _Connection:
     def usable(self) -> bool:
         return self._protocol.closed is None
 
-    async def stream(self, commands: Sequence[bytes], size_hint: int,
-                     ahead: int = 0) -> AsyncIterator[list[Reply | _ErrorReply]]:
-        """Batches of replies, in order, as they are parsed. ConnectionError / TimeoutError,
-        or the consumer stopping early, leave the connection closed (it is mid-reply)."""
+    async def stream(self, commands: Sequence[bytes], *, window: int = 0, value_hint: int = 0,
+                     budget: CallBudget | None = None) -> AsyncIterator[list[Reply | _ErrorReply]]:
+        """Batches of replies, in order, as they are parsed (see ``_Protocol.start``). An
+        empty batch means the next reply waits for ``budget``: the consumer should give back
+        what it can first. ConnectionError / TimeoutError, or the consumer stopping early,
+        leave the connection closed (it is mid-reply)."""
         protocol = self._protocol
         try:
-            protocol.start(commands, size_hint, ahead)
+            protocol.start(commands, window=window, value_hint=value_hint, budget=budget)
             while not protocol.finished:
-                # Like a socket timeout: fail only after timeout_s without any data.
-                seen = protocol.progress
-                done, _ = await asyncio.wait((protocol.wait(),), timeout=self._timeout_s)
-                if not done and protocol.progress == seen:
-                    raise TimeoutError(f"no reply from Redis within {self._timeout_s} s")
                 if replies := protocol.take():
                     yield replies
+                elif need := protocol.blocked:
+                    yield []
+                    await budget.take(need)  # type: ignore[union-attr]  # blocked only with a budget
+                    protocol.grant(need)
+                else:
+                    # Like a socket timeout: fail only after timeout_s without any data.
+                    seen = protocol.progress
+                    done, _ = await asyncio.wait((protocol.wait(),), timeout=self._timeout_s)
+                    if not done and protocol.progress == seen:
+                        raise TimeoutError(f"no reply from Redis within {self._timeout_s} s")
         finally:
             if not protocol.finished:
+                protocol.discard()
                 self.close()
         self.used = True
 
-    async def execute(self, commands: Sequence[bytes], size_hint: int) -> list[Reply | _ErrorReply]:
+    async def execute(self, commands: Sequence[bytes]) -> list[Reply | _ErrorReply]:
         """All replies of a pipeline."""
-        return [r async for batch in self.stream(commands, size_hint) for r in batch]
+        return [r async for batch in self.stream(commands) for r in batch]
 
     def close(self) -> None:
         self._protocol.fail(ConnectionError("closed by the client"))
@@ -297,10 +362,12 @@ class LeanRedis:
         """Whether ``url`` is one this client can serve (plain TCP or unix socket)."""
         return urlsplit(url).scheme in ("redis", "unix")
 
-    async def getex(self, keys: Sequence[bytes], ttl_seconds: int) -> AsyncIterator[list[memoryview | None]]:
+    async def getex(self, keys: Sequence[bytes], ttl_seconds: int,
+                    budget: CallBudget) -> AsyncIterator[list[memoryview | None]]:
         """``GETEX key EX ttl`` for every key in one pipeline, sent as a sliding window.
         Yields the values in key order, in batches as they arrive (None: missing); values
-        are memoryviews of the receive buffer."""
+        are memoryviews of the receive buffers, each charged to ``budget`` for its length
+        (the caller releases it). An empty batch: the next value waits for budget."""
         if not keys:
             return
         ex = str(int(ttl_seconds)).encode()
@@ -309,38 +376,38 @@ class LeanRedis:
         # every command it has read before it writes a reply, so with all 64 of a prefix
         # load at once the first ~200 KB reply waited for ~12 MB of output, and Redis spent
         # twice the CPU per byte or more than with two in flight (bench/remote_ab.py).
-        ahead = max(2, self._window_bytes // max(1, self._value_hint))
-        size_hint = len(keys) * (self._value_hint + 16)
         largest = 0
-        async with contextlib.aclosing(self._stream(commands, size_hint, ahead)) as replies:
-            async for batch in replies:
-                for reply in batch:
-                    if reply is not None and not isinstance(reply, memoryview):
-                        raise ProtocolError(f"GETEX answered {type(reply).__name__}")
-                    if reply is not None and len(reply) > largest:
-                        largest = len(reply)
+        async with contextlib.aclosing(self._stream(commands, window=self._window_bytes,
+                                                    value_hint=self._value_hint, budget=budget)) as replies:
+            async for batch in replies:  # (no loop variable left holding a value while it is out)
+                if wrong := [type(r).__name__ for r in batch if r is not None and not isinstance(r, memoryview)]:
+                    raise ProtocolError(f"GETEX answered {wrong[0]}")
+                largest = max([largest, *(len(r) for r in batch if r is not None)])  # type: ignore[arg-type]
                 yield batch  # type: ignore[misc]
         if largest:
             self._value_hint = largest
 
-    async def _stream(self, commands: Sequence[bytes], size_hint: int, ahead: int = 0) -> AsyncIterator[list[Reply]]:
-        """Replies of one pipeline in batches; an error reply raises StoreError."""
+    async def _stream(self, commands: Sequence[bytes], **options) -> AsyncIterator[list[Reply]]:
+        """Replies of one pipeline in batches (see ``_Connection.stream``); an error reply
+        raises StoreError."""
         for attempt in range(2):
-            conn = await self._acquire()
+            # A retry gets a new socket: the idle ones may be as stale as the one that failed.
+            conn = await (self._acquire() if attempt == 0 else self._connect())
             started = False
             try:
-                async with contextlib.aclosing(conn.stream(commands, size_hint, ahead)) as replies:
+                async with contextlib.aclosing(conn.stream(commands, **options)) as replies:
                     async for batch in replies:
                         if errors := [r for r in batch if isinstance(r, _ErrorReply)]:
                             raise StoreError(f"ResponseError: {errors[0].message}")
-                        started = True
+                        started = started or bool(batch)
                         yield batch  # type: ignore[misc]
             except TimeoutError as e:  # (before OSError: TimeoutError is one)
                 raise StoreUnavailableError(f"TimeoutError: {e}") from e
             except (ConnectionError, OSError) as e:
                 # Once more on a fresh socket, as redis-py's Retry does: a pooled connection
-                # may belong to a Redis that has since restarted.
+                # may belong to a Redis that has since restarted (and so may the other idle ones).
                 if attempt == 0 and conn.used and not started:
+                    await self.close()
                     continue
                 raise StoreUnavailableError(f"ConnectionError: {e}") from e
             self._release(conn)
@@ -372,7 +439,7 @@ class LeanRedis:
         conn = _Connection(protocol, self._timeout_s)
         if self._setup:
             try:
-                replies = await conn.execute([encode_command(*c) for c in self._setup], 0)
+                replies = await conn.execute([encode_command(*c) for c in self._setup])
             except (ConnectionError, OSError) as e:  # (TimeoutError is an OSError)
                 raise StoreUnavailableError(f"{type(e).__name__}: {e}") from e
             if errors := [r for r in replies if isinstance(r, _ErrorReply)]:

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore.allocator import keep_freed_memory
 from kvstore.config import add_config_flags, config_from_args, from_env
+from services.blockstore.budget import COPIES
 from services.blockstore.metrics import Metrics
 from services.blockstore.service import SERVICE_NAME, BlockStoreServicer, add_to_server
 from services.blockstore.store import RedisBlockStore
@@ -71,25 +72,41 @@ class BlockStoreConfig:
     # Redis on this host; for a Redis across a network, about bandwidth x round trip.
     redis_window_bytes: int = 256 << 10
     tune_malloc: bool = True  # keep freed message buffers in the process (kvstore.allocator): ~2x gRPC throughput
+    # Memory for block data, counting both copies while a message is sent or a Put written
+    # (Get: from the Redis reply until gRPC took the message; see services/blockstore/budget.py),
+    # of all calls and of one call: RSS stays under about baseline + memory_budget_bytes
+    # (+ what malloc keeps of freed memory) whatever the requests and however slowly clients read.
+    memory_budget_bytes: int = 256 << 20  # >= 2 x max_message_bytes: room for one largest Put
+    call_budget_bytes: int = 64 << 20  # >= 2 x max_block_bytes: room for one largest block
+    budget_wait_s: float = 10.0  # a call waits this long for memory (less if its deadline is sooner)
 
 
 def validate_config(config: BlockStoreConfig) -> TokenTable:
     """Check a configuration; returns its parsed tokens. Raises ConfigError naming the fix."""
     for name in ("ttl_seconds", "max_batch_blocks", "max_block_bytes", "max_message_bytes",
-                 "get_chunk_bytes", "redis_timeout_s", "redis_window_bytes"):
+                 "get_chunk_bytes", "redis_timeout_s", "redis_window_bytes", "memory_budget_bytes",
+                 "call_budget_bytes"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(config, name) <= 65535:
             raise ConfigError(f"{name} must be in 0..65535, got {getattr(config, name)}")
-    if config.grace_seconds < 0:
-        raise ConfigError(f"grace_seconds must be >= 0, got {config.grace_seconds}")
+    for name in ("grace_seconds", "budget_wait_s"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
     if config.max_block_bytes + _FRAMING > config.max_message_bytes:
         raise ConfigError(f"max_block_bytes ({config.max_block_bytes}) must stay below max_message_bytes "
                           f"({config.max_message_bytes}): such blocks could never be sent")
     if config.get_chunk_bytes + _FRAMING * config.max_batch_blocks > config.max_message_bytes:
         raise ConfigError(f"get_chunk_bytes ({config.get_chunk_bytes}) must leave room for framing under "
                           f"max_message_bytes ({config.max_message_bytes})")
+    if config.call_budget_bytes < COPIES * config.max_block_bytes:
+        raise ConfigError(f"call_budget_bytes ({config.call_budget_bytes}) must be at least {COPIES} x max_block_bytes "
+                          f"({config.max_block_bytes}): a Get could never return such a block")
+    if config.memory_budget_bytes < max(config.call_budget_bytes, COPIES * config.max_message_bytes):
+        raise ConfigError(f"memory_budget_bytes ({config.memory_budget_bytes}) must be at least call_budget_bytes "
+                          f"({config.call_budget_bytes}) and {COPIES} x max_message_bytes ({config.max_message_bytes}): "
+                          "a Get or Put of that size could never run")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("TLS needs both tls_cert and tls_key (PEM file paths), or neither")
     if config.redis_cluster and not config.redis_url:
@@ -342,6 +359,9 @@ _HELP = {
     "redis_timeout_s": "Redis connect and read timeout; an outage surfaces within it",
     "redis_window_bytes": "GETEX replies kept in flight per Get, at least 2 commands (remote Redis: ~bandwidth x RTT)",
     "tune_malloc": "keep freed large buffers in the process (glibc mallopt; faster streaming)",
+    "memory_budget_bytes": "memory for block data of all calls, copies included (at least 2 x max_message_bytes)",
+    "call_budget_bytes": "memory for block data of one Get, copies included (at least 2 x max_block_bytes)",
+    "budget_wait_s": "longest a call waits for memory budget before RESOURCE_EXHAUSTED",
 }
 
 

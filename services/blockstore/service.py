@@ -1,8 +1,11 @@
 """The BlockStore gRPC servicer: authentication, validation, status codes, metrics."""
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -11,8 +14,9 @@ import grpc
 from kvstore.blockstore_wire import HASH_SIZES, MAX_TOUCH_TTL_S, encode_get_response
 from kvstore.v1 import blockstore_pb2 as pb
 from kvstore.v1 import blockstore_pb2_grpc as pb_grpc
+from services.blockstore.budget import COPIES, CallBudget, MemoryBudget
 from services.blockstore.metrics import Metrics
-from services.blockstore.store import GetCounts, RedisBlockStore, block_problem
+from services.blockstore.store import GetCounts, RedisBlockStore, Value, block_problem
 from services.common.auth import TokenTable, check_namespace, require_namespace
 from services.common.errors import RequestError, StoreError, StoreUnavailableError
 from services.common.grpc_server import rpc_status
@@ -23,6 +27,7 @@ if TYPE_CHECKING:  # the server module, which builds this servicer, defines it
 logger = logging.getLogger(__name__)
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
+_DEADLINE_MARGIN_S = 0.05  # a call stops waiting for memory this long before its deadline
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlockStore"].full_name  # "kvstore.v1.BlockStore"
 
 
@@ -58,37 +63,49 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
         self._tokens = tokens
         self._metrics = metrics
         self._on_unavailable = on_unavailable
+        self._budget = MemoryBudget(config.memory_budget_bytes)
+        metrics.budget_used.set_function(lambda: self._budget.used)
 
     # -- RPCs -------------------------------------------------------------------------------
     async def Put(self, request: pb.PutRequest, context: grpc.aio.ServicerContext) -> pb.PutResponse:
         async with self._rpc("Put", context):
             self._admit(context, request.namespace, len(request.blocks))
             blocks = [self._checked_block(i, b) for i, b in enumerate(request.blocks)]
-            stored, existed = await self._store.put(request.namespace, blocks)
-            self._metrics.put(stored, sum(len(d) for _, d in blocks))
+            nbytes = sum(len(d) for _, d in blocks)
+            # The request is in memory already; the budget bounds what Puts add while written
+            # (redis-py's copy of the pipeline) and counts them against Gets.
+            budget = CallBudget(self._budget, COPIES * nbytes, self._budget_deadline(context))
+            await budget.take(nbytes)
+            try:
+                stored, existed = await self._store.put(request.namespace, blocks)
+            finally:
+                budget.close()
+            self._metrics.put(stored, nbytes)
             return pb.PutResponse(stored=stored, existed=existed)
 
-    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        """Streams pre-encoded GetResponse messages of about ``get_chunk_bytes``."""
+    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> None:
+        """Streams pre-encoded GetResponse messages of about ``get_chunk_bytes``.
+
+        Flow control: ``context.write`` returns only once the transport has taken the message
+        (HTTP/2 flow control), so a client that stops reading stops the Redis reads too; each
+        block is charged to the call's budget from its Redis reply until then. (Written, not
+        yielded: grpc.aio keeps a yielded message referenced until the next one is ready.)"""
         async with self._rpc("Get", context):
             hashes = self._checked_hashes(context, request.namespace, request.hashes)
             counts = GetCounts()
-            limit, chunk, size, sent, first = self._config.get_chunk_bytes, [], 0, 0, True
-            # Messages go out while later blocks are still arriving from Redis; the first block
-            # goes alone, at once, so that the client starts decoding as early as it can.
-            async with contextlib.aclosing(self._store.get(request.namespace, hashes, counts)) as found:
-                async for i, value in found:
-                    if chunk and size + len(value) > limit:  # a single larger block goes alone
-                        yield encode_get_response(chunk)
-                        sent, chunk, size = sent + size, [], 0
-                    chunk.append((i, value))
-                    size += len(value)
-                    if first:
-                        yield encode_get_response(chunk)
-                        sent, chunk, size, first = sent + size, [], 0, False
-            if chunk:
-                yield encode_get_response(chunk)
-            self._metrics.get(counts.hits, len(hashes) - counts.hits, counts.corrupt, sent + size)
+            budget = CallBudget(self._budget, self._config.call_budget_bytes, self._budget_deadline(context))
+            sent = 0
+            try:
+                found = self._store.get(request.namespace, hashes, counts, budget)
+                async with contextlib.aclosing(_messages(found, self._config.get_chunk_bytes)) as messages:
+                    async for message, nbytes in messages:
+                        await _write(context, message)
+                        del message  # sent: ours goes before the next is built (gRPC's went already)
+                        budget.release(nbytes)
+                        sent += nbytes
+            finally:
+                budget.close()
+            self._metrics.get(counts.hits, len(hashes) - counts.hits, counts.corrupt, sent)
 
     async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
         async with self._rpc("Lookup", context):
@@ -126,6 +143,14 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
                 redis_used_memory=memory, redis_keys=keys)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _budget_deadline(self, context: grpc.aio.ServicerContext) -> float:
+        """Until when a call may wait for memory: ``budget_wait_s``, or less so that its
+        RESOURCE_EXHAUSTED reaches the client before its deadline does."""
+        wait = self._config.budget_wait_s
+        if (remaining := context.time_remaining()) is not None:
+            wait = min(wait, remaining - _DEADLINE_MARGIN_S)
+        return time.monotonic() + wait
+
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Map exceptions to status codes (never crash on a request) and record metrics."""
@@ -180,3 +205,45 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
         if problem := block_problem(data, h):
             raise RequestError(_INVALID, f"invalid block data at index {i}: {problem}")
         return h, data
+
+
+async def _write(context: grpc.aio.ServicerContext, message: bytes) -> None:
+    """``context.write``; a write that fails means the call is over (the client went away or
+    the server is stopping): CANCELLED, not an error to log."""
+    try:
+        await context.write(message)
+    except Exception as e:  # noqa: BLE001 - the client went away or the server is stopping
+        raise asyncio.CancelledError(f"the call ended while sending: {type(e).__name__}") from e
+
+
+async def _messages(found: AsyncIterator[list[tuple[int, Value]]], limit: int) -> AsyncIterator[tuple[bytes, int]]:
+    """Serialized GetResponse messages of about ``limit`` bytes of blocks, with the block bytes
+    in each, from the store's batches. The first block goes alone, at once, so that the client
+    starts decoding as early as it can; a block over ``limit`` goes alone; what is held goes
+    out when the store is about to wait for budget (an empty batch). No reference to a block
+    is kept once its message is out (it would keep a whole receive buffer alive)."""
+    pending: collections.deque[tuple[int, Value]] = collections.deque()
+    chunk: list[tuple[int, Value]] = []
+    size, first = 0, True
+
+    def cut() -> tuple[bytes, int]:
+        nonlocal chunk, size
+        message, nbytes, chunk, size = encode_get_response(chunk), size, [], 0
+        return message, nbytes
+
+    async for batch in found:
+        waiting = not batch
+        pending.extend(batch)
+        batch.clear()
+        while pending:
+            if chunk and size + len(pending[0][1]) > limit:
+                yield cut()
+            chunk.append(pending.popleft())
+            size += len(chunk[-1][1])
+            if first or size >= limit:
+                yield cut()
+                first = False
+        if waiting and chunk:
+            yield cut()
+    if chunk:
+        yield cut()

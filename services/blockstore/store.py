@@ -21,6 +21,7 @@ from redis.asyncio.retry import Retry  # (redis.retry.Retry would silently never
 from redis.backoff import NoBackoff
 
 from kvstore.codec import peek_block, read_header
+from services.blockstore.budget import COPIES, CallBudget
 from services.blockstore.resp import LeanRedis
 from services.common.errors import REDIS_UNAVAILABLE, StoreError, StoreUnavailableError
 
@@ -95,8 +96,12 @@ class RedisBlockStore:
                  window_bytes: int) -> None:
         self.cluster = cluster
         self.ttl = ttl_seconds
-        # One immediate retry on a broken connection (e.g. pooled sockets after a Redis
-        # restart), none on timeouts: callers must learn of an outage within ~timeout_s.
+        # One immediate retry on a broken connection, which redis-py makes on a new socket:
+        # redis-py 8 hands out pooled connections unchecked (maintenance notifications
+        # "auto"), so after a Redis restart each stale one fails once ("Connection closed by
+        # server") and without this retry that reaches the caller. None on timeouts: callers
+        # must learn of an outage within ~timeout_s (health_check_interval would only add a
+        # PING per reuse).
         options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                        socket_read_size=_SOCKET_READ_SIZE,
                        retry=Retry(NoBackoff(), 1, supported_errors=(rex.ConnectionError,)))
@@ -138,44 +143,85 @@ class RedisBlockStore:
         stored = sum(1 for ok in replies[::2] if ok)
         return stored, len(keys) - stored
 
-    async def get(self, namespace: str, hashes: Sequence[bytes], counts: GetCounts) -> AsyncIterator[tuple[int, Value]]:
-        """(index, value) of each stored block, in index order, refreshing the TTL of each
-        hit; corrupt values are deleted and count as misses (``counts`` is filled in).
+    async def get(self, namespace: str, hashes: Sequence[bytes], counts: GetCounts,
+                  budget: CallBudget) -> AsyncIterator[list[tuple[int, Value]]]:
+        """Batches of (index, value) of the stored blocks, in index order, refreshing the TTL
+        of each hit; corrupt values are deleted and count as misses (``counts`` is filled in).
 
-        On the lean path values are memoryviews, yielded while later replies still arrive,
-        so the caller can send them on meanwhile."""
+        Every value is charged to ``budget`` for its length, which the caller releases once
+        done with it; an empty batch means the next value waits for budget, so the caller
+        should first release what it can (send what it holds). On the lean path values are
+        memoryviews, yielded while later replies still arrive."""
         if not hashes:
             return
         keys = self._keys(namespace, hashes)
         bad: list[bytes] = []
         with _redis_errors():
-            async with contextlib.aclosing(self._get_values(keys)) as batches:
-                i = 0
+            async with contextlib.aclosing(self._get_values(keys, budget)) as batches:
+                start = 0
                 async for batch in batches:
-                    for value in batch:
-                        if value is not None:
-                            if problem := stored_block_problem(value, hashes[i]):
-                                logger.warning("corrupt block %s deleted: %s", keys[i].decode(), problem)
-                                bad.append(keys[i])
-                            else:
-                                counts.hits += 1
-                                yield i, value
-                        i += 1
+                    found = self._checked(batch, start, hashes, keys, counts, budget, bad)
+                    start, waiting = start + len(batch), not batch
+                    batch.clear()  # only the caller refers to the values now (see _messages)
+                    if found or waiting:
+                        yield found
             if bad:
                 counts.corrupt += len(bad)
                 await self._delete_keys(bad)
 
-    async def _get_values(self, keys: list[bytes]) -> AsyncIterator[Sequence[Value | None]]:
-        """GETEX replies in key order, in batches (one batch on the redis-py path)."""
+    @staticmethod
+    def _checked(batch: Sequence[Value | None], start: int, hashes: Sequence[bytes], keys: Sequence[bytes],
+                 counts: GetCounts, budget: CallBudget, bad: list[bytes]) -> list[tuple[int, Value]]:
+        """(index, value) of the well-formed values of a batch whose first key is ``start``;
+        corrupt ones are released from ``budget`` and their keys added to ``bad``."""
+        found = []
+        for i, value in enumerate(batch, start):
+            if value is None:
+                continue
+            if problem := stored_block_problem(value, hashes[i]):
+                logger.warning("corrupt block %s deleted: %s", keys[i].decode(), problem)
+                bad.append(keys[i])
+                budget.release(len(value))
+            else:
+                counts.hits += 1
+                found.append((i, value))
+        return found
+
+    async def _get_values(self, keys: list[bytes], budget: CallBudget) -> AsyncIterator[Sequence[Value | None]]:
+        """GETEX replies in key order, in batches, each value charged to ``budget``."""
         if self._lean is not None:
-            async with contextlib.aclosing(self._lean.getex(keys, self.ttl)) as batches:
+            async with contextlib.aclosing(self._lean.getex(keys, self.ttl, budget)) as batches:
                 async for batch in batches:
                     yield batch
             return
+        # redis-py reads a pipeline's replies whole: sizes first, then pipelines of GETEX of
+        # at most half of what the call's budget holds (one key at least: the next pipeline
+        # can be read while the last is sent), each charged before it is sent.
         pipe = self._pipeline()
         for key in keys:
-            pipe.getex(key, ex=self.ttl)
-        yield await pipe.execute()
+            pipe.strlen(key)
+        sizes = await pipe.execute()
+        start = 0
+        while start < len(keys):
+            end, size = start + 1, sizes[start]
+            while end < len(keys) and size + sizes[end] <= budget.limit // (2 * COPIES):
+                size, end = size + sizes[end], end + 1
+            if not budget.try_take(size):
+                yield []
+                await budget.take(size)
+            pipe = self._pipeline()
+            for key in keys[start:end]:
+                pipe.getex(key, ex=self.ttl)
+            values = await pipe.execute()
+            # A value may have changed since STRLEN (expired, or rewritten with another codec).
+            got = sum(len(v) for v in values if v is not None)
+            if got < size:
+                budget.release(size - got)
+            elif got > size and not budget.try_take(got - size):
+                yield []
+                await budget.take(got - size)
+            yield values
+            start = end
 
     async def lookup(self, namespace: str, hashes: Sequence[bytes]) -> int:
         """How many of the leading ``hashes`` are stored (a gap ends the prefix)."""
