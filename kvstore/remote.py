@@ -19,7 +19,8 @@ class RemoteTier(Protocol):
         decodes while the rest is on the way; closing the iterator stops the transfer."""
 
     def put(self, namespace: str, blocks: Sequence[tuple[bytes, bytes]]) -> None:
-        """Store (hash, encoded block) pairs; set-if-absent, so retries are harmless."""
+        """Store (hash, encoded block) pairs; set-if-absent, so retries are harmless. Raises
+        if it did not store them (the cache then counts them as dropped, not present)."""
 
     def delete(self, namespace: str, hashes: Sequence[bytes], corrupt: bool = False) -> int:
         """Remove blocks; ``corrupt`` says the caller found them damaged. Returns how many."""
