@@ -1,6 +1,12 @@
-import pytest
+import time
 
-from kvstore.block_index import BlockIndex, BlockMeta, CacheFullError
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore.block_index import BlockIndex, BlockMeta, CacheFullError, Eviction
+
+ALL = pytest.mark.parametrize("eviction", list(Eviction))
 
 
 def meta(i: int) -> BlockMeta:
@@ -16,7 +22,7 @@ def cached(index: BlockIndex, n: int) -> list[int]:
 
 
 def test_eviction_order_is_least_recently_used():
-    index = BlockIndex(4, "T")
+    index = BlockIndex(4, "T", eviction=Eviction.LRU)
     slots = cached(index, 4)
     for s in (slots[2], slots[0], slots[3], slots[1]):  # release order = use order
         index.release(s)
@@ -28,8 +34,9 @@ def test_eviction_order_is_least_recently_used():
     index.check()
 
 
-def test_blocks_in_use_survive_any_pressure():
-    index = BlockIndex(8, "T")
+@ALL
+def test_blocks_in_use_survive_any_pressure(eviction):
+    index = BlockIndex(8, "T", eviction=eviction)
     slots = cached(index, 8)
     pinned = set(slots[::2])
     for s in slots:
@@ -49,8 +56,9 @@ def test_blocks_in_use_survive_any_pressure():
     index.check()
 
 
-def test_capacity_is_never_exceeded():
-    index = BlockIndex(3, "T")
+@ALL
+def test_capacity_is_never_exceeded(eviction):
+    index = BlockIndex(3, "T", eviction=eviction)
     slots, _ = index.allocate(3)
     with pytest.raises(CacheFullError):
         index.allocate(1)
@@ -59,8 +67,9 @@ def test_capacity_is_never_exceeded():
     assert index.num_evictable == 1 and len(index) == 0
 
 
-def test_publish_never_overwrites_an_existing_block():
-    index = BlockIndex(2, "T")
+@ALL
+def test_publish_never_overwrites_an_existing_block(eviction):
+    index = BlockIndex(2, "T", eviction=eviction)
     a, b = index.allocate(2)[0]
     assert index.publish(a, meta(1))
     assert not index.publish(b, meta(1))  # same hash elsewhere: stays private
@@ -70,12 +79,13 @@ def test_publish_never_overwrites_an_existing_block():
     index.check()
 
 
-def test_preferred_blocks_are_evicted_last_until_their_preference_ends(monkeypatch):
+@ALL
+def test_preferred_blocks_are_evicted_last_until_their_preference_ends(monkeypatch, eviction):
     import kvstore.block_index as bi
 
     now = [100.0]
     monkeypatch.setattr(bi.time, "monotonic", lambda: now[0])
-    index = BlockIndex(4, "T")
+    index = BlockIndex(4, "T", eviction=eviction)
     slots = cached(index, 4)
     index.prefer([meta(0).block_hash], until=150.0)  # before release: applies on release
     for s in slots:  # LRU order 0, 1, 2, 3
@@ -88,12 +98,130 @@ def test_preferred_blocks_are_evicted_last_until_their_preference_ends(monkeypat
     assert [m.block_hash for _, m in evicted] == [meta(0).block_hash]
     index.check()
 
-    index = BlockIndex(3, "T")
+    index = BlockIndex(3, "T", eviction=eviction)
     slots = cached(index, 3)
     index.prefer([meta(0).block_hash], until=150.0)
     for s in slots:
         index.release(s)
-    now[0] = 200.0  # the preference ran out: block 0 is the LRU's oldest again
+    now[0] = 200.0  # the preference ran out: block 0 is the first to go again
     _, evicted = index.allocate(3)
-    assert [m.block_hash for _, m in evicted][0] == meta(0).block_hash
+    assert evicted[0][1].block_hash == meta(0).block_hash
     index.check()
+
+
+def chain(index: BlockIndex, ids: list[int], parent: bytes = b"\0" * 16) -> list[int]:
+    """Commit a chain of blocks (each the parent of the next) and release it root first, as
+    a request does; returns their slots."""
+    slots, _ = index.allocate(len(ids))
+    for i, s in zip(ids, slots):
+        assert index.publish(s, BlockMeta(meta(i).block_hash, parent, (i,), "ns"))
+        parent = meta(i).block_hash
+    for s in slots:
+        index.release(s)
+    return slots
+
+
+def reuse(index: BlockIndex, ids: list[int], times: int = 1) -> None:
+    """Lookup hits on cached blocks, as the cache counts them (``hits``), then release."""
+    for _ in range(times):
+        for i in ids:
+            slot = index.find(meta(i).block_hash)
+            index.acquire(slot)
+            index.meta(slot).hits += 1
+            index.release(slot)
+
+
+def evicted_ids(index: BlockIndex, n: int) -> list[int]:
+    _, evicted = index.allocate(n)
+    index.check()
+    return [m.token_ids[0] for _, m in evicted]
+
+
+@pytest.mark.parametrize("eviction, survivors", [(Eviction.ARC, True), (Eviction.LRU, False)])
+def test_arc_lets_no_flood_of_blocks_used_once_push_out_blocks_used_again(eviction, survivors):
+    index = BlockIndex(8, "T", eviction=eviction)
+    chain(index, [0, 1])
+    reuse(index, [0, 1])
+    for k in range(10):  # 60 new blocks, each used once
+        new, _ = index.allocate(6)
+        for j, s in enumerate(new):
+            index.publish(s, meta(10 + 6 * k + j))
+            index.release(s)
+    assert (meta(0).block_hash in index and meta(1).block_hash in index) is survivors
+    index.check()
+
+
+def test_arc_evicts_blocks_used_once_before_blocks_used_again():
+    index = BlockIndex(4, "T", eviction=Eviction.ARC)
+    chain(index, [0, 1])
+    reuse(index, [0, 1])  # now older than 2 and 3, but used again
+    chain(index, [2, 3])
+    assert evicted_ids(index, 2) == [2, 3]
+
+
+def test_prefix_evicts_a_chains_leaf_before_its_ancestors():
+    for eviction, order in ((Eviction.PREFIX, [3, 2, 1, 0]), (Eviction.LRU, [0, 1, 2, 3])):
+        index = BlockIndex(4, "T", eviction=eviction)
+        chain(index, [0, 1, 2, 3])
+        assert evicted_ids(index, 4) == order, eviction
+
+
+def test_prefix_evicts_request_tails_first_then_keeps_reused_blocks_longer():
+    index = BlockIndex(6, "T", eviction=Eviction.PREFIX)
+    chain(index, [0, 1, 2])  # 2: the tail, which nothing extends
+    reuse(index, [0, 1], times=8)
+    chain(index, [3, 4, 5])  # newer, never reused
+    assert evicted_ids(index, 2) == [2, 5]  # tails, oldest first
+    assert evicted_ids(index, 2) == [4, 3]  # 8 reuses outweigh being older
+    index = BlockIndex(6, "T", eviction=Eviction.LRU)
+    chain(index, [0, 1, 2])
+    reuse(index, [0, 1], times=8)
+    chain(index, [3, 4, 5])
+    assert evicted_ids(index, 2) == [2, 0]
+
+
+def test_prefix_remembers_the_reuses_of_a_block_that_comes_back():
+    index = BlockIndex(4, "T", eviction=Eviction.PREFIX)
+    chain(index, [0, 1, 2])
+    reuse(index, [0, 1], times=8)
+    for s in index.allocate(4)[0]:  # all of them go
+        index.release(s)
+    chain(index, [0, 1])  # back, with their 8 reuses remembered
+    chain(index, [3, 4])  # newer, never reused
+    assert evicted_ids(index, 2) == [4, 3]
+
+
+@ALL
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["allocate", "hit", "release", "prefer"]), st.integers(0, 63)),
+                    max_size=60))
+def test_no_block_in_use_is_evicted_and_capacity_holds(eviction, ops):
+    index = BlockIndex(6, "T", eviction=eviction)
+    held: list[int] = []  # our references, one entry per acquire or allocate
+    next_id = 1
+    for op, x in ops:
+        if op == "allocate":
+            n = x % 4
+            if n > index.num_evictable:
+                with pytest.raises(CacheFullError):
+                    index.allocate(n)
+                continue
+            slots, evicted = index.allocate(n)
+            assert not set(slots) & set(held) and not {s for s, _ in evicted} & set(held)
+            for s in slots:  # a tree: block i's parent is block i // 2
+                index.publish(s, BlockMeta(meta(next_id).block_hash, meta(next_id // 2).block_hash, (next_id,), "ns"))
+                next_id += 1
+            held += slots
+        elif op == "hit" and (slot := index.find(meta(x % next_id).block_hash)) is not None:
+            index.acquire(slot)
+            index.meta(slot).hits += 1
+            held.append(slot)
+        elif op == "release" and held:
+            index.release(held.pop(x % len(held)))
+        elif op == "prefer":  # half of them already over
+            index.prefer([meta(x % next_id).block_hash], until=time.monotonic() + (x % 2) * 100 - 1)
+        index.check()
+        assert index.num_in_use == len(set(held)) <= index.num_slots and len(index) <= index.num_slots
+        for s in held:
+            if (m := index.meta(s)) is not None:
+                assert index.find(m.block_hash) == s
