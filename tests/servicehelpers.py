@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import redis
 from enginehelpers import tiny
 
 from kvstore.blockstore_client import BlockStoreClientConfig
@@ -34,7 +35,10 @@ def start_pool(loop: LoopThread, config: PoolConfig) -> WorkerPool:
 
 
 def start_server(loop: LoopThread, pool: WorkerPool, redis_url: str, **overrides) -> SessionServer:
-    """A session server on ``pool``; pass ``blockstore_address`` for Pin's cold-tier part."""
+    """A session server on ``pool``; pass ``blockstore_address`` for Pin's cold-tier part.
+    The test Redis servers evict (allkeys-lru); session state must not be: noeviction, as
+    ``SessionServer`` requires."""
+    redis.Redis.from_url(redis_url).config_set("maxmemory-policy", "noeviction")
     cfg = SessionServiceConfig(port=0, redis_url=redis_url, api_keys=API_KEYS, grace_seconds=1.0, **overrides)
     server = SessionServer(cfg, pool, ByteTokenizer(pool.info.vocab_size))
     loop.run(server.start())

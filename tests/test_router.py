@@ -20,10 +20,10 @@ def stored(tier, hashes):
     return [BlockEvent(Tier(tier), True, h) for h in hashes]
 
 
-def router(*workers):
+def router(*workers, max_seqs: int = 16):
     r = Router()
     for w in workers:
-        r.add_worker(w)
+        r.add_worker(w, max_seqs)
     return r
 
 
@@ -144,10 +144,10 @@ class FakeWorker:
 
 def fake_pool(*workers: FakeWorker) -> WorkerPool:
     pool = WorkerPool(PoolConfig(num_workers=len(workers)))
-    pool.info = WorkerInfo("w0", "1", "m", b"f" * 16, 4, 512, 1024, ())
+    pool.info = WorkerInfo("w0", "1", "m", b"f" * 16, 4, 512, 1024, (), 16)
     for w in workers:
-        pool._workers[w.worker_id] = _Worker(w.worker_id, w, live=True)
-        pool.router.add_worker(w.worker_id)
+        pool._workers[w.worker_id] = _Worker(w.worker_id, w, max_seqs=16, live=True)
+        pool.router.add_worker(w.worker_id, 16)
     return pool
 
 

@@ -406,7 +406,8 @@ def test_auth_and_bad_input_on_every_rpc(service):
 
 def test_too_many_concurrent_generations_is_resource_exhausted(service):
     loop = service["loop"]
-    small = start_server(loop, service["pool"], service["redis_url"], max_concurrent_generations=1)
+    small = start_server(loop, service["pool"], service["redis_url"], max_concurrent_generations=1,
+                         max_queued_generations=0)
     try:
         with SessionClient(small.address, api_key="key-a") as kv:
             s1 = kv.create_session(system_prompt=SYSTEM).session_id
