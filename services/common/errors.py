@@ -58,7 +58,8 @@ def write_refusal(e: BaseException) -> StoreRefusedError | None:
     code = getattr(e, "status_code", None) or text.split(" ", 1)[0]
     for name, cls in _REFUSALS.items():
         if code == name or f"-{name} " in text:
-            return cls(text)
+            what = "is out of memory (maxmemory)" if cls is StoreFullError else f"refuses writes now ({name})"
+            return cls(f"Redis {what}, so nothing was written; retry later ({text})")
     return None
 
 

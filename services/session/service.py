@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -142,6 +143,9 @@ class SessionServicer(pb_grpc.SessionsServicer):
             appended = await self._store.append_turn(session.namespace, session.id, tokens,
                                                      request_id=request.request_id, messages=messages,
                                                      max_len=self.max_history)
+            if appended.result:  # a Generate's answer
+                raise RequestError(_INVALID, f"request_id {shown(request.request_id)} was used by a Generate of this "
+                                             "session; a new Append needs a new request_id")
             return pb.AppendResponse(num_tokens=appended.num_tokens)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
@@ -154,7 +158,8 @@ class SessionServicer(pb_grpc.SessionsServicer):
             # is in the history (not tokens of a generation that was never recorded).
             async with self._store.request(namespace, raw, request.request_id) as done:
                 if done:
-                    for response in _replay(*done):  # a retry of a finished turn: same answer, no new turn
+                    # A retry of a finished turn: the same answer, no new turn.
+                    for response in _replay(*done, request.request_id):
                         yield response
                     return
                 # Read with the request id held: after a failed attempt, the history as it is now.
@@ -222,7 +227,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
         if appended.replayed:
             # Another call with this request id recorded its turn first (this call's lease had
             # lapsed, e.g. Redis was unreachable for a while): only its answer is in the history.
-            recorded, recorded_usage = _replay(appended.num_tokens, appended.result)
+            recorded, recorded_usage = _replay(appended.num_tokens, appended.result, request.request_id)
             if list(recorded.chunk.ids) != output:
                 raise RequestError(grpc.StatusCode.ABORTED,
                                    f"request_id {shown(request.request_id)} was completed by a concurrent call with a "
@@ -383,6 +388,8 @@ class SessionServicer(pb_grpc.SessionsServicer):
         max_tokens = s.max_tokens or lim.default_max_tokens
         if max_tokens > lim.max_tokens:
             raise RequestError(_INVALID, f"max_tokens {max_tokens} is over the limit of {lim.max_tokens}")
+        if not (math.isfinite(s.temperature) and math.isfinite(s.top_p)):
+            raise RequestError(_INVALID, f"temperature ({s.temperature}) and top_p ({s.top_p}) must be finite")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k,
                                   top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
@@ -474,7 +481,11 @@ def _usage_dict(u: pb.Usage) -> dict:
     return {f.name: getattr(u, f.name) for f in pb.Usage.DESCRIPTOR.fields}
 
 
-def _replay(num_tokens: int, record: str) -> list[pb.GenerateResponse]:
+def _replay(num_tokens: int, record: str, request_id: str) -> list[pb.GenerateResponse]:
+    """The responses of the Generate that recorded ``record`` under ``request_id``."""
+    if not record.startswith("{"):  # an Append's (it records no answer)
+        raise RequestError(_INVALID, f"request_id {shown(request_id)} was used by an Append of this session; "
+                                     "a new Generate needs a new request_id")
     r = json.loads(record)
     return [pb.GenerateResponse(chunk=pb.TokenChunk(ids=r["ids"], text=r["text"])),
             pb.GenerateResponse(usage=pb.Usage(**dict(r["usage"], num_tokens=num_tokens)))]
