@@ -75,7 +75,7 @@ def service(redis_server, tmp_path_factory):
         pids = {"session service": proc.pid}
         for i, w in enumerate(workers):
             pids[f"worker {i}"] = ray.get(w.__ray_call__.remote(lambda self: os.getpid()))
-        yield address, pids
+        yield address, pids, workers
     finally:
         proc.stdin.close()
         proc.wait(60)
@@ -100,7 +100,14 @@ async def _round(stub, sessions: dict[str, list[str]]) -> dict[str, list[int | B
 
 @pytest.mark.slow
 def test_64_streams_of_two_tenants_for_three_rounds(service):
-    address, pids = service
+    address, pids, workers = service
+    held = []  # sequences each worker holds: beyond what it runs at once (16), they would get no tokens
+
+    async def watch(done: asyncio.Event) -> None:
+        while not done.is_set():
+            stats = await asyncio.gather(*(w.stats.remote() for w in workers))
+            held.append(max(s.running + s.waiting for s in stats))
+            await asyncio.sleep(0.05)
 
     async def scenario():
         async with grpc.aio.insecure_channel(address) as channel:
@@ -109,10 +116,13 @@ def test_64_streams_of_two_tenants_for_three_rounds(service):
                 pb.CreateSessionRequest(system_prompt=f"You are agent {i} of {tenant}."),
                 metadata=(("authorization", f"Bearer {key}"),))).session_id for i in range(STREAMS_PER_TENANT)]
                 for tenant, key in KEYS.items()}
-            rounds, rss = [], []
+            rounds, rss, done = [], [], asyncio.Event()
+            watcher = asyncio.create_task(watch(done))
             for _ in range(ROUNDS):
                 rounds.append(await _round(stub, sessions))
                 rss.append({name: rss_mb(pid) for name, pid in pids.items()})
+            done.set()
+            await watcher
             return rounds, rss
     rounds, rss = asyncio.run(scenario())
     print("RSS (MB) after each round:", {name: [round(r[name]) for r in rss] for name in pids})
@@ -123,3 +133,4 @@ def test_64_streams_of_two_tenants_for_three_rounds(service):
             assert counts == [MAX_TOKENS] * STREAMS_PER_TENANT, (i, tenant)  # every stream of both tenants ran
     for name in pids:
         assert rss[2][name] <= 1.05 * rss[1][name], (name, [r[name] for r in rss])
+    assert len(held) > 10 and max(held) == 16, max(held)  # full, never over
