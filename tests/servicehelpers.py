@@ -40,9 +40,11 @@ def start_pool(loop: LoopThread, config: PoolConfig) -> WorkerPool:
 
 def start_server(loop: LoopThread, pool: WorkerPool, redis_url: str, **overrides) -> SessionServer:
     """A session server on ``pool``; pass ``blockstore_address`` for Pin's cold-tier part.
-    The test Redis servers evict (allkeys-lru); session state must not be: noeviction, as
-    ``SessionServer`` requires."""
-    redis.Redis.from_url(redis_url).config_set("maxmemory-policy", "noeviction")
+    The shared test Redis servers evict any key (allkeys-lru); session state must not be
+    evicted (``SessionServer`` refuses such a Redis), so they are switched to noeviction."""
+    client = redis.Redis.from_url(redis_url)
+    if client.config_get("maxmemory-policy")["maxmemory-policy"].startswith("allkeys-"):
+        client.config_set("maxmemory-policy", "noeviction")
     cfg = SessionServiceConfig(port=0, redis_url=redis_url, api_keys=API_KEYS, grace_seconds=1.0, **overrides)
     server = SessionServer(cfg, pool, ByteTokenizer(pool.info.vocab_size))
     loop.run(server.start())

@@ -346,7 +346,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
         RESOURCE_EXHAUSTED before the caller's deadline."""
         timeout = self._config.queue_timeout_s
         if (remaining := context.time_remaining()) is not None:
-            timeout = min(timeout, remaining - min(0.25, remaining / 10))
+            timeout = min(timeout, remaining - min(0.5, remaining / 5))  # time for the answer to get back
         return timeout
 
     async def _input(self, session: Session, inp: pb.Input | None,
