@@ -465,6 +465,21 @@ def test_an_unreachable_redis_or_cluster_is_unavailable(error):
     assert code is grpc.StatusCode.UNAVAILABLE and "Redis" in message and "retry" in message
 
 
+@pytest.mark.parametrize("error, code", [
+    (rex.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.", status_code="OOM"),
+     grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (rex.ResponseError("Error running script (call to f_1): @user_script:4: @user_script: 4: -OOM command not "
+                       "allowed when used memory > 'maxmemory'."), grpc.StatusCode.RESOURCE_EXHAUSTED),  # Redis 6
+    (rex.ReadOnlyError("You can't write against a read only replica.", status_code="READONLY"),
+     grpc.StatusCode.UNAVAILABLE),
+    (rex.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist "
+                       "to disk."), grpc.StatusCode.UNAVAILABLE),
+])
+def test_redis_refusing_writes_is_a_retryable_status(error, code):
+    mapped, message = asyncio.run(_classify(error))
+    assert mapped is code and "retry" in message and "Redis" in message
+
+
 
 def test_work_left_after_replies_is_awaited_or_cancelled_on_stop(caplog):
     from services.common.auth import TokenTable
