@@ -2,8 +2,11 @@
 tests can use the synchronous ``SessionClient`` like an agent runtime would."""
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
+import redis
 from enginehelpers import tiny
 
 from kvstore.blockstore_client import BlockStoreClientConfig
@@ -12,7 +15,7 @@ from services.cli.serve import BackgroundLoop as LoopThread
 from services.session.pool import PoolConfig, WorkerPool
 from services.session.server import SessionServer, SessionServiceConfig
 from workers.actor import WorkerConfig
-from workers.engine import Engine
+from workers.engine import Engine, EngineConfig
 from workers.loader import kv_spec
 from workers.sampling import SamplingParams
 from workers.tokenizer import ByteTokenizer
@@ -21,10 +24,12 @@ BLOCK = 4
 API_KEYS = "key-a=tenant-a;key-b=tenant-b;admin=*"
 
 
-def worker_config(blockstore_address: str, t0_blocks: int = 512, t1_blocks: int = 1024) -> WorkerConfig:
+def worker_config(blockstore_address: str, t0_blocks: int = 512, t1_blocks: int = 1024,
+                  max_num_seqs: int = 16) -> WorkerConfig:
     return WorkerConfig(model="tiny", dtype="float32", block_size=BLOCK,
                         cache=CacheConfig(t0_blocks=t0_blocks, t1_blocks=t1_blocks),
-                        blockstore=BlockStoreClientConfig(address=blockstore_address), threads=1)
+                        blockstore=BlockStoreClientConfig(address=blockstore_address), threads=1,
+                        engine=EngineConfig(max_num_seqs=max_num_seqs))
 
 
 def start_pool(loop: LoopThread, config: PoolConfig) -> WorkerPool:
@@ -34,11 +39,26 @@ def start_pool(loop: LoopThread, config: PoolConfig) -> WorkerPool:
 
 
 def start_server(loop: LoopThread, pool: WorkerPool, redis_url: str, **overrides) -> SessionServer:
-    """A session server on ``pool``; pass ``blockstore_address`` for Pin's cold-tier part."""
+    """A session server on ``pool``; pass ``blockstore_address`` for Pin's cold-tier part.
+    The shared test Redis servers evict any key (allkeys-lru); session state must not be
+    evicted (``SessionServer`` refuses such a Redis), so they are switched to noeviction."""
+    client = redis.Redis.from_url(redis_url)
+    if client.config_get("maxmemory-policy")["maxmemory-policy"].startswith("allkeys-"):
+        client.config_set("maxmemory-policy", "noeviction")
     cfg = SessionServiceConfig(port=0, redis_url=redis_url, api_keys=API_KEYS, grace_seconds=1.0, **overrides)
     server = SessionServer(cfg, pool, ByteTokenizer(pool.info.vocab_size))
     loop.run(server.start())
     return server
+
+
+@contextlib.contextmanager
+def serving(loop: LoopThread, pool: WorkerPool, redis_url: str, **overrides) -> Iterator[SessionServer]:
+    """``start_server`` for the ``with`` block."""
+    server = start_server(loop, pool, redis_url, **overrides)
+    try:
+        yield server
+    finally:
+        loop.run(server.stop(grace=0))
 
 
 def reference(prompt: list[int], max_tokens: int, ignore_eos: bool = True) -> list[int]:

@@ -20,10 +20,10 @@ def stored(tier, hashes):
     return [BlockEvent(Tier(tier), True, h) for h in hashes]
 
 
-def router(*workers):
+def router(*workers, max_seqs: int = 16):
     r = Router()
     for w in workers:
-        r.add_worker(w)
+        r.add_worker(w, max_seqs)
     return r
 
 
@@ -144,10 +144,10 @@ class FakeWorker:
 
 def fake_pool(*workers: FakeWorker) -> WorkerPool:
     pool = WorkerPool(PoolConfig(num_workers=len(workers)))
-    pool.info = WorkerInfo("w0", "1", "m", b"f" * 16, 4, 512, 1024, ())
+    pool.info = WorkerInfo("w0", "1", "m", b"f" * 16, 4, 512, 1024, (), 16)
     for w in workers:
-        pool._workers[w.worker_id] = _Worker(w.worker_id, w, live=True)
-        pool.router.add_worker(w.worker_id)
+        pool._workers[w.worker_id] = _Worker(w.worker_id, w, max_seqs=16, live=True)
+        pool.router.add_worker(w.worker_id, 16)
     return pool
 
 
@@ -197,3 +197,19 @@ def test_a_sticky_session_is_routed_without_hashing_its_history():
     assert run_generate(pool, [1] * 10, 1)[1].worker_id  # no session: routed by prefix
     assert hashed == [8, 10]
     assert pool.router.sticky("s") == first and pool.router.sticky("other") is None and pool.router.sticky(None) is None
+
+
+def test_a_full_worker_yields_its_sessions_and_new_requests_to_one_with_room():
+    r = router("a", "b", max_seqs=2)
+    r.apply_events("a", stored(0, H[:8]))
+    assert r.choose(H[:8], session_id="s1") == "a"
+    r.started("a")
+    r.started("a")  # a runs as many sequences as it batches
+    assert r.sticky("s1") is None  # the session's next turn goes elsewhere (its prefix comes from T2)
+    assert r.choose(H[:8], session_id="s1") == "b"
+    assert r.choose(H[:8]) == "b"  # and so does a request that a's cache would otherwise win
+    r.started("b")
+    r.started("b")
+    assert r.choose(H[:8]) in {"a", "b"}  # everyone full: no worker is excluded
+    r.finished("a")
+    assert r.choose(H[:8], session_id="s2") == "a"

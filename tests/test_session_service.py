@@ -406,7 +406,8 @@ def test_auth_and_bad_input_on_every_rpc(service):
 
 def test_too_many_concurrent_generations_is_resource_exhausted(service):
     loop = service["loop"]
-    small = start_server(loop, service["pool"], service["redis_url"], max_concurrent_generations=1)
+    small = start_server(loop, service["pool"], service["redis_url"], max_concurrent_generations=1,
+                         max_queued_generations=0)
     try:
         with SessionClient(small.address, api_key="key-a") as kv:
             s1 = kv.create_session(system_prompt=SYSTEM).session_id
@@ -462,6 +463,21 @@ def test_health_reflection_and_metrics(service, kv):
 def test_an_unreachable_redis_or_cluster_is_unavailable(error):
     code, message = asyncio.run(_classify(error))
     assert code is grpc.StatusCode.UNAVAILABLE and "Redis" in message and "retry" in message
+
+
+@pytest.mark.parametrize("error, code", [
+    (rex.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.", status_code="OOM"),
+     grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (rex.ResponseError("Error running script (call to f_1): @user_script:4: @user_script: 4: -OOM command not "
+                       "allowed when used memory > 'maxmemory'."), grpc.StatusCode.RESOURCE_EXHAUSTED),  # Redis 6
+    (rex.ReadOnlyError("You can't write against a read only replica.", status_code="READONLY"),
+     grpc.StatusCode.UNAVAILABLE),
+    (rex.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist "
+                       "to disk."), grpc.StatusCode.UNAVAILABLE),
+])
+def test_redis_refusing_writes_is_a_retryable_status(error, code):
+    mapped, message = asyncio.run(_classify(error))
+    assert mapped is code and "retry" in message and "Redis" in message
 
 
 

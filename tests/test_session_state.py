@@ -225,3 +225,72 @@ def test_a_lease_is_renewed_while_held_and_lapses_after_a_crashed_holder(store_f
         await st._r.set(st._lease_key("tenant", s.id, "r2"), "crashed-owner", px=300)
         assert not await waits("r2", 2.0)
     asyncio.run(scenario())
+
+
+def test_the_history_limit_holds_for_concurrent_appends(store_factory):
+    from services.session.state import HistoryTooLong
+
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m", tokens=[1] * 6)
+        results = await asyncio.gather(*(st.append_turn("tenant", s.id, [2] * 3, max_len=10) for _ in range(4)),
+                                       return_exceptions=True)
+        assert sum(isinstance(r, HistoryTooLong) for r in results) == 3  # only one fits
+        assert len((await st.get("tenant", s.id)).tokens) == 9
+    asyncio.run(scenario())
+
+
+def test_request_ids_are_bounded_per_session_and_kept_without_a_ttl(store_factory):
+    from services.session.state import MAX_REQUEST_IDS
+
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m")
+        for i in range(MAX_REQUEST_IDS + 8):
+            await st.append_turn("tenant", s.id, [i], request_id=f"r{i}", result=str(i))
+        records = st._keys("tenant", s.id)[3]
+        assert await st._r.hlen(records) == MAX_REQUEST_IDS and await st._r.ttl(records) == -1
+        old = await st.append_turn("tenant", s.id, [0], request_id="r0")  # forgotten: applied again
+        recent = await st.append_turn("tenant", s.id, [0], request_id=f"r{MAX_REQUEST_IDS + 7}")
+        assert not old.replayed and recent.replayed and recent.result == str(MAX_REQUEST_IDS + 7)
+    asyncio.run(scenario())
+
+
+def test_idle_sessions_expire_writes_refresh_them_and_pins_outlast_the_ttl(store_factory):
+    async def scenario():
+        st = SessionStore(store_factory()._r, idle_ttl_s=100)
+        s = await st.create("tenant", "m", tokens=[1], messages=[{"role": "system", "content": "x"}])
+        await st.append_turn("tenant", s.id, [2], request_id="r")
+
+        async def ttls() -> list[int]:
+            return [await st._r.pttl(k) for k in st._keys("tenant", s.id)]
+        assert all(90_000 < t <= 100_000 for t in await ttls())  # all five keys
+        await st.pin("tenant", s.id, 1000)
+        assert all(t > 990_000 for t in await ttls())
+        await st.append_turn("tenant", s.id, [3])  # a pinned session keeps its pin's TTL
+        assert all(t > 990_000 for t in await ttls())
+        await st.unpin("tenant", s.id)
+        assert all(t <= 100_000 for t in await ttls())
+        assert 0 < await st._r.pttl(st._index("tenant")) and await SessionStore(st._r).unpin("tenant", s.id) == 0
+        assert all(t == -1 for t in await ttls())  # a store without an idle TTL keeps them forever
+    asyncio.run(scenario())
+
+
+def test_the_session_limit_counts_open_sessions_and_prunes_expired_ones(store_factory):
+    from services.session.state import TooManySessions
+
+    async def scenario():
+        st = SessionStore(store_factory()._r, max_sessions=2)
+        ns = "limited"
+        a = await st.create(ns, "m")
+        b = await st.create(ns, "m")
+        with pytest.raises(TooManySessions):
+            await st.create(ns, "m")
+        with pytest.raises(TooManySessions):
+            await st.fork(ns, a.id)
+        await st.close(ns, a.id)  # closed: no longer counted
+        c = await st.create(ns, "m")
+        await st._r.delete(*st._keys(ns, b.id))  # as if it expired (its index entry stays)
+        d = await st.create(ns, "m")
+        assert set(await st.list(ns)) == {c.id, d.id}
+    asyncio.run(scenario())

@@ -75,6 +75,7 @@ class WorkerInfo:
     vocab_size: int
     max_context: int
     eos_token_ids: tuple[int, ...]
+    max_num_seqs: int  # sequences its engine runs at once (more wait in its queue)
 
 
 @dataclass(slots=True)
@@ -210,7 +211,8 @@ class DecodeWorker:
     def info(self) -> WorkerInfo:
         c = self.model_config
         return WorkerInfo(self.worker_id, self.incarnation, self.spec.model_id, self.spec.fingerprint,
-                          self.spec.block_size, c.vocab_size, c.max_position_embeddings, tuple(c.eos_token_ids))
+                          self.spec.block_size, c.vocab_size, c.max_position_embeddings, tuple(c.eos_token_ids),
+                          self.engine.config.max_num_seqs)
 
     def stats(self) -> WorkerStats:
         return WorkerStats(self.worker_id, self._thread.is_alive(), len(self.engine.running),

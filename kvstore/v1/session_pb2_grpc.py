@@ -124,7 +124,7 @@ class SessionsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """No more turns; the history stays readable. Idempotent.
+        """No more turns; the history stays readable (until it expires). Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,7 +132,9 @@ class SessionsServicer:
 
     def Pin(self, request, context):
         """Keep the session's blocks alive in the cold tier for ttl_seconds (re-applied after every
-        turn while the pin lasts) and evicted last from the warm tiers of its worker.
+        turn while the pin lasts) and evicted last from the warm tiers of its worker; the session
+        itself lives at least as long. UNAVAILABLE if the block store could not be reached: the
+        pin is recorded, retry Pin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -19,7 +19,7 @@ from services.blockstore.metrics import Metrics
 from services.blockstore.store import GetCounts, RedisBlockStore, Value, block_problem
 from services.common.auth import TokenTable, check_namespace, require_namespace
 from services.common.errors import RequestError, StoreError, StoreUnavailableError
-from services.common.grpc_server import rpc_status
+from services.common.grpc_server import add_servicer, rpc_status
 
 if TYPE_CHECKING:  # the server module, which builds this servicer, defines it
     from services.blockstore.server import BlockStoreConfig
@@ -32,21 +32,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlockStore"].full_name  # "kvstor
 
 
 def add_to_server(servicer: BlockStoreServicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer`` as ``pb_grpc.add_BlockStoreServicer_to_server`` does, except that
-    Get yields already serialized GetResponse messages (see ``wire``)."""
-    handlers = {}
-    for name, method in pb.DESCRIPTOR.services_by_name["BlockStore"].methods_by_name.items():
-        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
-        assert name == "Get" or not method.server_streaming, f"{name} streams: give it a handler"
-        if name == "Get":
-            handlers[name] = grpc.unary_stream_rpc_method_handler(
-                servicer.Get, request_deserializer=request.FromString, response_serializer=bytes)
-        else:
-            handlers[name] = grpc.unary_unary_rpc_method_handler(
-                getattr(servicer, name), request_deserializer=request.FromString,
-                response_serializer=response.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    """Register ``servicer`` (malformed requests get INVALID_ARGUMENT); Get yields already
+    serialized GetResponse messages (see ``wire``)."""
+    add_servicer(server, pb.DESCRIPTOR.services_by_name["BlockStore"], servicer, servicer._rpc, raw_responses=("Get",))
 
 
 class BlockStoreServicer(pb_grpc.BlockStoreServicer):

@@ -23,7 +23,10 @@ class SessionMetrics:
         self._cached = Counter(p + "cached_tokens", "prompt tokens reused from a tier", ["tier"], registry=r)
         self._completion = Counter(p + "completion_tokens", "tokens generated", registry=r)
         self._failovers = Counter(p + "failovers", "workers lost during a turn (it resumed elsewhere)", registry=r)
-        self.active = Gauge(p + "active_generations", "Generate streams in progress", registry=r)
+        self.active = Gauge(p + "active_generations", "Generate streams holding a generation slot", registry=r)
+        self.queued = Gauge(p + "queued_generations", "Generate streams waiting for a generation slot", registry=r)
+        self.queue_wait = Histogram(p + "queue_wait_seconds", "time a Generate waited for its slot",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
 
     def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         self._requests.labels(method, code.name).inc()

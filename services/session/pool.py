@@ -63,6 +63,7 @@ class PoolConfig:
 class _Worker:
     worker_id: str
     handle: ray.actor.ActorHandle
+    max_seqs: int = 0  # sequences it runs at once (WorkerInfo.max_num_seqs)
     incarnation: str = ""
     live: bool = False
 
@@ -106,6 +107,7 @@ class WorkerPool:
             raise RuntimeError("the workers serve different models (fingerprints differ)")
         self.info = infos[0]
         for w, info in zip(self._workers.values(), infos):
+            w.max_seqs = info.max_num_seqs
             self._join(w, info.incarnation)
         self._poller = asyncio.create_task(self._poll_loop(), name="worker-pool-poll")
         log.info("%d decode workers ready (%s, %s)", len(self._workers), self.info.model,
@@ -132,6 +134,12 @@ class WorkerPool:
     @property
     def live_worker_ids(self) -> list[str]:
         return sorted(w.worker_id for w in self._workers.values() if w.live)
+
+    @property
+    def capacity(self) -> int:
+        """Sequences the live workers run at once: more generations than this would wait
+        inside a worker without producing tokens."""
+        return sum(w.max_seqs for w in self._workers.values() if w.live)
 
     def handle(self, worker_id: str) -> ray.actor.ActorHandle:
         return self._workers[worker_id].handle
@@ -226,7 +234,7 @@ class WorkerPool:
         if w.live:
             self.router.reset_worker(w.worker_id)
         else:
-            self.router.add_worker(w.worker_id)
+            self.router.add_worker(w.worker_id, w.max_seqs)
         w.incarnation, w.live = incarnation, True
 
     def _lose(self, worker_id: str) -> None:

@@ -1,9 +1,11 @@
 """Prefix-aware routing of requests to decode workers.
 
-A session sticks to the worker that served it (its KV is hottest there). A request without
-affinity goes to the worker that can reuse the most of its prefix, weighting blocks by where
-they would come from (its T0, its T1, or T2 for blocks other workers hold), less a penalty
-for the worker's queue; ties rotate. The router learns what each
+A session sticks to the worker that served it (its KV is hottest there), unless that worker
+already runs as many sequences as it batches (``max_seqs``) while another has room: then the
+request goes elsewhere and reuses the prefix from T2. A request without affinity goes to the
+worker with room that can reuse the most of its prefix, weighting blocks by where they would
+come from (its T0, its T1, or T2 for blocks other workers hold), less a penalty for the
+worker's queue; ties rotate. The router learns what each
 worker holds from the workers' block events (``DecodeWorker.block_events``). When a worker
 dies or restarts, its index is dropped and its sessions lose their affinity: their next turn
 goes elsewhere and resumes from T2.
@@ -23,6 +25,7 @@ class NoWorkerError(RuntimeError):
 @dataclass(slots=True)
 class WorkerState:
     worker_id: str
+    max_seqs: int  # sequences it runs at once (its engine's max_num_seqs)
     t0: set[bytes] = field(default_factory=set)
     t1: set[bytes] = field(default_factory=set)
     load: int = 0  # requests in flight
@@ -53,8 +56,8 @@ class Router:
     def workers(self) -> list[str]:
         return sorted(self._workers)
 
-    def add_worker(self, worker_id: str) -> None:
-        self._workers.setdefault(worker_id, WorkerState(worker_id))
+    def add_worker(self, worker_id: str, max_seqs: int) -> None:
+        self._workers.setdefault(worker_id, WorkerState(worker_id, max_seqs))
 
     def remove_worker(self, worker_id: str) -> list[str]:
         """Forget a dead or removed worker; returns the sessions that lost their affinity."""
@@ -70,8 +73,9 @@ class Router:
 
     def reset_worker(self, worker_id: str) -> None:
         """A worker restarted: its caches are empty, so its index entries are stale."""
-        self.remove_worker(worker_id)
-        self.add_worker(worker_id)
+        if (state := self._workers.get(worker_id)) is not None:
+            self.remove_worker(worker_id)
+            self.add_worker(worker_id, state.max_seqs)
 
     def apply_events(self, worker_id: str, events: Iterable[BlockEvent]) -> None:
         """A worker's cache events, in order."""
@@ -111,9 +115,12 @@ class Router:
 
     def sticky(self, session_id: str | None) -> str | None:
         """The live worker a session sticks to (counted as routed there), or None: then
-        ``choose`` decides from the prefix."""
+        ``choose`` decides from the prefix. A full worker yields to one with room."""
         if session_id and (w := self._affinity.get(session_id)) in self._workers:
-            self._workers[w].routed += 1
+            state = self._workers[w]
+            if not _room(state) and any(_room(s) for s in self._workers.values()):
+                return None
+            state.routed += 1
             return w
         return None
 
@@ -125,7 +132,7 @@ class Router:
             return w
         reachable = self._global_prefix(block_hashes)
         best = max(
-            self._workers.values(),
+            [s for s in self._workers.values() if _room(s)] or self._workers.values(),
             key=lambda s: (self._score(s, block_hashes, reachable) - self.config.load_weight * s.load,
                            -s.load, -s.routed, s.worker_id),
         )
@@ -141,3 +148,7 @@ class Router:
     def finished(self, worker_id: str) -> None:
         if (s := self._workers.get(worker_id)) is not None and s.load:
             s.load -= 1
+
+
+def _room(state: WorkerState) -> bool:
+    return state.load < state.max_seqs

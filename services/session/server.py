@@ -1,6 +1,12 @@
 """The session service's gRPC server: Sessions API, health (SERVING while Redis answers and a
 worker is live), reflection, Prometheus metrics, graceful shutdown.
 
+Session state must never be evicted: at start the server reads Redis' ``maxmemory-policy``
+and refuses one that could remove session keys. Its Redis client waits for a free connection
+(a blocking pool sized from the generation limits) and retries commands that lost their
+connection (e.g. after a Redis restart) with backoff; every session write is a script that
+is safe to run again (request ids, expected lengths, random session ids).
+
 The worker pool and tokenizer are passed in: ``kvstore serve`` (services/cli/serve.py) builds
 them, and tests restart a server over the same pool to show that sessions live in Redis.
 """
@@ -13,15 +19,18 @@ from dataclasses import dataclass
 
 import grpc
 import redis.asyncio as aioredis
+import redis.exceptions as rex
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
-from kvstore.v1 import session_pb2_grpc as pb_grpc
+from kvstore.v1 import session_pb2 as pb
 from services.common.auth import TokenTable
-from services.common.errors import ConfigError
-from services.common.grpc_server import MetricsEndpoint, bind
+from services.common.errors import REDIS_UNAVAILABLE, ConfigError
+from services.common.grpc_server import MetricsEndpoint, add_servicer, bind
 from services.common.net import host_port, is_loopback
 from services.session.metrics import SessionMetrics
 from services.session.pool import WorkerPool
@@ -32,6 +41,9 @@ from workers.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
+MAX_SEND_BYTES = 64 << 20  # replies (ListSessions of many sessions with metadata)
+# Commands that lost their connection are retried this often, backing off up to ~0.5 s.
+_REDIS_RETRY = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -51,11 +63,22 @@ class SessionServiceConfig:
     tls_key: str = ""
     metrics_port: int = 0
     grace_seconds: float = 5.0
-    max_message_bytes: int = 64 << 20
+    max_message_bytes: int = 8 << 20  # the largest request accepted
     max_tokens: int = 4096  # per Generate
     default_max_tokens: int = 64
     max_input_tokens: int = 32768
-    max_concurrent_generations: int = 64
+    max_history_tokens: int = 0  # a session's history limit; 0: the model's context
+    max_sessions_per_namespace: int = 10000  # open sessions; 0: no limit
+    idle_session_ttl_s: float = 7 * 86400.0  # a session not written for this long is removed; 0: never
+    # Generations run at once: what the live workers batch (the sum of their max_num_seqs), and
+    # at most max_concurrent_generations when set (0: no cap of its own). More wait in a queue
+    # of max_queued_generations, at most queue_timeout_s (less if the call's deadline is sooner).
+    max_concurrent_generations: int = 0
+    max_queued_generations: int = 64
+    max_generations_per_namespace: int = 0  # 0: no cap of its own (slots are still shared fairly)
+    queue_timeout_s: float = 30.0
+    redis_max_connections: int = 0  # of the session state's Redis client; 0: sized from the limits above
+    redis_pool_timeout_s: float = 10.0  # a call waits this long for a free Redis connection
     # The block store, for Pin (keeps a pinned session's blocks in the cold tier); empty: none.
     blockstore_address: str = ""
     blockstore_token: str = ""
@@ -63,10 +86,15 @@ class SessionServiceConfig:
 
 
 def validate_config(config: SessionServiceConfig) -> TokenTable:
-    for name in ("max_tokens", "default_max_tokens", "max_input_tokens", "max_concurrent_generations",
-                 "max_message_bytes"):
+    for name in ("max_tokens", "default_max_tokens", "max_input_tokens", "max_message_bytes", "queue_timeout_s",
+                 "redis_pool_timeout_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+    for name in ("max_history_tokens", "max_sessions_per_namespace", "idle_session_ttl_s",
+                 "max_concurrent_generations", "max_queued_generations", "max_generations_per_namespace",
+                 "redis_max_connections"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must not be negative (0: see its help), got {getattr(config, name)}")
     if config.default_max_tokens > config.max_tokens:
         raise ConfigError("default_max_tokens must not exceed max_tokens")
     if not config.redis_url:
@@ -106,19 +134,20 @@ class SessionServer:
     async def start(self) -> int:
         cfg = self.config
         try:
-            self._redis = (RedisCluster.from_url(cfg.redis_url) if cfg.redis_cluster
-                           else aioredis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=2))
+            self._redis = self._redis_client()
+            await check_eviction_policy(self._redis, cfg.idle_session_ttl_s)
             if cfg.blockstore_address:
                 self._blockstore = BlockStoreClient(BlockStoreClientConfig(
                     address=cfg.blockstore_address, token=cfg.blockstore_token))
-            self._servicer = servicer = SessionServicer(SessionStore(self._redis), self.pool, self.tokenizer,
-                                                        self._keys, self.metrics, cfg, self._blockstore)
+            store = SessionStore(self._redis, cfg.idle_session_ttl_s, cfg.max_sessions_per_namespace)
+            self._servicer = servicer = SessionServicer(store, self.pool, self.tokenizer, self._keys, self.metrics,
+                                                        cfg, self._blockstore)
             self._server = grpc.aio.server(options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
                 ("grpc.so_reuseport", 0),
             ])
-            pb_grpc.add_SessionsServicer_to_server(servicer, self._server)
+            add_servicer(self._server, pb.DESCRIPTOR.services_by_name["Sessions"], servicer, servicer.rpc)
             self._health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -134,6 +163,19 @@ class SessionServer:
             raise
         logger.info("session service on %s (auth %s)", self.address, "on" if self._keys.enabled else "off")
         return self.port
+
+    def _redis_client(self) -> aioredis.Redis:
+        """Commands that lost their connection are retried; calls wait for a free connection
+        (one per running or queued generation, plus some for the other calls)."""
+        cfg = self.config
+        connections = cfg.redis_max_connections or 16 + cfg.max_queued_generations + (
+            cfg.max_concurrent_generations or self.pool.capacity)
+        common = dict(socket_timeout=5, socket_connect_timeout=2, retry=_REDIS_RETRY,
+                      retry_on_error=[rex.ConnectionError, rex.TimeoutError])
+        if cfg.redis_cluster:  # per node; its pool does not block, so it has no limit of its own
+            return RedisCluster.from_url(cfg.redis_url, **common)
+        return aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            cfg.redis_url, max_connections=connections, timeout=cfg.redis_pool_timeout_s, **common))
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones (then the work they left
@@ -157,6 +199,8 @@ class SessionServer:
             self._metrics_http = None
         if self._redis is not None:
             await self._redis.aclose()
+            if not self.config.redis_cluster:  # a client given a pool leaves closing it to its owner
+                await self._redis.connection_pool.disconnect()
             self._redis = None
         if self._blockstore is not None:
             self._blockstore.close()
@@ -190,3 +234,33 @@ class SessionServer:
                 await self._check()
             except Exception:  # noqa: BLE001
                 logger.exception("health check failed")
+
+
+async def check_eviction_policy(client: aioredis.Redis, idle_ttl_s: float) -> None:
+    """Refuse a Redis whose ``maxmemory-policy`` could evict session state: ``allkeys-*``, or
+    ``volatile-*`` while sessions carry an idle TTL. Warns when the policy cannot be read
+    (CONFIG disabled, as on some managed Redis) or Redis is unreachable."""
+    try:
+        reply = await client.config_get("maxmemory-policy")
+    except rex.ResponseError as e:
+        logger.warning("cannot read Redis' maxmemory-policy (%s); make sure it never evicts session state "
+                       "(noeviction)", e)
+        return
+    except REDIS_UNAVAILABLE as e:
+        logger.warning("cannot read Redis' maxmemory-policy now (%s); make sure it is noeviction", e)
+        return
+    per_node = reply.values() if reply and all(isinstance(v, dict) for v in reply.values()) else [reply]
+    for config in per_node:
+        policy = {_text(k): _text(v) for k, v in config.items()}.get("maxmemory-policy", "")
+        if policy.startswith("allkeys-") or (policy.startswith("volatile-") and idle_ttl_s > 0):
+            why = "any key" if policy.startswith("allkeys-") else \
+                f"keys with a TTL, and sessions carry one (idle_session_ttl_s={idle_ttl_s:g})"
+            raise ConfigError(
+                f"Redis' maxmemory-policy is {policy}, which evicts {why}: session state would be lost. Set "
+                "maxmemory-policy noeviction on the Redis that holds sessions (CONFIG SET maxmemory-policy "
+                "noeviction, or a Redis of its own for sessions)"
+                + (", or idle_session_ttl_s=0" if policy.startswith("volatile-") else ""))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,7 +1,9 @@
-"""The Sessions gRPC servicer: API keys, validation, turns over the worker pool, status codes.
+"""The Sessions gRPC servicer: API keys, validation, limits, turns over the worker pool,
+status codes.
 
 A Generate call: authenticate -> read the session from Redis -> render the new input as a
-token delta -> route (sticky, else longest cached prefix) -> stream tokens from the Ray
+token delta (off the event loop) -> check the limits -> wait for a generation slot (fair
+admission) -> route (sticky, else longest cached prefix) -> stream tokens from the Ray
 worker (resuming elsewhere if it dies) -> append input + output to the history atomically
 (once per request id) -> final usage.
 """
@@ -11,24 +13,41 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from kvstore.blockstore_client import BlockStoreClient
+from kvstore.blockstore_client import BlockStoreClient, BlockStoreError, BlockStoreUnavailable
 from kvstore.blockstore_wire import MAX_TOUCH_TTL_S
 from kvstore.v1 import session_pb2 as pb
 from kvstore.v1 import session_pb2_grpc as pb_grpc
 from services.common.auth import ANY_NAMESPACE, TokenTable, check_namespace, require_namespace, valid_namespace
-from services.common.errors import REDIS_UNAVAILABLE, RequestError
+from services.common.errors import (
+    REDIS_UNAVAILABLE,
+    RequestError,
+    StoreFullError,
+    StoreRefusedError,
+    shown,
+    write_refusal,
+)
 from services.common.grpc_server import rpc_status
+from services.session.admission import Admission, AdmissionRejected
 from services.session.chat import ChatFormatter
 from services.session.metrics import SessionMetrics
 from services.session.pool import GenerationError, NoWorkerError, WorkerLostError, WorkerPool
-from services.session.state import (Session, SessionChanged, SessionClosed, SessionNotFound, SessionStore,
-                                    valid_session_id)
+from services.session.state import (
+    HistoryTooLong,
+    Session,
+    SessionChanged,
+    SessionClosed,
+    SessionNotFound,
+    SessionStore,
+    TooManySessions,
+    valid_session_id,
+)
 from workers.actor import GenerateEnd, GenerateRequest
 from workers.sampling import SamplingParams
 from workers.tokenizer import ChatFormatError, IncrementalDecoder, Tokenizer
@@ -63,12 +82,26 @@ class SessionServicer(pb_grpc.SessionsServicer):
         self._metrics = metrics
         self._config = config  # its limits (max_tokens, ...)
         self._blockstore = blockstore  # for Pin: keeps a pinned session's blocks in the cold tier
-        self._active = 0
+        self._admission = Admission(self._capacity, config.max_queued_generations,
+                                    config.max_generations_per_namespace)
+        metrics.active.set_function(lambda: self._admission.running)
+        metrics.queued.set_function(lambda: self._admission.queued)
         self._background: set[asyncio.Task] = set()  # work done after a reply (re-pins); see stop()
 
     @property
     def model(self) -> str:
         return self._pool.info.model
+
+    @property
+    def max_history(self) -> int:
+        """A session's history limit in tokens: the model's context, or less if configured."""
+        context = self._pool.info.max_context
+        return min(context, self._config.max_history_tokens or context)
+
+    def _capacity(self) -> int:
+        """Generations that may run at once: what the live workers batch (capped by config)."""
+        cap = self._config.max_concurrent_generations
+        return min(self._pool.capacity, cap) if cap else self._pool.capacity
 
     async def stop(self, timeout: float) -> None:
         """Give the work started after replies ``timeout`` seconds to finish, then cancel it
@@ -83,33 +116,41 @@ class SessionServicer(pb_grpc.SessionsServicer):
     # ---- RPCs -----------------------------------------------------------------------------
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.SessionInfo:
-        async with self._rpc("CreateSession", context):
+        async with self.rpc("CreateSession", context):
             allowed = self._keys.authenticate(context.invocation_metadata())
             namespace = self._namespace(allowed, request.namespace)
             if request.model and request.model != self.model:
-                raise RequestError(grpc.StatusCode.NOT_FOUND,
-                                   f"model {request.model!r} is not served here; this service serves {self.model!r}")
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {shown(request.model)} is not served here; "
+                                                              f"this service serves {self.model!r}")
             metadata = self._checked_metadata(request.metadata)
             messages = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
-            tokens = self._delta([], messages, False) if messages else []
+            tokens = await self._delta([], messages, False) if messages else []
+            if len(tokens) > self.max_history:
+                raise HistoryTooLong(f"the system prompt is {len(tokens)} tokens; a session holds at most "
+                                     f"{self.max_history}")
             session = await self._store.create(namespace, self.model, tokens, metadata, messages=messages)
             return self._info(session)
 
     async def Append(self, request: pb.AppendRequest, context) -> pb.AppendResponse:
-        async with self._rpc("Append", context):
+        async with self.rpc("Append", context):
             # A closed session is refused by the store, after it replays a request id applied before the close.
             session = await self._session(context, request.session_id, include_closed=True)
             self._check_request_id(request.request_id)
-            tokens, messages, _ = self._input(session, request.input if request.HasField("input") else None, False)
+            tokens, messages, _ = await self._input(session, request.input if request.HasField("input") else None,
+                                                    False)
             if not tokens:
                 raise RequestError(_INVALID, "input is empty: send messages or token ids")
             appended = await self._store.append_turn(session.namespace, session.id, tokens,
-                                                     request_id=request.request_id, messages=messages)
+                                                     request_id=request.request_id, messages=messages,
+                                                     max_len=self.max_history)
+            if appended.result:  # a Generate's answer
+                raise RequestError(_INVALID, f"request_id {shown(request.request_id)} was used by a Generate of this "
+                                             "session; a new Append needs a new request_id")
             return pb.AppendResponse(num_tokens=appended.num_tokens)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.perf_counter()
-        async with self._rpc("Generate", context):
+        async with self.rpc("Generate", context):
             namespace, raw = self._locate(context, request.session_id)
             self._check_request_id(request.request_id)
             # Calls with one request id run one at a time: a retry that overlaps the first
@@ -117,36 +158,37 @@ class SessionServicer(pb_grpc.SessionsServicer):
             # is in the history (not tokens of a generation that was never recorded).
             async with self._store.request(namespace, raw, request.request_id) as done:
                 if done:
-                    for response in _replay(*done):  # a retry of a finished turn: same answer, no new turn
+                    # A retry of a finished turn: the same answer, no new turn.
+                    for response in _replay(*done, request.request_id):
                         yield response
                     return
                 # Read with the request id held: after a failed attempt, the history as it is now.
                 session = await self._read(namespace, raw)
-                async with contextlib.aclosing(self._turn(session, request, arrival)) as responses:
+                async with contextlib.aclosing(self._turn(session, request, arrival, context)) as responses:
                     async for response in responses:
                         yield response
 
-    async def _turn(self, session: Session, request: pb.GenerateRequest,
-                    arrival: float) -> AsyncIterator[pb.GenerateResponse]:
-        """Generate's new turn: stream the tokens, record the turn, send its usage."""
+    async def _turn(self, session: Session, request: pb.GenerateRequest, arrival: float,
+                    context) -> AsyncIterator[pb.GenerateResponse]:
+        """Generate's new turn: wait for a slot, stream the tokens, record the turn, send its usage."""
         sampling = self._sampling(request.sampling if request.HasField("sampling") else None)
-        tokens, messages, chat = self._input(session, request.input if request.HasField("input") else None, True)
+        tokens, messages, chat = await self._input(session, request.input if request.HasField("input") else None,
+                                                   True)
         prompt = session.tokens + tokens
         if not prompt:
             raise RequestError(_INVALID, "nothing to generate from: the session is empty and so is the input")
-        if len(prompt) + sampling.max_tokens > self._pool.info.max_context:
-            raise RequestError(_INVALID, f"the session ({len(prompt)} tokens with this input) plus max_tokens "
-                                         f"({sampling.max_tokens}) exceeds the model's context of "
-                                         f"{self._pool.info.max_context} tokens")
+        if len(prompt) + sampling.max_tokens > self.max_history:
+            raise HistoryTooLong(f"the session ({len(prompt)} tokens with this input) plus max_tokens "
+                                 f"({sampling.max_tokens}) exceeds its limit of {self.max_history} tokens (the "
+                                 "model's context, or max_history_tokens)")
         if request.worker_id and request.worker_id not in self._pool.worker_ids:
-            raise RequestError(_INVALID, f"unknown worker_id {request.worker_id!r}; workers: "
+            raise RequestError(_INVALID, f"unknown worker_id {shown(request.worker_id)}; workers: "
                                          f"{', '.join(self._pool.worker_ids)}")
-        if self._active >= self._config.max_concurrent_generations:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{self._active} generations in progress (max_concurrent_generations); retry later")
-        self._active += 1
-        self._metrics.active.inc()
-        try:
+        if not self._pool.live_worker_ids:
+            raise NoWorkerError("no decode worker is available; retry later")
+        queued_at = time.perf_counter()
+        async with self._admission.slot(session.namespace, self._queue_timeout(context)):
+            self._metrics.queue_wait.observe(time.perf_counter() - queued_at)
             decoder = IncrementalDecoder(self._tok.decode)
             first_at = end = None
             result: GenerateEnd | None = None
@@ -161,14 +203,12 @@ class SessionServicer(pb_grpc.SessionsServicer):
             end = time.perf_counter()
             if tail := decoder.flush():
                 yield pb.GenerateResponse(chunk=pb.TokenChunk(text=tail))
-        finally:
-            self._active -= 1
-            self._metrics.active.dec()
         output = decoder.ids
         text = self._tok.decode(output)
         turn_msgs = messages
         if chat:
-            tokens_after = output + self._chat.close_assistant(session.messages + messages, output, text)
+            closing = await asyncio.to_thread(self._chat.close_assistant, session.messages + messages, output, text)
+            tokens_after = output + closing
             turn_msgs = messages + [{"role": "assistant", "content": text}]
         else:
             tokens_after = output
@@ -180,16 +220,17 @@ class SessionServicer(pb_grpc.SessionsServicer):
             tokens_per_second=(n - 1) / (end - first_at) if n > 1 and end > first_at else 0.0,
             finish_reason=result.finish_reason.value, worker_id=result.worker_id, failovers=result.failovers)
         record = json.dumps({"ids": output, "text": text, "usage": _usage_dict(usage)})
+        # The limit was checked with max_tokens; the template's end-of-turn tokens may follow.
         appended = await self._store.append_turn(
             session.namespace, session.id, tokens + tokens_after, request_id=request.request_id, messages=turn_msgs,
-            expected_len=len(session.tokens), result=record)
+            expected_len=len(session.tokens), result=record, max_len=self.max_history + len(tokens_after) - n)
         if appended.replayed:
             # Another call with this request id recorded its turn first (this call's lease had
             # lapsed, e.g. Redis was unreachable for a while): only its answer is in the history.
-            recorded, recorded_usage = _replay(appended.num_tokens, appended.result)
+            recorded, recorded_usage = _replay(appended.num_tokens, appended.result, request.request_id)
             if list(recorded.chunk.ids) != output:
                 raise RequestError(grpc.StatusCode.ABORTED,
-                                   f"request_id {request.request_id!r} was completed by a concurrent call with a "
+                                   f"request_id {shown(request.request_id)} was completed by a concurrent call with a "
                                    "different answer than the one streamed here; retry with the same request_id "
                                    "to receive the recorded answer")
             yield recorded_usage
@@ -204,19 +245,21 @@ class SessionServicer(pb_grpc.SessionsServicer):
         yield pb.GenerateResponse(usage=usage)
 
     async def Fork(self, request: pb.ForkRequest, context) -> pb.SessionInfo:
-        async with self._rpc("Fork", context):
+        async with self.rpc("Fork", context):
             session = await self._session(context, request.session_id, include_closed=True)
             metadata = self._checked_metadata(request.metadata) if request.metadata else None
             child = await self._store.fork(session.namespace, session.id, metadata)
             return self._info(child)
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.SessionInfo:
-        async with self._rpc("GetSession", context):
+        async with self.rpc("GetSession", context):
             session = await self._session(context, request.session_id, include_closed=True)
-            return self._info(session, include_tokens=request.include_tokens)
+            if request.include_tokens:  # a long history: serialized off the event loop
+                return await asyncio.to_thread(self._info, session, include_tokens=True)
+            return self._info(session)
 
     async def ListSessions(self, request: pb.ListSessionsRequest, context) -> pb.ListSessionsResponse:
-        async with self._rpc("ListSessions", context):
+        async with self.rpc("ListSessions", context):
             allowed = self._keys.authenticate(context.invocation_metadata())
             namespace = self._namespace(allowed, request.namespace)
             limit = request.limit or 100
@@ -226,7 +269,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
             return pb.ListSessionsResponse(sessions=[self._info(s, num_tokens=n) for s, n in listed])
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.SessionInfo:
-        async with self._rpc("CloseSession", context):
+        async with self.rpc("CloseSession", context):
             session = await self._session(context, request.session_id, include_closed=True)
             await self._store.close(session.namespace, session.id)
             self._pool.forget(_router_key(session))  # its worker affinity
@@ -234,7 +277,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
             return self._info(session)
 
     async def Pin(self, request: pb.PinRequest, context) -> pb.SessionInfo:
-        async with self._rpc("Pin", context):
+        async with self.rpc("Pin", context):
             session = await self._session(context, request.session_id, include_closed=True)
             ttl = request.ttl_seconds
             if ttl > MAX_TOUCH_TTL_S:  # the block store's limit for keeping blocks
@@ -242,11 +285,16 @@ class SessionServicer(pb_grpc.SessionsServicer):
             session.pinned_until = await self._store.pin(session.namespace, session.id, ttl) if ttl else \
                 await self._store.unpin(session.namespace, session.id)
             if ttl:
-                await self._pin_blocks(session.namespace, session.tokens, ttl)
+                try:
+                    await self._pin_blocks(session.namespace, session.tokens, ttl, strict=True)
+                except (BlockStoreError, BlockStoreUnavailable) as e:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the pin is recorded (until "
+                                       f"{session.pinned_until:.0f}), but the block store did not keep the "
+                                       f"session's blocks ({e}); retry Pin") from None
             return self._info(session)
 
     async def Prefetch(self, request: pb.PrefetchRequest, context) -> pb.PrefetchResponse:
-        async with self._rpc("Prefetch", context):
+        async with self.rpc("Prefetch", context):
             session = await self._session(context, request.session_id)
             if not session.tokens:
                 return pb.PrefetchResponse()
@@ -255,7 +303,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
 
     # ---- helpers --------------------------------------------------------------------------
 
-    def _rpc(self, method: str, context):
+    def rpc(self, method: str, context):
         """Map exceptions to status codes (never crash on a request) and record metrics."""
         return rpc_status(method, context, _classify, self._metrics.observe)
 
@@ -277,8 +325,8 @@ class SessionServicer(pb_grpc.SessionsServicer):
         allowed = self._keys.authenticate(context.invocation_metadata())
         namespace, _, raw = session_id.rpartition(":")
         if not valid_namespace(namespace) or not valid_session_id(raw):
-            shown = repr(session_id[:80])
-            raise RequestError(_INVALID, f"malformed session_id {shown}: expected '<namespace>:<24 hex digits>'")
+            raise RequestError(_INVALID, f"malformed session_id {shown(session_id, 96)}: expected "
+                                         "'<namespace>:<24 hex digits>'")
         require_namespace(allowed, namespace)
         return namespace, raw
 
@@ -293,7 +341,16 @@ class SessionServicer(pb_grpc.SessionsServicer):
                                f"session {public_id(namespace, session_id)!r} is closed")
         return session
 
-    def _input(self, session: Session, inp: pb.Input | None, generate: bool) -> tuple[list[int], list[dict], bool]:
+    def _queue_timeout(self, context) -> float:
+        """How long a Generate may wait for a slot: the queue timeout, or less to answer
+        RESOURCE_EXHAUSTED before the caller's deadline."""
+        timeout = self._config.queue_timeout_s
+        if (remaining := context.time_remaining()) is not None:
+            timeout = min(timeout, remaining - min(0.5, remaining / 5))  # time for the answer to get back
+        return timeout
+
+    async def _input(self, session: Session, inp: pb.Input | None,
+                     generate: bool) -> tuple[list[int], list[dict], bool]:
         """(token delta, messages to remember, chat?) for a turn's input."""
         kind = inp.WhichOneof("kind") if inp is not None else None
         if kind == "tokens":
@@ -307,15 +364,17 @@ class SessionServicer(pb_grpc.SessionsServicer):
             messages = [{"role": m.role, "content": m.content} for m in inp.messages.items]
             if not messages:
                 raise RequestError(_INVALID, "input.messages is empty")
-            tokens = self._delta(session.messages, messages, generate)
+            tokens = await self._delta(session.messages, messages, generate)
             self._check_size(len(tokens))
             return tokens, messages, True
         # No input: a chat session still needs the generation prompt before generating.
         chat = generate and bool(session.messages)
-        return (self._delta(session.messages, [], True) if chat else []), [], chat
+        return (await self._delta(session.messages, [], True) if chat else []), [], chat
 
-    def _delta(self, history: list[dict], new: list[dict], generate: bool) -> list[int]:
-        return self._chat.delta(history, new, add_generation_prompt=generate)
+    async def _delta(self, history: list[dict], new: list[dict], generate: bool) -> list[int]:
+        """Rendering and tokenizing run in a thread: a large input must not stall the event
+        loop (health checks, other calls)."""
+        return await asyncio.to_thread(self._chat.delta, history, new, add_generation_prompt=generate)
 
     def _check_size(self, n: int) -> None:
         limit = self._config.max_input_tokens
@@ -329,6 +388,8 @@ class SessionServicer(pb_grpc.SessionsServicer):
         max_tokens = s.max_tokens or lim.default_max_tokens
         if max_tokens > lim.max_tokens:
             raise RequestError(_INVALID, f"max_tokens {max_tokens} is over the limit of {lim.max_tokens}")
+        if not (math.isfinite(s.temperature) and math.isfinite(s.top_p)):
+            raise RequestError(_INVALID, f"temperature ({s.temperature}) and top_p ({s.top_p}) must be finite")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k,
                                   top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
@@ -357,14 +418,17 @@ class SessionServicer(pb_grpc.SessionsServicer):
         if not task.cancelled() and task.exception() is not None:
             logger.error("%s failed", task.get_name(), exc_info=task.exception())
 
-    async def _pin_blocks(self, namespace: str, tokens: list[int], ttl_s: float) -> None:
-        """Evicted last from the workers' T0/T1; kept at least ``ttl_s`` in T2."""
+    async def _pin_blocks(self, namespace: str, tokens: list[int], ttl_s: float, strict: bool = False) -> None:
+        """Evicted last from the workers' T0/T1; kept at least ``ttl_s`` in T2. ``strict``:
+        raise the block store's error (else logged: the pin is re-applied after each turn)."""
         try:
             await self._pool.prefer(tokens, namespace, ttl_s)
             if self._blockstore is not None and ttl_s >= 1:
                 hashes = self._pool.block_hashes(tokens, namespace)
                 await asyncio.to_thread(self._blockstore.touch, namespace, hashes, int(ttl_s))
         except Exception:  # noqa: BLE001 - best effort: the pin is recorded and re-applied after each turn
+            if strict:
+                raise
             logger.warning("could not apply a session pin to the cache tiers", exc_info=True)
 
     @staticmethod
@@ -377,18 +441,26 @@ class SessionServicer(pb_grpc.SessionsServicer):
                               token_ids=s.tokens if include_tokens else ())
 
 
-_STATUS_OF = {  # the service's own errors, by the status code they mean
+_STATUS_OF = {  # the service's errors, by the status code they mean (the first match counts)
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     SessionClosed: grpc.StatusCode.FAILED_PRECONDITION,
     SessionChanged: grpc.StatusCode.ABORTED,
+    HistoryTooLong: _INVALID,
+    TooManySessions: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AdmissionRejected: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ChatFormatError: _INVALID,
     GenerationError: _INVALID,
     NoWorkerError: grpc.StatusCode.UNAVAILABLE,
     WorkerLostError: grpc.StatusCode.UNAVAILABLE,
+    StoreFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,  # Redis at maxmemory: retry later
+    StoreRefusedError: grpc.StatusCode.UNAVAILABLE,  # read-only replica, failing persistence: retry later
 }
 
 
 async def _classify(e: Exception) -> tuple[grpc.StatusCode, str] | None:
+    if refused := write_refusal(e):  # Redis errors that mean "not now", also from inside a script
+        logger.warning("session state (Redis) refuses writes: %s", refused)
+        e = refused
     for cls, code in _STATUS_OF.items():
         if isinstance(e, cls):
             return code, str(e)
@@ -409,7 +481,11 @@ def _usage_dict(u: pb.Usage) -> dict:
     return {f.name: getattr(u, f.name) for f in pb.Usage.DESCRIPTOR.fields}
 
 
-def _replay(num_tokens: int, record: str) -> list[pb.GenerateResponse]:
+def _replay(num_tokens: int, record: str, request_id: str) -> list[pb.GenerateResponse]:
+    """The responses of the Generate that recorded ``record`` under ``request_id``."""
+    if not record.startswith("{"):  # an Append's (it records no answer)
+        raise RequestError(_INVALID, f"request_id {shown(request_id)} was used by an Append of this session; "
+                                     "a new Generate needs a new request_id")
     r = json.loads(record)
     return [pb.GenerateResponse(chunk=pb.TokenChunk(ids=r["ids"], text=r["text"])),
             pb.GenerateResponse(usage=pb.Usage(**dict(r["usage"], num_tokens=num_tokens)))]

@@ -2,20 +2,37 @@
 
 Everything a session service replica knows lives here, so restarting a replica (or running
 several) loses nothing. All keys of one session share a Redis Cluster hash tag
-(``sess:{<ns>:<id>}...``), so each operation on one session is a single-slot Lua script:
+(``sess:{<ns>:<id>}...``), so each operation on one session is a single-slot Lua script, and
+each script is all or nothing: its first write is one Redis refuses under ``maxmemory``
+(then nothing is written), after which Redis runs it to the end.
+- ``create``: the session's keys in one script;
 - ``get``: reads metadata, tokens and messages as one snapshot (never half a turn);
-- ``append``: adds tokens once per request id (a retried Append is not applied twice, even
-  after the session was closed);
+- ``append_turn``: a whole turn (tokens, messages, updated time, the request-id record) in one
+  script, once per request id (a retry is recognised, even after the session was closed);
 - ``pin``/``unpin``/``close``: change a field only if the session exists (never recreate a
   partial session that was deleted meanwhile);
 - ``request``: leases a request id to one call while it runs, so a retry that overlaps the
   first attempt waits for its result instead of producing a second answer.
+
+Request-id records live in a hash of the session (``:reqs``, with their times in ``:reqt``),
+not in keys of their own with a TTL: an eviction policy that removes keys with a TTL first
+(``volatile-*``) could drop a record while its session stays, and a retry would apply the
+turn again. They are bounded explicitly: each turn drops the records beyond the session's
+last ``MAX_REQUEST_IDS`` and those older than ``REQUEST_ID_TTL_S``.
+
+Idle sessions expire: every write sets the TTL of all the session's keys to ``idle_ttl_s``
+(0: no TTL), or to the end of its pin if that is later. Session state must therefore never
+be evicted (``SessionServer`` refuses a Redis whose ``maxmemory-policy`` could).
+
 ``fork`` is not atomic as a whole (the child has its own hash tag, so another slot): it takes
 a ``get`` snapshot of the parent and creates the child from it; a turn landing on the parent
 meanwhile is either wholly in the fork or not at all.
-The per-namespace index (a sorted set by last update) lives in its own key, hence another slot,
-and is updated after the scripts: ``create`` adds, ``close`` removes, and an append only
-refreshes an entry that is still there (ZADD XX), so it cannot re-add a closed session.
+The per-namespace index (a sorted set by last update) lives in its own key, hence another
+slot. ``create`` first adds the new id to it, if the namespace is under its session limit,
+then writes the session; if that fails it removes the id again (ZREM is allowed under
+``maxmemory``), so a failed create leaves nothing. After a turn the index entry is refreshed
+best effort (ZADD XX: a close that ran meanwhile stays removed); ids of sessions that expired
+are pruned when a namespace reaches its limit, and listing skips them.
 """
 from __future__ import annotations
 
@@ -23,6 +40,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -31,20 +49,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import redis.asyncio as aioredis
+import redis.exceptions as rex
 
 from kvstore.hashing import token_bytes
 from services.common.errors import REDIS_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID_TTL_S = 24 * 3600  # how long a request id is remembered for idempotency
+REQUEST_ID_TTL_S = 24 * 3600  # a request id is remembered this long (for retries) ...
+MAX_REQUEST_IDS = 32  # ... among the session's last this many
 # A running request id is leased to one call; the holder renews the lease while it runs, so
 # it lapses this long after a holder that crashed (or lost Redis), letting a retry take over.
 LEASE_S = 10.0
 _LEASE_POLL_S = 0.05  # how often a retry waiting for the holder checks for its result
+_PRUNE_BATCH = 256  # index entries checked per pass when a namespace reaches its limit
 _MAX_REQUEST_ID = 128
 _ID_BYTES = 12
 _ID = re.compile(f"[0-9a-f]{{{2 * _ID_BYTES}}}")
+_BEST_EFFORT = (rex.RedisError, *REDIS_UNAVAILABLE)
 
 
 def valid_session_id(session_id: str) -> bool:
@@ -62,6 +84,14 @@ class SessionNotFound(SessionError):
 
 class SessionClosed(SessionError):
     pass
+
+
+class HistoryTooLong(SessionError):
+    """A turn would take the history past its limit (the model's context or the configured one)."""
+
+
+class TooManySessions(SessionError):
+    """The namespace has as many open sessions as it may."""
 
 
 @dataclass(slots=True)
@@ -83,38 +113,88 @@ class SessionChanged(SessionError):
     """The history changed since it was read (a concurrent turn on the same session)."""
 
 
-# KEYS: meta, tokens, request id, messages. ARGV: token bytes, now, request-id ttl, "1" if a
-# request id, expected history length in tokens (-1: any), the result to remember under the
-# request id, then message JSONs to push.
-# Returns {history length after the call, remembered result, 1 if replayed}: a retried
-# request id returns what the first call stored. Length -1: the session is missing, -2: closed, -3: changed.
-# The request id is checked before "closed": a retry of an append that succeeded before the
-# session was closed gets its result, not an error.
-_APPEND = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, '', 0} end
-if ARGV[4] == '1' then
-  local done = redis.call('GET', KEYS[3])
-  if done then
-    local sep = string.find(done, '|', 1, true)
-    return {tonumber(string.sub(done, 1, sep - 1)), string.sub(done, sep + 1), 1}
+# Every script that writes a session takes its five keys in this order:
+# meta (hash), tokens (string), messages (list), request-id records (hash), their times (zset).
+# keep(now, idle ms): refresh the idle TTL of all of them; a pin keeps them at least until it
+# ends. Returns the TTL set, in ms (0: none).
+_KEEP = """
+local function keep(now, idle_ms)
+  if idle_ms <= 0 then
+    for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
+    return 0
   end
+  local pin = tonumber(redis.call('HGET', KEYS[1], 'pinned_until') or '0')
+  local ms = math.max(idle_ms, math.ceil((pin - now) * 1000))
+  for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ms) end
+  return ms
 end
-if redis.call('HGET', KEYS[1], 'closed') == '1' then return {-2, '', 0} end
-local expected = tonumber(ARGV[5])
-if expected >= 0 and redis.call('STRLEN', KEYS[2]) / 4 ~= expected then return {-3, '', 0} end
-local n = redis.call('APPEND', KEYS[2], ARGV[1]) / 4
-for i = 7, #ARGV do redis.call('RPUSH', KEYS[4], ARGV[i]) end
-redis.call('HSET', KEYS[1], 'updated', ARGV[2])
-if ARGV[4] == '1' then redis.call('SET', KEYS[3], n .. '|' .. ARGV[6], 'EX', ARGV[3]) end
-return {n, ARGV[6], 0}
 """
 
-# KEYS: request id, its lease. ARGV: owner, lease ms. Returns {0, ''} if the request id is now
-# leased to this owner, {1, remembered} if it was applied, {2, ''} if another call holds it.
+# ARGV: model, parent, metadata JSON, now, token bytes, idle ms, then message JSONs.
+# Returns the TTL set. A retry of a create that was applied (same random id) changes nothing.
+_CREATE = _KEEP + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('PTTL', KEYS[1]) end
+redis.call('HSET', KEYS[1], 'model', ARGV[1], 'parent', ARGV[2], 'metadata', ARGV[3], 'created', ARGV[4],
+           'updated', ARGV[4], 'pinned_until', 0, 'closed', 0)
+redis.call('SET', KEYS[2], ARGV[5])
+for i = 7, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+return keep(tonumber(ARGV[4]), tonumber(ARGV[6]))
+"""
+
+# ARGV: 1 token bytes, 2 now, 3 request id ('' for none), 4 expected history length in tokens
+# (-1: any), 5 the result to remember under the request id, 6 the history limit in tokens,
+# 7 idle ms, 8 request ids kept, 9 their maximum age in s, then message JSONs to push.
+# Returns {history length after the call, remembered result, 1 if replayed, TTL set}: a
+# retried request id returns what the first call stored. Length -1: the session is missing,
+# -2: closed, -3: changed, -4: over the limit (the result is the history length).
+# The request id is checked before "closed": a retry of an append that succeeded before the
+# session was closed gets its result, not an error.
+_APPEND = _KEEP + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, '', 0, 0} end
+if ARGV[3] ~= '' then
+  local done = redis.call('HGET', KEYS[4], ARGV[3])
+  if done then
+    local sep = string.find(done, '|', 1, true)
+    return {tonumber(string.sub(done, 1, sep - 1)), string.sub(done, sep + 1), 1, 0}
+  end
+end
+if redis.call('HGET', KEYS[1], 'closed') == '1' then return {-2, '', 0, 0} end
+local len = redis.call('STRLEN', KEYS[2]) / 4
+local expected = tonumber(ARGV[4])
+if expected >= 0 and len ~= expected then return {-3, '', 0, 0} end
+if len + #ARGV[1] / 4 > tonumber(ARGV[6]) then return {-4, tostring(len), 0, 0} end
+local n = redis.call('APPEND', KEYS[2], ARGV[1]) / 4
+for i = 10, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+local now = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'updated', ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[3], n .. '|' .. ARGV[5])
+  redis.call('ZADD', KEYS[5], now, ARGV[3])
+  local old = math.max(redis.call('ZCOUNT', KEYS[5], '-inf', now - tonumber(ARGV[9])),
+                       redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[8]))
+  if old > 0 then
+    redis.call('HDEL', KEYS[4], unpack(redis.call('ZRANGE', KEYS[5], 0, old - 1)))
+    redis.call('ZREMRANGEBYRANK', KEYS[5], 0, old - 1)
+  end
+end
+return {n, ARGV[5], 0, keep(now, tonumber(ARGV[7]))}
+"""
+
+# ARGV: field, value, now, idle ms. Sets the field only if the session exists; returns the
+# TTL set (-1 if the session is missing).
+_SET_IF_EXISTS = _KEEP + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return keep(tonumber(ARGV[3]), tonumber(ARGV[4]))
+"""
+
+# KEYS: request-id records, the lease. ARGV: request id, owner, lease ms. Returns {0, ''} if
+# the request id is now leased to this owner, {1, remembered} if it was applied, {2, ''} if
+# another call holds it.
 _CLAIM = """
-local done = redis.call('GET', KEYS[1])
+local done = redis.call('HGET', KEYS[1], ARGV[1])
 if done then return {1, done} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0, ''} end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return {0, ''} end
 return {2, ''}
 """
 
@@ -131,11 +211,31 @@ _GET = """
 return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]) or '', redis.call('LRANGE', KEYS[3], 0, -1)}
 """
 
-# KEYS: meta. ARGV: field, value. Sets the field only if the session exists; returns 1 if so.
-_SET_IF_EXISTS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+# The namespace index keeps at least as long as its longest-lived session: extend(ms).
+_EXTEND = """
+local function extend(ms)
+  if ms <= 0 then redis.call('PERSIST', KEYS[1]) elseif redis.call('PTTL', KEYS[1]) < ms then
+    redis.call('PEXPIRE', KEYS[1], ms) end
+end
+"""
+
+# KEYS: index. ARGV: id, now, session limit (0: none), TTL ms. Adds the id if the namespace
+# is under its limit; returns 1 if it is listed now, 0 if the namespace is full.
+_RESERVE = _EXTEND + """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  local limit = tonumber(ARGV[3])
+  if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
+extend(tonumber(ARGV[4]))
 return 1
+"""
+
+# KEYS: index. ARGV: id, now, TTL ms. Refreshes the id's entry if it is still listed (a close
+# that ran since stays removed).
+_REFRESH = _EXTEND + """
+if redis.call('ZADD', KEYS[1], 'XX', 'CH', ARGV[2], ARGV[1]) == 1 then extend(tonumber(ARGV[3])) end
+return 0
 """
 
 
@@ -147,32 +247,34 @@ class Appended:
 
 
 class SessionStore:
-    """Async access to sessions (redis-py asyncio; single Redis or Cluster)."""
+    """Async access to sessions (redis-py asyncio; single Redis or Cluster).
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    ``idle_ttl_s``: a session not written for this long is removed (0: kept forever; a pin
+    keeps it at least until the pin ends). ``max_sessions``: open sessions per namespace
+    (0: no limit)."""
+
+    def __init__(self, client: aioredis.Redis, idle_ttl_s: float = 0.0, max_sessions: int = 0) -> None:
         self._r = client
+        self._idle_ms = math.ceil(idle_ttl_s * 1000)
+        self._max_sessions = max_sessions
+        self._create = client.register_script(_CREATE)
         self._append = client.register_script(_APPEND)
         self._get = client.register_script(_GET)
         self._set_if_exists = client.register_script(_SET_IF_EXISTS)
         self._claim = client.register_script(_CLAIM)
         self._lease = client.register_script(_LEASE)
+        self._reserve = client.register_script(_RESERVE)
+        self._refresh = client.register_script(_REFRESH)
 
     @staticmethod
-    def _keys(namespace: str, session_id: str) -> tuple[str, str]:
+    def _keys(namespace: str, session_id: str) -> list[str]:
+        """The session's keys, in the order the writing scripts take them."""
         tag = f"sess:{{{namespace}:{session_id}}}"
-        return f"{tag}:meta", f"{tag}:tokens"
-
-    @staticmethod
-    def _msgs_key(namespace: str, session_id: str) -> str:
-        return f"sess:{{{namespace}:{session_id}}}:msgs"
-
-    @staticmethod
-    def _req_key(namespace: str, session_id: str, request_id: str) -> str:
-        return f"sess:{{{namespace}:{session_id}}}:req:{request_id}"  # same hash tag: one slot
+        return [f"{tag}:meta", f"{tag}:tokens", f"{tag}:msgs", f"{tag}:reqs", f"{tag}:reqt"]
 
     @staticmethod
     def _lease_key(namespace: str, session_id: str, request_id: str) -> str:
-        return f"sess:{{{namespace}:{session_id}}}:lease:{request_id}"
+        return f"sess:{{{namespace}:{session_id}}}:lease:{request_id}"  # same hash tag: one slot
 
     @staticmethod
     def _index(namespace: str) -> str:
@@ -181,27 +283,47 @@ class SessionStore:
     async def create(self, namespace: str, model: str, tokens: list[int] | None = None,
                      metadata: dict[str, str] | None = None, parent: str = "",
                      messages: list[dict] | None = None) -> Session:
-        """A new session with an optional initial history (e.g. the system prompt's tokens)."""
+        """A new session with an optional initial history (e.g. the system prompt's tokens).
+        Raises ``TooManySessions`` when the namespace has ``max_sessions`` open sessions."""
         session_id = secrets.token_hex(_ID_BYTES)
         now = time.time()
-        meta_key, tok_key = self._keys(namespace, session_id)
         data = token_bytes(np.asarray(tokens or [], dtype=np.int64))
-        pipe = self._r.pipeline(transaction=False)
-        pipe.hset(meta_key, mapping={
-            "model": model, "parent": parent, "metadata": json.dumps(metadata or {}),
-            "created": now, "updated": now, "pinned_until": 0, "closed": 0,
-        })
-        pipe.set(tok_key, data)
-        if messages:
-            pipe.rpush(self._msgs_key(namespace, session_id), *(json.dumps(m) for m in messages))
-        pipe.zadd(self._index(namespace), {session_id: now})
-        await pipe.execute()
+        index = self._index(namespace)
+        reserve = [session_id, now, self._max_sessions, self._idle_ms]
+        if not await self._reserve(keys=[index], args=reserve):
+            await self._prune(namespace)
+            if not await self._reserve(keys=[index], args=reserve):
+                raise TooManySessions(f"namespace {namespace!r} has {self._max_sessions} open sessions, its limit; "
+                                      "close some (or wait for idle ones to expire) and retry")
+        try:
+            await self._create(keys=self._keys(namespace, session_id), args=[
+                model, parent, json.dumps(metadata or {}), now, data, self._idle_ms,
+                *(json.dumps(m) for m in messages or ())])
+        except BaseException:
+            await self._unlist(namespace, session_id)  # nothing half-made stays behind
+            raise
         return Session(session_id, namespace, model, list(tokens or []), parent, dict(metadata or {}), now, now,
                        messages=list(messages or []))
 
+    async def _prune(self, namespace: str) -> None:
+        """Drop the oldest index entries whose session expired."""
+        index = self._index(namespace)
+        ids = [i.decode() for i in await self._r.zrange(index, 0, _PRUNE_BATCH - 1)]
+        pipe = self._r.pipeline(transaction=False)
+        for session_id in ids:
+            pipe.exists(self._keys(namespace, session_id)[0])
+        gone = [i for i, exists in zip(ids, await pipe.execute() if ids else []) if not exists]
+        if gone:
+            await self._r.zrem(index, *gone)
+
+    async def _unlist(self, namespace: str, session_id: str) -> None:
+        try:
+            await self._r.zrem(self._index(namespace), session_id)
+        except _BEST_EFFORT as e:  # listing skips ids without a session; pruning removes them
+            logger.warning("could not remove session %r from the index of %r: %s", session_id, namespace, e)
+
     async def get(self, namespace: str, session_id: str) -> Session:
-        meta_key, tok_key = self._keys(namespace, session_id)
-        flat, data, msgs = await self._get(keys=[meta_key, tok_key, self._msgs_key(namespace, session_id)])
+        flat, data, msgs = await self._get(keys=self._keys(namespace, session_id)[:3])
         if not flat:
             raise SessionNotFound(f"no session {session_id!r} in namespace {namespace!r}")
         session = _session(namespace, session_id, dict(zip(flat[::2], flat[1::2])))
@@ -211,21 +333,21 @@ class SessionStore:
 
     async def append_turn(self, namespace: str, session_id: str, tokens: list[int], *, request_id: str = "",
                           messages: list[dict] | None = None, expected_len: int | None = None,
-                          result: str = "") -> Appended:
-        """Atomically append tokens and chat messages.
+                          result: str = "", max_len: int = 1 << 31) -> Appended:
+        """Atomically append tokens and chat messages (one script: the turn, its request-id
+        record and the updated time are all written, or none of them).
 
         ``expected_len``: apply only if the history still has this many tokens (raises
-        ``SessionChanged`` otherwise). ``result`` is remembered with the ``request_id`` and
-        returned to retries, which change nothing."""
+        ``SessionChanged`` otherwise). ``max_len``: the history limit in tokens (raises
+        ``HistoryTooLong``). ``result`` is remembered with the ``request_id`` and returned to
+        retries, which change nothing."""
         if len(request_id) > _MAX_REQUEST_ID:
             raise ValueError(f"request_id longer than {_MAX_REQUEST_ID} characters")
         data = token_bytes(np.asarray(tokens, dtype=np.int64))
-        meta_key, tok_key = self._keys(namespace, session_id)
-        keys = [meta_key, tok_key, self._req_key(namespace, session_id, request_id),
-                self._msgs_key(namespace, session_id)]
-        args = [data, time.time(), REQUEST_ID_TTL_S, "1" if request_id else "0",
-                -1 if expected_len is None else expected_len, result, *(json.dumps(m) for m in messages or ())]
-        n, stored, replayed = await self._append(keys=keys, args=args)
+        now = time.time()
+        args = [data, now, request_id, -1 if expected_len is None else expected_len, result, max_len,
+                self._idle_ms, MAX_REQUEST_IDS, REQUEST_ID_TTL_S, *(json.dumps(m) for m in messages or ())]
+        n, stored, replayed, ttl_ms = await self._append(keys=self._keys(namespace, session_id), args=args)
         n = int(n)
         if n == -1:
             raise SessionNotFound(f"no session {session_id!r} in namespace {namespace!r}")
@@ -235,10 +357,21 @@ class SessionStore:
         if n == -3:
             raise SessionChanged(f"session {session_id!r} changed while this request ran (a concurrent turn); "
                                  "retry it")
+        if n == -4:
+            raise HistoryTooLong(f"session {session_id!r} has {int(stored)} tokens; {len(tokens)} more would exceed "
+                                 f"its limit of {max_len} tokens")
         stored = stored.decode() if isinstance(stored, bytes) else str(stored)
-        if not replayed:  # XX: only refresh; a close that ran since the script must stay removed
-            await self._r.zadd(self._index(namespace), {session_id: time.time()}, xx=True)
+        if not replayed:
+            await self._touch_index(namespace, session_id, now, int(ttl_ms))
         return Appended(n, stored, bool(replayed))
+
+    async def _touch_index(self, namespace: str, session_id: str, now: float, ttl_ms: int) -> None:
+        """Best effort: the session's change is applied whether or not its index entry follows."""
+        try:
+            await self._refresh(keys=[self._index(namespace)], args=[session_id, now, ttl_ms])
+        except _BEST_EFFORT as e:
+            logger.warning("could not refresh session %r in the index of %r (the change is applied): %s",
+                           session_id, namespace, e)
 
     @contextlib.asynccontextmanager
     async def request(self, namespace: str, session_id: str, request_id: str) -> AsyncIterator[tuple[int, str] | None]:
@@ -251,10 +384,10 @@ class SessionStore:
         if not request_id:
             yield None
             return
-        keys = [self._req_key(namespace, session_id, request_id), self._lease_key(namespace, session_id, request_id)]
+        keys = [self._keys(namespace, session_id)[3], self._lease_key(namespace, session_id, request_id)]
         owner = secrets.token_hex(8)
         while True:
-            status, done = await self._claim(keys=keys, args=[owner, int(LEASE_S * 1000)])
+            status, done = await self._claim(keys=keys, args=[request_id, owner, int(LEASE_S * 1000)])
             if status == 1:
                 yield _parse_done(done)
                 return
@@ -297,16 +430,17 @@ class SessionStore:
         ids = await self.list(namespace, limit)
         pipe = self._r.pipeline(transaction=False)  # one round trip (per node) for all of them
         for session_id in ids:
-            meta_key, tok_key = self._keys(namespace, session_id)
+            meta_key, tok_key = self._keys(namespace, session_id)[:2]
             pipe.hgetall(meta_key)
             pipe.strlen(tok_key)
         replies = await pipe.execute() if ids else []
         return [(_session(namespace, session_id, meta), length // 4)  # 4 bytes per token id
                 for session_id, meta, length in zip(ids, replies[::2], replies[1::2])
-                if meta]  # empty: removed since the index was read
+                if meta]  # empty: expired or removed since the index was read
 
     async def pin(self, namespace: str, session_id: str, ttl_s: float) -> float:
-        """Keep the session's blocks preferred until now + ``ttl_s``; returns that time."""
+        """Keep the session's blocks preferred, and the session itself, until now + ``ttl_s``;
+        returns that time."""
         until = time.time() + ttl_s
         await self._set_field(namespace, session_id, "pinned_until", until)
         return until
@@ -317,13 +451,18 @@ class SessionStore:
         return 0.0
 
     async def close(self, namespace: str, session_id: str) -> None:
-        """Mark closed: no more appends, the history stays readable; idempotent."""
+        """Mark closed: no more appends, the history stays readable (until it expires);
+        idempotent. A closed session does not count against the namespace's limit."""
         await self._set_field(namespace, session_id, "closed", 1)
-        await self._r.zrem(self._index(namespace), session_id)
+        await self._unlist(namespace, session_id)
 
     async def _set_field(self, namespace: str, session_id: str, name: str, value: float) -> None:
-        if not await self._set_if_exists(keys=[self._keys(namespace, session_id)[0]], args=[name, value]):
+        now = time.time()
+        ttl_ms = await self._set_if_exists(keys=self._keys(namespace, session_id), args=[name, value, now, self._idle_ms])
+        if ttl_ms == -1:
             raise SessionNotFound(f"no session {session_id!r} in namespace {namespace!r}")
+        if name == "pinned_until":  # the index must list a pinned session as long as it lives
+            await self._touch_index(namespace, session_id, now, int(ttl_ms))
 
 
 def _parse_done(done: bytes) -> tuple[int, str]:
