@@ -31,8 +31,8 @@ from kvstore.spec import KVSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockEvent", "CacheConfig", "CacheFullError", "CacheStats", "LoadResult", "PrefixHit", "Tier", "TieredKVCache",
-           "WritePolicy"]
+__all__ = ["BlockEvent", "CacheConfig", "CacheFullError", "CacheStats", "LoadResult", "PrefixHit", "PrefixLoad", "Tier",
+           "TieredKVCache", "WritePolicy"]
 
 
 class WritePolicy(str, Enum):
@@ -62,12 +62,17 @@ class CacheConfig:
     t2_write_queue: int = 1024
     t2_write_batch: int = 32
     t2_writer_threads: int = 2  # encode + put in parallel (lz4 and gRPC release the GIL)
+    loader_threads: int = 1  # prefix loads (``start_load``) in flight at once
+    # Niceness of the loader threads (Linux): higher leaves the cores to decoding while a
+    # prefix streams in, at the cost of that request's time to first token.
+    loader_niceness: int = 0
     device: str = "auto"
 
     def __post_init__(self) -> None:
         self.t0_t1_policy = WritePolicy(self.t0_t1_policy)
         self.t1_t2_policy = WritePolicy(self.t1_t2_policy)
-        for name in ("t0_blocks", "t1_blocks", "selective_hits", "t2_write_queue", "t2_write_batch", "t2_writer_threads"):
+        for name in ("t0_blocks", "t1_blocks", "selective_hits", "t2_write_queue", "t2_write_batch", "t2_writer_threads",
+                     "loader_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CacheConfig.{name} must be positive, got {getattr(self, name)}")
         if self.codec not in ("raw", "lz4"):
@@ -106,6 +111,10 @@ class PrefixHit:
     def num_tokens(self) -> int:
         return len(self.hashes) * self.block_size
 
+    def truncated(self, num_blocks: int) -> PrefixHit:
+        """The hit's first ``num_blocks`` blocks."""
+        return PrefixHit(self.hashes[:num_blocks], self.tiers[:num_blocks], self.block_size)
+
 
 @dataclass(slots=True)
 class LoadResult:
@@ -122,6 +131,49 @@ class LoadResult:
     @property
     def num_tokens(self) -> int:
         return len(self.block_table) * self.block_size
+
+
+@dataclass(slots=True, eq=False)
+class PrefixLoad:
+    """A prefix load started by ``TieredKVCache.start_load``: T0 slots for a whole sequence,
+    referenced for the caller, whose leading ``num_blocks`` hold the cached prefix once
+    ``done()``. The rest are private: the caller computes them (also those of blocks the load
+    could not bring, ``failed``). Release ``block_table`` when done, or ``cancel_load``."""
+
+    block_table: list[int]
+    block_size: int
+    num_blocks: int = 0  # loaded leading blocks; final once done()
+    from_tier: list[int] = field(default_factory=lambda: [0, 0, 0])  # loaded blocks by source tier
+    failed: bool = False  # a T2 block was missing, unreachable or corrupt: the prefix ends there
+    # What the copies cost (raw KV bytes; the T2 phase includes the network and the decode):
+    fetch_bytes: int = 0
+    fetch_s: float = 0.0
+    restore_bytes: int = 0
+    restore_s: float = 0.0
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _cancelled: bool = False
+    _on_done: Callable[[], None] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+
+@dataclass(slots=True)
+class _LoadJob:
+    """A ``PrefixLoad``'s work for a loader thread: where each hit block comes from."""
+
+    load: PrefixLoad
+    prefix: PrefixHasher
+    sources: list[tuple[Tier, int | None]]  # per hit block: (tier holding it, slot referenced there)
+    origin: list[Tier]
+    num_lead: int  # leading blocks already in T0 (referenced in place, nothing to copy)
 
 
 @dataclass(slots=True)
@@ -155,8 +207,10 @@ class CacheStats:
 class _Writer:
     """A daemon thread draining a bounded queue in batches; ``submit`` never blocks."""
 
-    def __init__(self, name: str, maxsize: int, batch: int, handle: Callable[[list[Any]], None], threads: int = 1):
+    def __init__(self, name: str, maxsize: int, batch: int, handle: Callable[[list[Any]], None], threads: int = 1,
+                 niceness: int = 10):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
+        self._niceness = niceness
         self._batch = batch
         self._handle = handle
         self._name = name
@@ -182,8 +236,9 @@ class _Writer:
 
     def _run(self) -> None:
         # Background copies yield the cores to decoding (Linux: niceness is per thread).
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        if self._niceness:
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._niceness)
         while True:
             items = [self._queue.get()]
             while len(items) < self._batch:
@@ -231,6 +286,8 @@ class TieredKVCache:
                     threads=config.t2_writer_threads)
             if remote is not None else None
         )
+        self._loader = _Writer("kv-loader", 0, 1, self._run_loads, threads=config.loader_threads,
+                               niceness=config.loader_niceness)
         self._closed = False
 
     # ---- public API -------------------------------------------------------------------
@@ -266,27 +323,46 @@ class TieredKVCache:
         return PrefixHit(hashes[:len(tiers)], tiers, self.spec.block_size)
 
     def load(self, prefix: PrefixHasher, hit: PrefixHit) -> LoadResult:
-        """Bring a hit's blocks into T0 (promoting from T1 and T2), referenced for the caller.
+        """Bring a hit's blocks into T0 (promoting from T1 and T2), referenced for the caller;
+        on the calling thread (``start_load`` loads in the background).
 
-        Blocks that vanished since the lookup, or fail verification, end the prefix there;
-        the caller recomputes from ``result.num_tokens``.
+        Blocks that vanished since the lookup, fail verification or find no room in T0 end
+        the prefix there; the caller recomputes from ``result.num_tokens``.
         """
-        sources: list[tuple[Tier, int | None]] = []  # (tier holding it, slot referenced there)
+        job = self._reserve(prefix, hit, None, fit=True)
+        self._run_load(job)
+        load = job.load
+        self.release(load.block_table[load.num_blocks:])
+        return LoadResult(load.block_table[:load.num_blocks], self.spec.block_size, load.from_tier)
+
+    def start_load(self, prefix: PrefixHasher, hit: PrefixHit, num_blocks: int,
+                   on_done: Callable[[], None] | None = None) -> PrefixLoad:
+        """Reserve ``num_blocks`` T0 slots for a sequence (at least the hit's) and load the
+        hit's blocks into the leading ones on a loader thread; ``on_done`` is called there
+        once the load is ``done()`` (at once if the hit is all in T0).
+
+        The slots are taken now, so the load never waits for T0 room and cannot deadlock
+        against running sequences. Raises ``CacheFullError`` (nothing reserved) when T0 has
+        not that many free or evictable slots.
+        """
+        if num_blocks < hit.num_blocks:
+            raise ValueError(f"{num_blocks} blocks cannot hold a hit of {hit.num_blocks}")
+        job = self._reserve(prefix, hit, num_blocks, fit=False)
+        job.load._on_done = on_done
+        if job.num_lead == len(job.sources):
+            self._run_load(job)  # all in T0: nothing to copy
+        else:
+            self._loader.submit(job)
+        return job.load
+
+    def cancel_load(self, load: PrefixLoad) -> None:
+        """Give up a ``start_load``: its slots are released once it is done (now if it is)."""
         with self._lock:
-            for h, tier in zip(hit.hashes, hit.tiers):
-                if (slot := self._t0.find(h)) is not None:
-                    self._t0.acquire(slot)
-                    sources.append((Tier.T0, slot))
-                elif (slot := self._t1.find(h)) is not None:
-                    self._t1.acquire(slot)
-                    sources.append((Tier.T1, slot))
-                elif tier is Tier.T2 and self.remote is not None:
-                    sources.append((Tier.T2, None))
-                else:
-                    break
-        origin = [t for t, _ in sources]
-        sources = self._fetch_remote(prefix, sources)
-        return self._promote(prefix, sources, origin)
+            if load._cancelled:
+                return
+            load._cancelled = True
+            if load.done():
+                self._release_owned(load.block_table)
 
     def allocate(self, n: int) -> list[int]:
         """``n`` private, referenced T0 slots for new KV; evicts (and spills) LRU blocks if needed.
@@ -337,10 +413,7 @@ class TieredKVCache:
     def release(self, slots: Sequence[int]) -> None:
         """Drop the references ``allocate`` or ``load`` took; cached blocks become evictable."""
         with self._lock:
-            for slot in slots:
-                self._check_owned(slot)
-            for slot in slots:
-                self._t0.release(slot)
+            self._release_owned(slots)
 
     def prefer(self, block_hashes: Sequence[bytes], ttl_s: float) -> None:
         """Evict these blocks from T0 and T1 only after all others, for ``ttl_s`` seconds
@@ -351,7 +424,8 @@ class TieredKVCache:
             self._t1.prefer(list(block_hashes), until)
 
     def flush(self) -> None:
-        """Wait until every background copy queued so far has completed."""
+        """Wait until every prefix load and background copy queued so far has completed."""
+        self._loader.join()
         self._t1_writer.join()
         if self._t2_writer is not None:
             self._t2_writer.join()
@@ -361,6 +435,7 @@ class TieredKVCache:
             return
         self._closed = True
         self.flush()
+        self._loader.close()
         self._t1_writer.close()
         if self._t2_writer is not None:
             self._t2_writer.close()
@@ -403,6 +478,100 @@ class TieredKVCache:
         if self._t0.refs(slot) == 0:
             raise ValueError(f"T0 slot {slot} is not in use: it was never allocated or loaded, or already released")
 
+    def _release_owned(self, slots: Sequence[int]) -> None:
+        for slot in slots:
+            self._check_owned(slot)
+        for slot in slots:
+            self._t0.release(slot)
+
+    def _reserve(self, prefix: PrefixHasher, hit: PrefixHit, num_blocks: int | None, fit: bool) -> _LoadJob:
+        """Reference the hit's sources and take T0 slots for ``num_blocks`` (None: the hit's).
+
+        The leading run of T0 blocks is shared in place; every later block gets a private T0
+        slot filled from T1 or T2, so that a load cut short leaves only private slots after
+        the cut (recomputing never writes into a shared block). ``fit``: take fewer blocks
+        if T0 lacks room, instead of raising ``CacheFullError``.
+        """
+        sources: list[tuple[Tier, int | None]] = []
+        with self._lock:
+            for h, tier in zip(hit.hashes, hit.tiers):
+                if len(sources) == sum(t is Tier.T0 for t, _ in sources) and (slot := self._t0.find(h)) is not None:
+                    self._t0.acquire(slot)
+                    sources.append((Tier.T0, slot))
+                elif (slot := self._t1.find(h)) is not None:
+                    self._t1.acquire(slot)
+                    sources.append((Tier.T1, slot))
+                elif tier is Tier.T2 and self.remote is not None:
+                    sources.append((Tier.T2, None))
+                else:
+                    break
+            lead = sum(t is Tier.T0 for t, _ in sources)
+            need = (len(sources) if num_blocks is None else num_blocks) - lead
+            if fit:
+                need = min(need, self._t0.num_evictable)
+                self._release_sources(sources[lead + need:])
+                del sources[lead + need:]
+                slots, evicted = self._t0.allocate(need)
+                self._on_t0_evicted(evicted)
+        if not fit:
+            try:
+                slots = self.allocate(need)
+            except CacheFullError:
+                with self._lock:
+                    self._release_sources(sources)
+                raise
+        table = [slot for _, slot in sources[:lead]] + slots
+        load = PrefixLoad(table, self.spec.block_size)  # type: ignore[arg-type]
+        return _LoadJob(load, prefix, sources, [t for t, _ in sources], lead)
+
+    def _run_loads(self, jobs: list[_LoadJob]) -> None:
+        for job in jobs:
+            self._run_load(job)
+
+    def _run_load(self, job: _LoadJob) -> None:
+        """Fetch T2 blocks into T1, copy the T1 blocks into their reserved T0 slots, publish
+        them. Never raises: whatever fails ends the prefix there (the caller recomputes)."""
+        load, lead, bpb = job.load, job.num_lead, self.spec.bytes_per_block
+        sources = job.sources
+        try:
+            t = time.perf_counter()
+            n_remote = sum(tier is Tier.T2 for tier, _ in sources)
+            sources = self._fetch_remote(job.prefix, sources, lambda: load._cancelled)
+            if n_remote:
+                load.fetch_s = time.perf_counter() - t
+                load.fetch_bytes = sum(tier is Tier.T2 for tier in job.origin[:len(sources)]) * bpb
+            t = time.perf_counter()
+            restore(self.t1, self.t0, [slot for _, slot in sources[lead:]],  # type: ignore[misc]
+                    load.block_table[lead:len(sources)], background=True)
+            load.restore_s, load.restore_bytes = time.perf_counter() - t, (len(sources) - lead) * bpb
+        except Exception:  # e.g. a device error: recompute, keep serving
+            log.exception("prefix load failed, recomputing from block %d", lead)
+            with self._lock:
+                self._release_sources(sources[lead:])
+            sources = sources[:lead]
+        load.failed = len(sources) < len(job.sources)
+        with self._lock:
+            for i in range(len(sources)):
+                tier, s0 = job.origin[i], load.block_table[i]
+                if i < lead:
+                    meta = self._t0.meta(s0)
+                else:
+                    meta = self._t1.meta(sources[i][1])  # type: ignore[arg-type]
+                    self._t0.publish(s0, meta)  # type: ignore[arg-type]  # False: a copy is cached already; ours stays private
+                    self._t1.release(sources[i][1])  # type: ignore[arg-type]
+                load.from_tier[tier] += 1
+                self._stats.loaded_blocks[tier] += 1
+                self._stats.loaded_tokens[tier] += self.spec.block_size
+                self._on_hit(s0, meta)  # type: ignore[arg-type]
+            self._stats.promoted_blocks += len(sources) - lead
+            self._stats.promoted_bytes += (len(sources) - lead) * bpb
+            load.num_blocks = len(sources)
+            load._done.set()
+            if load._cancelled:
+                self._release_owned(load.block_table)
+        if load._on_done is not None:
+            load._on_done()
+
     def _remote_lookup(self, namespace: str, hashes: list[bytes]) -> int:
         assert self.remote is not None
         try:
@@ -414,8 +583,10 @@ class TieredKVCache:
             return 0
         return max(0, min(found, len(hashes)))
 
-    def _fetch_remote(self, prefix: PrefixHasher, sources: list[tuple[Tier, int | None]]):
-        """Get T2 blocks into fresh T1 slots; cut the prefix at the first one that fails."""
+    def _fetch_remote(self, prefix: PrefixHasher, sources: list[tuple[Tier, int | None]],
+                      cancelled: Callable[[], bool] = lambda: False):
+        """Get T2 blocks into fresh T1 slots; cut the prefix at the first one that fails (or
+        once ``cancelled()``)."""
         wanted = [i for i, (t, _) in enumerate(sources) if t is Tier.T2]
         if not wanted:
             return sources
@@ -431,7 +602,7 @@ class TieredKVCache:
         try:
             found = self.remote.get_iter(prefix.namespace, hashes)
             for k, blob in found:
-                if k != len(decoded):  # a miss ends the prefix
+                if k != len(decoded) or cancelled():  # a miss ends the prefix
                     break
                 with self._lock:
                     if not self._t1.num_evictable:
@@ -488,42 +659,7 @@ class TieredKVCache:
             return None
         return BlockMeta(h, hdr.parent_hash, hdr.token_ids, prefix.namespace, in_remote=True)
 
-    def _promote(self, prefix: PrefixHasher, sources: list[tuple[Tier, int | None]], origin: list[Tier]) -> LoadResult:
-        bpb = self.spec.bytes_per_block
-        with self._lock:
-            need = [i for i, (t, _) in enumerate(sources) if t is Tier.T1]
-            room = min(len(need), self._t0.num_evictable)
-            if room < len(need):
-                self._release_sources(sources[need[room]:])
-                sources = sources[:need[room]]
-                need = need[:room]
-            t0_slots, evicted = self._t0.allocate(len(need))
-            self._on_t0_evicted(evicted)
-            t1_slots = [sources[i][1] for i in need]
-            restore(self.t1, self.t0, t1_slots, t0_slots)  # type: ignore[arg-type]
-            table = [slot for _, slot in sources]
-            for i, s1, s0 in zip(need, t1_slots, t0_slots):
-                meta = self._t1.meta(s1)  # type: ignore[arg-type]
-                assert meta is not None
-                if not self._t0.publish(s0, meta):
-                    self._t0.release(s0)
-                    s0 = self._t0.find(meta.block_hash)
-                    self._t0.acquire(s0)
-                table[i] = s0
-                self._t1.release(s1)  # type: ignore[arg-type]
-            self._stats.promoted_blocks += len(need)
-            self._stats.promoted_bytes += len(need) * bpb
-            result = LoadResult(table, self.spec.block_size)  # type: ignore[arg-type]
-            for slot, tier in zip(table, origin):
-                result.from_tier[tier] += 1
-                self._stats.loaded_blocks[tier] += 1
-                self._stats.loaded_tokens[tier] += self.spec.block_size
-                self._on_hit(slot)  # type: ignore[arg-type]
-            return result
-
-    def _on_hit(self, t0_slot: int) -> None:
-        meta = self._t0.meta(t0_slot)
-        assert meta is not None
+    def _on_hit(self, t0_slot: int, meta: BlockMeta) -> None:
         meta.hits += 1
         if meta.hits < self.config.selective_hits:
             return
