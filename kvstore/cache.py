@@ -31,6 +31,8 @@ from kvstore.spec import KVSpec
 
 log = logging.getLogger(__name__)
 
+_RESTORE_BATCH = 16  # T2 blocks copied into T0 at once while the rest of a load streams in
+
 __all__ = ["BlockEvent", "CacheConfig", "CacheFullError", "CacheStats", "LoadResult", "PrefixHit", "PrefixLoad", "Tier",
            "TieredKVCache", "WritePolicy"]
 
@@ -533,17 +535,36 @@ class TieredKVCache:
         them. Never raises: whatever fails ends the prefix there (the caller recomputes)."""
         load, lead, bpb = job.load, job.num_lead, self.spec.bytes_per_block
         sources = job.sources
+        table = load.block_table
+        # Blocks in T1 to copy into their T0 slots: the T1 ones, then each T2 one once decoded,
+        # copied in batches while the rest of the transfer streams in.
+        pending = [(slot, table[i]) for i, (tier, slot) in enumerate(sources) if tier is Tier.T1]
+        failure: list[Exception] = []  # a copy failed: stop the transfer
+
+        def copy() -> None:
+            t = time.perf_counter()
+            restore(self.t1, self.t0, [s1 for s1, _ in pending], [s0 for _, s0 in pending], background=True)
+            load.restore_s += time.perf_counter() - t
+            load.restore_bytes += len(pending) * bpb
+            pending.clear()
+
+        def decoded(i: int, t1_slot: int) -> None:
+            pending.append((t1_slot, table[i]))
+            if len(pending) >= _RESTORE_BATCH and not failure:
+                try:
+                    copy()
+                except Exception as e:  # raised below, outside the transfer
+                    failure.append(e)
+
         try:
             t = time.perf_counter()
-            n_remote = sum(tier is Tier.T2 for tier, _ in sources)
-            sources = self._fetch_remote(job.prefix, sources, lambda: load._cancelled)
-            if n_remote:
-                load.fetch_s = time.perf_counter() - t
+            sources = self._fetch_remote(job.prefix, sources, lambda: load._cancelled or bool(failure), decoded)
+            if failure:
+                raise failure[0]
+            copy()
+            if Tier.T2 in job.origin:
+                load.fetch_s = time.perf_counter() - t - load.restore_s
                 load.fetch_bytes = sum(tier is Tier.T2 for tier in job.origin[:len(sources)]) * bpb
-            t = time.perf_counter()
-            restore(self.t1, self.t0, [slot for _, slot in sources[lead:]],  # type: ignore[misc]
-                    load.block_table[lead:len(sources)], background=True)
-            load.restore_s, load.restore_bytes = time.perf_counter() - t, (len(sources) - lead) * bpb
         except Exception:  # e.g. a device error: recompute, keep serving
             log.exception("prefix load failed, recomputing from block %d", lead)
             with self._lock:
@@ -584,9 +605,9 @@ class TieredKVCache:
         return max(0, min(found, len(hashes)))
 
     def _fetch_remote(self, prefix: PrefixHasher, sources: list[tuple[Tier, int | None]],
-                      cancelled: Callable[[], bool] = lambda: False):
+                      cancelled: Callable[[], bool], decoded: Callable[[int, int], None]):
         """Get T2 blocks into fresh T1 slots; cut the prefix at the first one that fails (or
-        once ``cancelled()``)."""
+        once ``cancelled()``). ``decoded(source index, T1 slot)`` follows each good block."""
         wanted = [i for i, (t, _) in enumerate(sources) if t is Tier.T2]
         if not wanted:
             return sources
@@ -595,14 +616,14 @@ class TieredKVCache:
         # Blocks are decoded as they arrive, while the rest are still on the way. A T1 slot
         # is reserved per block that came back, so a miss, an error or a full T1 ends the
         # prefix without evicting T1 blocks for nothing.
-        decoded: list[tuple[int, int, BlockMeta, int]] = []  # (source index, slot, meta, size)
+        done: list[tuple[int, int, BlockMeta, int]] = []  # (source index, slot, meta, size)
         unused: list[int] = []  # reserved, but the block turned out unusable
         corrupt: list[bytes] = []  # deleted once the transfer is over (not inside its deadline)
         found = None
         try:
             found = self.remote.get_iter(prefix.namespace, hashes)
             for k, blob in found:
-                if k != len(decoded) or cancelled():  # a miss ends the prefix
+                if k != len(done) or cancelled():  # a miss ends the prefix
                     break
                 with self._lock:
                     if not self._t1.num_evictable:
@@ -614,7 +635,8 @@ class TieredKVCache:
                 if meta is None:
                     corrupt.append(prefix.hashes[wanted[k]])
                     break
-                decoded.append((wanted[k], unused.pop(), meta, len(blob)))
+                done.append((wanted[k], unused.pop(), meta, len(blob)))
+                decoded(wanted[k], slots[0])
         except Exception as e:  # the cold tier failing must never fail a request
             log.warning("T2 get failed, treating as miss: %s", e)
             with self._lock:
@@ -627,9 +649,9 @@ class TieredKVCache:
                 self.remote.delete(prefix.namespace, corrupt, corrupt=True)
             except Exception as e:
                 log.warning("could not delete corrupt T2 block %s: %s", corrupt[0].hex(), e)
-        cut = len(sources) if len(decoded) == len(wanted) else wanted[len(decoded)]
+        cut = len(sources) if len(done) == len(wanted) else wanted[len(done)]
         with self._lock:
-            for i, slot, meta, size in decoded:
+            for i, slot, meta, size in done:
                 self._stats.t2_get_blocks += 1
                 self._stats.t2_get_bytes += size
                 if not self._t1.publish(slot, meta):  # someone else brought it in meanwhile

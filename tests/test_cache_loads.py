@@ -151,3 +151,33 @@ def test_background_restore_copies_the_same_bytes():
     assert np.array_equal(pools[0].bytes, pools[1].bytes)
     for s, d in zip(src, dst):
         assert torch.equal(pools[1].block(d).view(torch.int16), t1.block(s).view(torch.int16))
+
+
+@pytest.mark.parametrize("failing_call", [1, 2])  # during the transfer (16 blocks in), the last copy
+def test_a_failed_copy_into_t0_publishes_nothing_and_leaks_nothing(monkeypatch, failing_call):
+    import kvstore.cache
+
+    remote = MemoryRemote()
+    p = prefix(range(20 * BS + 1))
+    seed_remote(remote, p)
+    calls = 0
+
+    def restore(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == failing_call:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        kvstore.cache.restore.__wrapped__(*args, **kwargs)
+
+    restore.__wrapped__ = kvstore.cache.restore
+    monkeypatch.setattr(kvstore.cache, "restore", restore)
+    with make(t0=24, t1=24, remote=remote) as cache:
+        shared = t0_commit_only(cache, p, 0)
+        load = cache.start_load(p, cache.lookup(p), num_blocks=21)
+        assert load.wait(timeout=20) and calls == failing_call
+        assert (load.num_blocks, load.failed, load.block_table[0]) == (1, True, shared)
+        assert set(cache.cached_slots(Tier.T0).values()) == {shared}  # no half-copied block is findable
+        cache.release(load.block_table)
+        cache.flush()
+        cache.check_invariants()
+        assert cache.stats().t0_in_use == cache.stats().t1_in_use == 0

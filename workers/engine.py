@@ -313,7 +313,7 @@ class Engine:
                 seq.usage.load_s = time.perf_counter() - seq.load_started
             for tier in Tier:
                 self._stats.loaded_tokens[tier] += load.from_tier[tier] * self.block_size
-            if load.fetch_bytes or load.restore_bytes:
+            if load.fetch_bytes or load.restore_bytes or load.failed:
                 self._stats.loads += 1
                 self._stats.failed_loads += load.failed
                 self.rates.observe_restore(Tier.T2, load.fetch_bytes, load.fetch_s)
