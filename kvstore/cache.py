@@ -3,7 +3,8 @@
 Life of a block: a sequence ``allocate``s private T0 slots, its model writes KV into them,
 and each slot that fills up is ``commit``ted under its prefix hash, which makes it shareable.
 ``release`` drops the reference; an unreferenced cached block stays findable until LRU eviction. Copies flow
-down per write policy (T0->T1 and T1->T2) and up on ``load`` (T2->T1->T0).
+down per write policy (T0->T1 and T1->T2) and up on ``load`` or, on a loader thread, on
+``start_load`` (T2->T1->T0), into T0 slots reserved up front.
 
 Visibility: a block becomes findable in a tier only after its copy there completed, so a
 reader never sees half-written KV. A T2 block that fails any check is a miss (recomputed).

@@ -11,7 +11,8 @@ BS, BPB = 16, 192 * 1024  # the Qwen2.5-0.5B shape: 12 KiB of KV per token
 
 
 def rates(t1=4e9, t2=5e8, prefill=1000.0) -> LoadRates:
-    return LoadRates.seeded(LoadCostConfig(prefill_tokens_per_s=prefill, t1_bytes_per_s=t1, t2_bytes_per_s=t2))
+    return LoadRates.seeded(LoadCostConfig(seed_prefill_tokens_per_s=prefill, seed_t1_bytes_per_s=t1,
+                                             seed_t2_bytes_per_s=t2))
 
 
 def estimate(r: LoadRates, tiers, n, k) -> float:
@@ -62,7 +63,7 @@ def test_rates_follow_measurements():
 
 
 def test_bad_seeds_are_refused():
-    with pytest.raises(ValueError, match="t2_bytes_per_s must be positive"):
-        LoadCostConfig(t2_bytes_per_s=0)
-    with pytest.raises(ValueError, match="smoothing"):
-        LoadCostConfig(smoothing=0)
+    with pytest.raises(ValueError, match="seed_t2_bytes_per_s must be positive"):
+        LoadCostConfig(seed_t2_bytes_per_s=0)
+    with pytest.raises(ValueError, match="rate_smoothing"):
+        LoadCostConfig(rate_smoothing=0)

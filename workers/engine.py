@@ -280,7 +280,7 @@ class Engine:
         nothing else holds T0, so it would never fit)."""
         hit = self.cache.lookup(seq.prefix, 0 if seq.skip_cache else None)
         keep = hit.num_blocks
-        if self.config.load_cost.enabled:
+        if self.config.load_cost.cost_aware:
             keep = self.rates.best_reuse(hit.tiers, len(seq), self.block_size, self.cache.spec.bytes_per_block)
         n_blocks = -(-len(seq) // self.block_size)
         try:

@@ -21,18 +21,18 @@ MIN_PREFILL_SAMPLE = 16  # tokens: shorter prefill steps measure per-step overhe
 class LoadCostConfig:
     """Seeds of the rates (replaced by the worker's first measurements) and their smoothing."""
 
-    enabled: bool = True  # False: always load every cached block
-    prefill_tokens_per_s: float = 2000.0
-    t1_bytes_per_s: float = 4e9  # T1 -> T0 restore (host memory copy or DMA)
-    t2_bytes_per_s: float = 5e8  # T2 -> T1: network, verification and decode (raw KV bytes)
-    smoothing: float = 0.3  # weight of a new measurement in the moving averages
+    cost_aware: bool = True  # False: always load every cached block
+    seed_prefill_tokens_per_s: float = 2000.0
+    seed_t1_bytes_per_s: float = 4e9  # T1 -> T0 restore (host memory copy or DMA)
+    seed_t2_bytes_per_s: float = 5e8  # T2 -> T1: network, verification and decode (raw KV bytes)
+    rate_smoothing: float = 0.3  # weight of a new measurement in the moving averages
 
     def __post_init__(self) -> None:
-        for name in ("prefill_tokens_per_s", "t1_bytes_per_s", "t2_bytes_per_s"):
+        for name in ("seed_prefill_tokens_per_s", "seed_t1_bytes_per_s", "seed_t2_bytes_per_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LoadCostConfig.{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.smoothing <= 1:
-            raise ValueError(f"LoadCostConfig.smoothing must be in (0, 1], got {self.smoothing}")
+        if not 0 < self.rate_smoothing <= 1:
+            raise ValueError(f"LoadCostConfig.rate_smoothing must be in (0, 1], got {self.rate_smoothing}")
 
 
 def _bucket(position: float) -> int:
@@ -53,8 +53,8 @@ class LoadRates:
 
     @classmethod
     def seeded(cls, config: LoadCostConfig) -> LoadRates:
-        return cls(config.t1_bytes_per_s, config.t2_bytes_per_s, config.prefill_tokens_per_s,
-                   smoothing=config.smoothing)
+        return cls(config.seed_t1_bytes_per_s, config.seed_t2_bytes_per_s, config.seed_prefill_tokens_per_s,
+                   smoothing=config.rate_smoothing)
 
     # ---- estimates --------------------------------------------------------------------
 
