@@ -66,7 +66,7 @@ def test_a_forward_failure_ends_only_its_batch():
     good = engine.add_request(good_prompt, GREEDY)
     for _ in range(3):
         engine.step()
-    bad = engine.add_request(prompt(64, 30), GREEDY)  # prefilled alone: the good one is decoding
+    bad = engine.add_request(prompt(64, 30), GREEDY)  # in a batch with the good one's decodes: each retried alone
     real_forward = engine._forward
 
     def forward(batch):
