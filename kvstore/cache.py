@@ -148,6 +148,7 @@ class PrefixLoad:
     num_blocks: int = 0  # loaded leading blocks; final once done()
     from_tier: list[int] = field(default_factory=lambda: [0, 0, 0])  # loaded blocks by source tier
     failed: bool = False  # a T2 block was missing, unreachable or corrupt: the prefix ends there
+    error: str = ""  # copying into T0 failed (a device error): nothing loaded, the request fails
     # What the copies cost (raw KV bytes; the T2 phase includes the network and the decode):
     fetch_bytes: int = 0
     fetch_s: float = 0.0
@@ -176,7 +177,7 @@ class _LoadJob:
     prefix: PrefixHasher
     sources: list[tuple[Tier, int | None]]  # per hit block: (tier holding it, slot referenced there)
     origin: list[Tier]
-    num_lead: int  # leading blocks already in T0 (referenced in place, nothing to copy)
+    spares: list[int]  # private T0 slots for the T0 blocks after a T2 one, should the transfer stop before them
 
 
 @dataclass(slots=True)
@@ -336,6 +337,8 @@ class TieredKVCache:
         self._run_load(job)
         load = job.load
         self.release(load.block_table[load.num_blocks:])
+        if load.error:
+            raise RuntimeError(f"copying the prefix into T0 failed: {load.error}")
         return LoadResult(load.block_table[:load.num_blocks], self.spec.block_size, load.from_tier)
 
     def start_load(self, prefix: PrefixHasher, hit: PrefixHit, num_blocks: int,
@@ -352,7 +355,7 @@ class TieredKVCache:
             raise ValueError(f"{num_blocks} blocks cannot hold a hit of {hit.num_blocks}")
         job = self._reserve(prefix, hit, num_blocks, fit=False)
         job.load._on_done = on_done
-        if job.num_lead == len(job.sources):
+        if all(tier is Tier.T0 for tier in job.origin):
             self._run_load(job)  # all in T0: nothing to copy
         else:
             self._loader.submit(job)
@@ -490,15 +493,24 @@ class TieredKVCache:
     def _reserve(self, prefix: PrefixHasher, hit: PrefixHit, num_blocks: int | None, fit: bool) -> _LoadJob:
         """Reference the hit's sources and take T0 slots for ``num_blocks`` (None: the hit's).
 
-        The leading run of T0 blocks is shared in place; every later block gets a private T0
-        slot filled from T1 or T2, so that a load cut short leaves only private slots after
-        the cut (recomputing never writes into a shared block). ``fit``: take fewer blocks
-        if T0 lacks room, instead of raising ``CacheFullError``.
+        Blocks in T0 are shared in place; every other block gets a private T0 slot, filled
+        from T1 or T2. A T0 block after a T2 block also gets a spare private slot: if the T2
+        transfer fails before it, the spare takes its place, so recomputing never writes into
+        a shared block (spares not needed are freed when the load ends). ``fit``: take fewer
+        blocks if T0 lacks room, instead of raising ``CacheFullError``.
         """
         sources: list[tuple[Tier, int | None]] = []
+
+        def first_t2() -> int:
+            return next((i for i, (t, _) in enumerate(sources) if t is Tier.T2), len(sources))
+
+        def slots_needed(total: int) -> int:  # private slots and spares
+            spares = sum(t is Tier.T0 for t, _ in sources[first_t2():])
+            return total - sum(t is Tier.T0 for t, _ in sources) + spares
+
         with self._lock:
             for h, tier in zip(hit.hashes, hit.tiers):
-                if len(sources) == sum(t is Tier.T0 for t, _ in sources) and (slot := self._t0.find(h)) is not None:
+                if (slot := self._t0.find(h)) is not None:
                     self._t0.acquire(slot)
                     sources.append((Tier.T0, slot))
                 elif (slot := self._t1.find(h)) is not None:
@@ -508,24 +520,31 @@ class TieredKVCache:
                     sources.append((Tier.T2, None))
                 else:
                     break
-            lead = sum(t is Tier.T0 for t, _ in sources)
-            need = (len(sources) if num_blocks is None else num_blocks) - lead
             if fit:
-                need = min(need, self._t0.num_evictable)
-                self._release_sources(sources[lead + need:])
-                del sources[lead + need:]
-                slots, evicted = self._t0.allocate(need)
+                while slots_needed(len(sources)) > self._t0.num_evictable:
+                    self._release_sources([sources.pop()])
+                slots, evicted = self._t0.allocate(slots_needed(len(sources)))
                 self._on_t0_evicted(evicted)
-        if not fit:
+        total = len(sources) if num_blocks is None else num_blocks
+        while not fit:
             try:
-                slots = self.allocate(need)
+                slots = self.allocate(slots_needed(total))
+                break
             except CacheFullError:
+                cut = first_t2()
                 with self._lock:
-                    self._release_sources(sources)
-                raise
-        table = [slot for _, slot in sources[:lead]] + slots
+                    if not any(t is Tier.T0 for t, _ in sources[cut:]):
+                        self._release_sources(sources)
+                        raise
+                    # No room for the spares: recompute from that T2 block instead (as many
+                    # slots as the sequence needs without any cache).
+                    self._release_sources(sources[cut:])
+                    del sources[cut:]
+        private = iter(slots)
+        table = [slot if t is Tier.T0 else next(private) for t, slot in sources]
+        table += [next(private) for _ in range(total - len(sources))]
         load = PrefixLoad(table, self.spec.block_size)  # type: ignore[arg-type]
-        return _LoadJob(load, prefix, sources, [t for t, _ in sources], lead)
+        return _LoadJob(load, prefix, sources, [t for t, _ in sources], list(private))
 
     def _run_loads(self, jobs: list[_LoadJob]) -> None:
         for job in jobs:
@@ -533,8 +552,9 @@ class TieredKVCache:
 
     def _run_load(self, job: _LoadJob) -> None:
         """Fetch T2 blocks into T1, copy the T1 blocks into their reserved T0 slots, publish
-        them. Never raises: whatever fails ends the prefix there (the caller recomputes)."""
-        load, lead, bpb = job.load, job.num_lead, self.spec.bytes_per_block
+        them. Never raises: a failed transfer ends the prefix there (the caller recomputes), a
+        failed copy sets ``error`` (the request cannot be served)."""
+        load, bpb = job.load, self.spec.bytes_per_block
         sources = job.sources
         table = load.block_table
         # Blocks in T1 to copy into their T0 slots: the T1 ones, then each T2 one once decoded,
@@ -543,6 +563,8 @@ class TieredKVCache:
         failure: list[Exception] = []  # a copy failed: stop the transfer
 
         def copy() -> None:
+            if not pending:
+                return
             t = time.perf_counter()
             restore(self.t1, self.t0, [s1 for s1, _ in pending], [s0 for _, s0 in pending], background=True)
             load.restore_s += time.perf_counter() - t
@@ -566,28 +588,35 @@ class TieredKVCache:
             if Tier.T2 in job.origin:
                 load.fetch_s = time.perf_counter() - t - load.restore_s
                 load.fetch_bytes = sum(tier is Tier.T2 for tier in job.origin[:len(sources)]) * bpb
-        except Exception:  # e.g. a device error: recompute, keep serving
-            log.exception("prefix load failed, recomputing from block %d", lead)
-            with self._lock:
-                self._release_sources(sources[lead:])
-            sources = sources[:lead]
+        except Exception as e:  # a device error: this request cannot be served, the others go on
+            log.exception("copying a prefix into T0 failed")
+            load.error = f"{type(e).__name__}: {e}"
         load.failed = len(sources) < len(job.sources)
         with self._lock:
             for i in range(len(sources)):
-                tier, s0 = job.origin[i], load.block_table[i]
-                if i < lead:
-                    meta = self._t0.meta(s0)
+                tier, s0 = job.origin[i], table[i]
+                if tier is not Tier.T0:
+                    s1 = sources[i][1]
+                    meta = self._t1.meta(s1)  # type: ignore[arg-type]
+                    if not load.error:
+                        self._t0.publish(s0, meta)  # type: ignore[arg-type]  # False: a copy is cached already; ours stays private
+                    self._t1.release(s1)  # type: ignore[arg-type]
                 else:
-                    meta = self._t1.meta(sources[i][1])  # type: ignore[arg-type]
-                    self._t0.publish(s0, meta)  # type: ignore[arg-type]  # False: a copy is cached already; ours stays private
-                    self._t1.release(sources[i][1])  # type: ignore[arg-type]
-                load.from_tier[tier] += 1
-                self._stats.loaded_blocks[tier] += 1
-                self._stats.loaded_tokens[tier] += self.spec.block_size
-                self._on_hit(s0, meta)  # type: ignore[arg-type]
-            self._stats.promoted_blocks += len(sources) - lead
-            self._stats.promoted_bytes += (len(sources) - lead) * bpb
-            load.num_blocks = len(sources)
+                    meta = self._t0.meta(s0)
+                if not load.error:
+                    load.from_tier[tier] += 1
+                    self._stats.loaded_blocks[tier] += 1
+                    self._stats.loaded_tokens[tier] += self.spec.block_size
+                    self._on_hit(s0, meta)  # type: ignore[arg-type]
+            for i in range(len(sources), len(job.sources)):  # the transfer failed before it: its pin went too
+                if job.origin[i] is Tier.T0:
+                    table[i] = job.spares.pop()
+            for slot in job.spares:
+                self._t0.release(slot)
+            promoted = 0 if load.error else len(sources) - load.from_tier[Tier.T0]
+            self._stats.promoted_blocks += promoted
+            self._stats.promoted_bytes += promoted * bpb
+            load.num_blocks = 0 if load.error else len(sources)
             load._done.set()
             if load._cancelled:
                 self._release_owned(load.block_table)

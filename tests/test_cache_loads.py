@@ -75,7 +75,7 @@ def test_a_sequence_that_does_not_fit_reserves_nothing():
         assert s.t0_in_use == s.t1_in_use == 0 and remote.calls["get"] == 0
 
 
-def test_a_load_cut_short_leaves_private_slots_and_never_shares_a_block_after_the_cut():
+def test_a_load_cut_before_a_t0_block_puts_a_private_spare_in_its_place():
     remote = MemoryRemote()
     p = prefix(range(4 * BS + 1))
     seed_remote(remote, p)
@@ -87,6 +87,7 @@ def test_a_load_cut_short_leaves_private_slots_and_never_shares_a_block_after_th
         assert hit.tiers == [Tier.T2] * 4
         load = cache.start_load(p, hit, num_blocks=5)
         assert load.wait(timeout=20)
+        assert cache.stats().t0_in_use == 5  # its pin on block 1 was dropped
         assert (load.num_blocks, load.failed) == (0, True) and shared not in load.block_table
         assert not set(load.block_table) & set(cache.cached_slots(Tier.T0).values())
         assert t0_holds(cache, shared, p.hashes[1])  # the cached copy is untouched
@@ -94,7 +95,7 @@ def test_a_load_cut_short_leaves_private_slots_and_never_shares_a_block_after_th
         cache.check_invariants()
 
 
-def test_a_cached_block_after_the_first_miss_in_t0_comes_from_t1():
+def test_a_t0_block_after_a_gap_is_shared_and_its_spare_freed():
     with make(t0=8, t1=8) as cache:
         p = prefix(range(3 * BS + 1))
         cache.release(prefill(cache, p))
@@ -103,9 +104,10 @@ def test_a_cached_block_after_the_first_miss_in_t0_comes_from_t1():
         hit = cache.lookup(p)
         assert hit.tiers == [Tier.T1, Tier.T0, Tier.T1]
         load = cache.start_load(p, hit, num_blocks=4)
-        assert load.wait(timeout=20) and load.from_tier == [0, 3, 0] and shared not in load.block_table
+        assert load.wait(timeout=20) and load.from_tier == [1, 2, 0] and load.block_table[1] == shared
         for i in range(3):
             assert t0_holds(cache, load.block_table[i], p.hashes[i])
+        assert cache.stats().t0_in_use == 4  # the spare for block 1 went back
         cache.release(load.block_table)
         cache.check_invariants()
 
@@ -154,18 +156,18 @@ def test_background_restore_copies_the_same_bytes():
 
 
 @pytest.mark.parametrize("failing_call", [1, 2])  # during the transfer (16 blocks in), the last copy
-def test_a_failed_copy_into_t0_publishes_nothing_and_leaks_nothing(monkeypatch, failing_call):
+def test_a_failed_copy_into_t0_is_an_error_that_publishes_nothing_and_leaks_nothing(monkeypatch, failing_call):
     import kvstore.cache
 
     remote = MemoryRemote()
     p = prefix(range(20 * BS + 1))
     seed_remote(remote, p)
-    calls = 0
+    calls, failing = 0, {failing_call}
 
     def restore(*args, **kwargs):
         nonlocal calls
         calls += 1
-        if calls == failing_call:
+        if calls in failing:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         kvstore.cache.restore.__wrapped__(*args, **kwargs)
 
@@ -175,9 +177,30 @@ def test_a_failed_copy_into_t0_publishes_nothing_and_leaks_nothing(monkeypatch, 
         shared = t0_commit_only(cache, p, 0)
         load = cache.start_load(p, cache.lookup(p), num_blocks=21)
         assert load.wait(timeout=20) and calls == failing_call
-        assert (load.num_blocks, load.failed, load.block_table[0]) == (1, True, shared)
+        assert load.num_blocks == 0 and "CUDA error" in load.error and load.block_table[0] == shared
         assert set(cache.cached_slots(Tier.T0).values()) == {shared}  # no half-copied block is findable
         cache.release(load.block_table)
         cache.flush()
         cache.check_invariants()
         assert cache.stats().t0_in_use == cache.stats().t1_in_use == 0
+        failing.add(calls + 1)
+        with pytest.raises(RuntimeError, match="copying the prefix into T0 failed: RuntimeError: CUDA error"):
+            cache.load(p, cache.lookup(p))
+        assert cache.stats().t0_in_use == 0
+
+
+def test_without_room_for_spares_the_load_stops_at_the_t2_block():
+    remote = MemoryRemote()
+    p = prefix(range(4 * BS + 1))
+    seed_remote(remote, p)
+    with make(t0=7, t1=8, remote=remote) as cache:
+        for i in (1, 2, 3):  # here, after block 0, which is only in T2
+            t0_commit_only(cache, p, i)
+        hit = cache.lookup(p)
+        assert hit.tiers == [Tier.T2] * 4
+        # Sharing blocks 1-3 would take 3 pinned + 2 private + 3 spares: 8 > 7 slots.
+        load = cache.start_load(p, hit, num_blocks=5)
+        assert load.done() and load.num_blocks == 0 and remote.calls["get"] == 0
+        assert cache.stats().t0_in_use == 5
+        cache.release(load.block_table)
+        cache.check_invariants()

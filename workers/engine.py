@@ -306,6 +306,10 @@ class Engine:
                 continue
             del self.loading[seq]
             seq.block_table = load.block_table
+            if load.error:
+                seq.error = f"loading the cached prefix into T0 failed: {load.error}"
+                self._finish(seq, FinishReason.ERROR)
+                continue
             seq.num_computed = load.num_tokens
             seq.num_committed_blocks = load.num_blocks  # loaded blocks are cached already
             if seq.first_token_at is None:
