@@ -1,9 +1,12 @@
-"""Shared by the benchmarks: a block store process on an embedded Redis, and timing."""
+"""Shared by the benchmarks: a block store process on an embedded Redis, a slow network to
+it, and timing."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -25,6 +28,39 @@ def blockstore_process(maxmemory: str = "4gb", pids: dict[str, int] | None = Non
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def throttled_proxy(target: str, bytes_per_s: float) -> Iterator[str]:
+    """A TCP proxy on loopback to ``target`` (host:port) passing replies at ``bytes_per_s`` at
+    most: a deliberately slow network between a client and the block store. Yields its address."""
+    host, port = target.rsplit(":", 1)
+    loop = asyncio.new_event_loop()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float | None) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+                if rate:
+                    await asyncio.sleep(len(data) / rate)
+        finally:
+            writer.close()
+
+    async def connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pump(reader, up_writer, None), pump(up_reader, writer, bytes_per_s),
+                             return_exceptions=True)
+
+    server = loop.run_until_complete(asyncio.start_server(connect, "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, name="throttled-proxy", daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        server.close()
 
 
 def median_time(fn: Callable[[], object], reps: int, before: Callable[[], object] = lambda: None) -> float:

@@ -113,12 +113,10 @@ def belady_hits(requests: list[list[int]], capacity: int) -> int:
 def cache_hits(requests: list[list[int]], capacity: int, eviction: Eviction) -> int:
     """Blocks served from T0 or T1 of a ``TieredKVCache`` of ``capacity`` blocks in all."""
     t0 = max(capacity // 4, max(map(len, requests)))
-    config = CacheConfig(t0_blocks=t0, t1_blocks=capacity - t0, t0_t1_policy=WritePolicy.WRITE_BACK, device="cpu")
+    config = CacheConfig(t0_blocks=t0, t1_blocks=capacity - t0, t0_t1_policy=WritePolicy.WRITE_BACK, device="cpu",
+                         eviction=eviction)
     hits = 0
     with TieredKVCache(SPEC, config) as cache:
-        # Until CacheConfig chooses the policy: both tiers get fresh indexes before first use.
-        cache._t0 = BlockIndex(config.t0_blocks, "T0", eviction=eviction)
-        cache._t1 = BlockIndex(config.t1_blocks, "T1", eviction=eviction)
         for ids in requests:
             prefix = PrefixHasher.for_namespace(SPEC.fingerprint, "trace", 1, [*ids, QUESTION])
             loaded = cache.load(prefix, cache.lookup(prefix))

@@ -5,6 +5,9 @@ arrival to first sampled token, through the engine) is measured for:
   recompute      a fresh engine: the whole prompt is prefilled
   T0 / T1 / T2   the history is cached in that tier only (T2: a fresh engine whose T2 is the
                  block store, a separate process, over an embedded Redis)
+  T2 slow        the history is in T2, reached through a loopback proxy passing --slow-t2-mbps:
+                 an engine that measured that T2 (one small load) and its prefill at this length
+                 chooses, per request, what to load and what to recompute (workers.loadcost)
   transformers   Hugging Face's forward over the whole prompt with the same weights and
                  threads (logits of the last token only, as generate's prefill does): what a
                  user would otherwise run
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import blockstore_process
+from common import blockstore_process, throttled_proxy
 from rich.console import Console
 from rich.table import Table
 
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="model dtype (default: the built-in's)")
     parser.add_argument("--hist", default="256,512,1024,2048,4096", help="history lengths")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--slow-t2-mbps", type=float, default=5.0, help="MB/s of the slowed T2 (replies)")
     parser.add_argument("--png", default="bench/results/ttft.png")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
@@ -110,18 +114,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def engine(remote=None, **kw) -> Engine:
         cache = TieredKVCache(spec, CacheConfig(t0_blocks=blocks, t1_blocks=blocks, **kw), remote=remote)
-        return Engine(model, cache, EngineConfig(max_prefill_tokens=1 << 20))
+        return Engine(model, cache, EngineConfig(max_num_batched_tokens=1 << 20))  # TTFT: no chunks
 
     def ttft(e: Engine, prompt: list[int]) -> tuple[float, list[int]]:
         (seq,) = e.generate([prompt], FIRST)
         return seq.usage.ttft_s, seq.usage.cached_tokens
 
-    def measure(h: int, reps: int, client: BlockStoreClient) -> dict[str, float]:
+    def measure(h: int, reps: int, client: BlockStoreClient, slow_client: BlockStoreClient) -> dict[str, float]:
         g = torch.Generator().manual_seed(h)
-        hist = torch.randint(0, config.vocab_size, (h,), generator=g).tolist()
-        times: dict[str, list[float]] = {k: [] for k in ("recompute", "T0", "T1", "T2", "transformers")}
+        rand = lambda n: torch.randint(0, config.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+        hist, small_hist = rand(h), rand(256)
+        times: dict[str, list[float]] = {k: [] for k in ("recompute", "T0", "T1", "T2", "T2 slow", "transformers")}
         for _ in range(reps):
-            prompt = hist + torch.randint(0, config.vocab_size, (TURN,), generator=g).tolist()
+            prompt = hist + rand(TURN)
             e = engine()
             times["recompute"].append(ttft(e, prompt)[0])
             e.cache.close()
@@ -141,11 +146,19 @@ def main(argv: list[str] | None = None) -> int:
             e.cache.close()
             w = engine(remote=client)  # T2: computed by another worker
             ttft(w, hist)
+            ttft(w, small_hist)
             w.cache.close()
             e = engine(remote=client)
             t, cached = ttft(e, prompt)
             assert cached[2] >= h - spec.block_size, cached
             times["T2"].append(t)
+            e.cache.close()
+            e = engine(remote=slow_client, t1_t2_policy="write_back")  # T2 slow; writes stay local
+            ttft(e, rand(h + TURN))  # measures its prefill at this length
+            ttft(e, small_hist + rand(TURN))  # a load through the slow link measures T2
+            t, cached = ttft(e, prompt)
+            times["T2 slow"].append(t)
+            choices[h] = (cached[2], e.stats().recomputed_tokens[2])
             e.cache.close()
             ids = torch.tensor([prompt])
             with torch.inference_mode():
@@ -163,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         return sum(s.usage.completion_tokens - 1 for s in seqs) / max(s.usage.decode_s for s in seqs)
 
     rows: dict[int, dict[str, float]] = {}
-    with blockstore_process() as (address, _), BlockStoreClient(BlockStoreClientConfig(address=address, timeout_s=60)) as client:
-        measure(min(hists), 1, client)  # warm-up: first-call costs out of the figures
+    choices: dict[int, tuple[int, int]] = {}  # H -> T2 slow: tokens loaded from T2, recomputed by choice
+    with blockstore_process() as (address, _), BlockStoreClient(BlockStoreClientConfig(address=address, timeout_s=60)) as client, \
+            throttled_proxy(address, args.slow_t2_mbps * 1e6) as slow_address, \
+            BlockStoreClient(BlockStoreClientConfig(address=slow_address, timeout_s=600)) as slow_client:
+        measure(min(hists), 1, client, slow_client)  # warm-up: first-call costs out of the figures
         for h in hists:
-            rows[h] = measure(h, reps, client)
+            rows[h] = measure(h, reps, client, slow_client)
             console.print(f"H={h}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rows[h].items()), highlight=False)
         on, off = [], []
         for _ in range(max(reps, 3)):  # interleaved, so drifting machine load hits both alike
@@ -175,13 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         tps_on, tps_off = statistics.median(on), statistics.median(off)
 
     table = Table(title=f"TTFT resuming a conversation of H history tokens + {TURN} new (ms)", title_justify="left")
-    for col in ("H", "recompute", "T0 hit", "T1 hit", "T2 hit", "transformers", "recompute / transformers",
-                "recompute / T0", "recompute / T2"):
+    for col in ("H", "recompute", "T0 hit", "T1 hit", "T2 hit", f"T2 at {args.slow_t2_mbps:g} MB/s",
+                "T2 slow: loaded / recomputed", "transformers", "recompute / transformers", "recompute / T0",
+                "recompute / T2", "T2 slow / recompute"):
         table.add_column(col, justify="right")
     for h, r in rows.items():
-        table.add_row(str(h), *(f"{r[k] * 1e3:.1f}" for k in ("recompute", "T0", "T1", "T2", "transformers")),
+        table.add_row(str(h), *(f"{r[k] * 1e3:.1f}" for k in ("recompute", "T0", "T1", "T2", "T2 slow")),
+                      "{} / {}".format(*choices[h]), f"{r['transformers'] * 1e3:.1f}",
                       f"{r['recompute'] / r['transformers']:.2f}", f"{r['recompute'] / r['T0']:.1f}x",
-                      f"{r['recompute'] / r['T2']:.1f}x")
+                      f"{r['recompute'] / r['T2']:.1f}x", f"{r['T2 slow'] / r['recompute']:.2f}")
     console.print(table)
     console.print(f"decode, 4 sequences: {tps_on:.1f} tokens/s with write-through to T1+T2, "
                   f"{tps_off:.1f} without ({tps_on / tps_off:.0%})", highlight=False)
@@ -192,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         (r["recompute"] >= 5 * r["T2"], f"T2 hit at H={at} gives {r['recompute'] / r['T2']:.1f}x lower TTFT than recompute (target >= 5x)"),
         (r["recompute"] >= 10 * r["T0"], f"T0 hit at H={at} gives {r['recompute'] / r['T0']:.1f}x lower TTFT than recompute (target >= 10x)"),
         (tps_on >= 0.9 * tps_off, f"decode with write-through reaches {tps_on / tps_off:.0%} of without (target >= 90%)"),
+        (r["T2 slow"] <= 1.1 * r["recompute"], f"with T2 at {args.slow_t2_mbps:g} MB/s, TTFT at H={at} is "
+                                                f"{r['T2 slow'] / r['recompute']:.2f}x recompute (target <= 1.1x)"),
     ]
     for ok, text in checks:
         console.print(f"verdict: {'[green]PASS' if ok else '[red]FAIL'}[/] {text}", highlight=False)
@@ -206,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for key, label in (("transformers", "transformers (recompute)"), ("recompute", "kvstore recompute"),
-                           ("T2", "T2 hit (Redis)"), ("T1", "T1 hit (host)"), ("T0", "T0 hit (device)")):
+                           ("T2", "T2 hit (Redis)"), ("T2 slow", f"T2 at {args.slow_t2_mbps:g} MB/s (cost-aware)"),
+                           ("T1", "T1 hit (host)"), ("T0", "T0 hit (device)")):
             ax.plot(list(rows), [rows[h][key] * 1e3 for h in rows], marker="o", label=label)
         ax.set(xscale="log", yscale="log", xlabel="history tokens H", ylabel="TTFT (ms)",
                title=f"TTFT resuming a conversation, model {args.model}, {os.cpu_count()} CPU cores")

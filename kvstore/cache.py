@@ -3,7 +3,8 @@
 Life of a block: a sequence ``allocate``s private T0 slots, its model writes KV into them,
 and each slot that fills up is ``commit``ted under its prefix hash, which makes it shareable.
 ``release`` drops the reference; an unreferenced cached block stays findable until LRU eviction. Copies flow
-down per write policy (T0->T1 and T1->T2) and up on ``load`` (T2->T1->T0).
+down per write policy (T0->T1 and T1->T2) and up on ``load`` or, on a loader thread, on
+``start_load`` (T2->T1->T0), into T0 slots reserved up front.
 
 Visibility: a block becomes findable in a tier only after its copy there completed, so a
 reader never sees half-written KV. A T2 block that fails any check is a miss (recomputed).
@@ -22,8 +23,8 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Any
 
-from kvstore.block_index import BlockIndex, BlockMeta, CacheFullError
-from kvstore.codec import BlockCodecError, decode_block, encode_block
+from kvstore.block_index import DEFAULT_EVICTION, BlockIndex, BlockMeta, CacheFullError, Eviction
+from kvstore.codec import BlockCodecError, decode_block, encode_block, parse_codec
 from kvstore.hashing import PrefixHasher
 from kvstore.pools import DevicePool, HostPool, restore, spill
 from kvstore.remote import RemoteTier
@@ -31,8 +32,10 @@ from kvstore.spec import KVSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockEvent", "CacheConfig", "CacheFullError", "CacheStats", "LoadResult", "PrefixHit", "Tier", "TieredKVCache",
-           "WritePolicy"]
+_RESTORE_BATCH = 16  # T2 blocks copied into T0 at once while the rest of a load streams in
+
+__all__ = ["BlockEvent", "CacheConfig", "CacheFullError", "CacheStats", "LoadResult", "PrefixHit", "PrefixLoad", "Tier",
+           "TieredKVCache", "WritePolicy"]
 
 
 class WritePolicy(str, Enum):
@@ -55,23 +58,32 @@ class CacheConfig:
     t0_t1_policy: WritePolicy = WritePolicy.WRITE_THROUGH
     t1_t2_policy: WritePolicy = WritePolicy.WRITE_THROUGH
     selective_hits: int = 2
-    codec: str = "lz4"
+    codec: str = "lz4"  # lossy ones (int8, fp8) also need the workers' KVSpec.kv_codec: docs/codecs.md
     codec_min_saving: float = 0.03
     # Background T2 writes waiting at most; past this, new writes are dropped and counted
     # rather than stalling decode or growing memory.
     t2_write_queue: int = 1024
     t2_write_batch: int = 32
     t2_writer_threads: int = 2  # encode + put in parallel (lz4 and gRPC release the GIL)
+    loader_threads: int = 1  # prefix loads (``start_load``) in flight at once
+    # Niceness of the loader threads (Linux): higher leaves the cores to decoding while a
+    # prefix streams in, at the cost of that request's time to first token.
+    loader_niceness: int = 0
+    eviction: Eviction = DEFAULT_EVICTION  # order in which T0 and T1 evict unreferenced blocks
     device: str = "auto"
 
     def __post_init__(self) -> None:
         self.t0_t1_policy = WritePolicy(self.t0_t1_policy)
         self.t1_t2_policy = WritePolicy(self.t1_t2_policy)
-        for name in ("t0_blocks", "t1_blocks", "selective_hits", "t2_write_queue", "t2_write_batch", "t2_writer_threads"):
+        for name in ("t0_blocks", "t1_blocks", "selective_hits", "t2_write_queue", "t2_write_batch", "t2_writer_threads",
+                     "loader_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CacheConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.codec not in ("raw", "lz4"):
-            raise ValueError(f"CacheConfig.codec must be 'raw' or 'lz4', got {self.codec!r}")
+        self.eviction = Eviction(self.eviction)
+        try:
+            self.codec = parse_codec(self.codec).name.lower()
+        except ValueError as e:
+            raise ValueError(f"CacheConfig.codec: {e}") from None
 
 
 class Tier(IntEnum):
@@ -106,6 +118,10 @@ class PrefixHit:
     def num_tokens(self) -> int:
         return len(self.hashes) * self.block_size
 
+    def truncated(self, num_blocks: int) -> PrefixHit:
+        """The hit's first ``num_blocks`` blocks."""
+        return PrefixHit(self.hashes[:num_blocks], self.tiers[:num_blocks], self.block_size)
+
 
 @dataclass(slots=True)
 class LoadResult:
@@ -122,6 +138,50 @@ class LoadResult:
     @property
     def num_tokens(self) -> int:
         return len(self.block_table) * self.block_size
+
+
+@dataclass(slots=True, eq=False)
+class PrefixLoad:
+    """A prefix load started by ``TieredKVCache.start_load``: T0 slots for a whole sequence,
+    referenced for the caller, whose leading ``num_blocks`` hold the cached prefix once
+    ``done()``. The rest are private: the caller computes them (also those of blocks the load
+    could not bring, ``failed``). Release ``block_table`` when done, or ``cancel_load``."""
+
+    block_table: list[int]
+    block_size: int
+    num_blocks: int = 0  # loaded leading blocks; final once done()
+    from_tier: list[int] = field(default_factory=lambda: [0, 0, 0])  # loaded blocks by source tier
+    failed: bool = False  # a T2 block was missing, unreachable or corrupt: the prefix ends there
+    error: str = ""  # copying into T0 failed (a device error): nothing loaded, the request fails
+    # What the copies cost (raw KV bytes; the T2 phase includes the network and the decode):
+    fetch_bytes: int = 0
+    fetch_s: float = 0.0
+    restore_bytes: int = 0
+    restore_s: float = 0.0
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _cancelled: bool = False
+    _on_done: Callable[[], None] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+
+@dataclass(slots=True)
+class _LoadJob:
+    """A ``PrefixLoad``'s work for a loader thread: where each hit block comes from."""
+
+    load: PrefixLoad
+    prefix: PrefixHasher
+    sources: list[tuple[Tier, int | None]]  # per hit block: (tier holding it, slot referenced there)
+    origin: list[Tier]
+    spares: list[int]  # private T0 slots for the T0 blocks after a T2 one, should the transfer stop before them
 
 
 @dataclass(slots=True)
@@ -155,8 +215,10 @@ class CacheStats:
 class _Writer:
     """A daemon thread draining a bounded queue in batches; ``submit`` never blocks."""
 
-    def __init__(self, name: str, maxsize: int, batch: int, handle: Callable[[list[Any]], None], threads: int = 1):
+    def __init__(self, name: str, maxsize: int, batch: int, handle: Callable[[list[Any]], None], threads: int = 1,
+                 niceness: int = 10):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
+        self._niceness = niceness
         self._batch = batch
         self._handle = handle
         self._name = name
@@ -182,8 +244,9 @@ class _Writer:
 
     def _run(self) -> None:
         # Background copies yield the cores to decoding (Linux: niceness is per thread).
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        if self._niceness:
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._niceness)
         while True:
             items = [self._queue.get()]
             while len(items) < self._batch:
@@ -219,8 +282,10 @@ class TieredKVCache:
         self.t0 = DevicePool(spec, config.t0_blocks, config.device)
         self.t1 = HostPool(spec, config.t1_blocks)
         emit = on_block_event
-        self._t0 = BlockIndex(config.t0_blocks, "T0", (lambda s, h: emit(BlockEvent(Tier.T0, s, h))) if emit else None)
-        self._t1 = BlockIndex(config.t1_blocks, "T1", (lambda s, h: emit(BlockEvent(Tier.T1, s, h))) if emit else None)
+        self._t0 = BlockIndex(config.t0_blocks, "T0", (lambda s, h: emit(BlockEvent(Tier.T0, s, h))) if emit else None,
+                              config.eviction)
+        self._t1 = BlockIndex(config.t1_blocks, "T1", (lambda s, h: emit(BlockEvent(Tier.T1, s, h))) if emit else None,
+                              config.eviction)
         self._lock = threading.RLock()
         self._stats = CacheStats()
         self._pending_t1: set[bytes] = set()  # T0 -> T1 copies in flight
@@ -231,6 +296,8 @@ class TieredKVCache:
                     threads=config.t2_writer_threads)
             if remote is not None else None
         )
+        self._loader = _Writer("kv-loader", 0, 1, self._run_loads, threads=config.loader_threads,
+                               niceness=config.loader_niceness)
         self._closed = False
 
     # ---- public API -------------------------------------------------------------------
@@ -266,27 +333,48 @@ class TieredKVCache:
         return PrefixHit(hashes[:len(tiers)], tiers, self.spec.block_size)
 
     def load(self, prefix: PrefixHasher, hit: PrefixHit) -> LoadResult:
-        """Bring a hit's blocks into T0 (promoting from T1 and T2), referenced for the caller.
+        """Bring a hit's blocks into T0 (promoting from T1 and T2), referenced for the caller;
+        on the calling thread (``start_load`` loads in the background).
 
-        Blocks that vanished since the lookup, or fail verification, end the prefix there;
-        the caller recomputes from ``result.num_tokens``.
+        Blocks that vanished since the lookup, fail verification or find no room in T0 end
+        the prefix there; the caller recomputes from ``result.num_tokens``.
         """
-        sources: list[tuple[Tier, int | None]] = []  # (tier holding it, slot referenced there)
+        job = self._reserve(prefix, hit, None, fit=True)
+        self._run_load(job)
+        load = job.load
+        self.release(load.block_table[load.num_blocks:])
+        if load.error:
+            raise RuntimeError(f"copying the prefix into T0 failed: {load.error}")
+        return LoadResult(load.block_table[:load.num_blocks], self.spec.block_size, load.from_tier)
+
+    def start_load(self, prefix: PrefixHasher, hit: PrefixHit, num_blocks: int,
+                   on_done: Callable[[], None] | None = None) -> PrefixLoad:
+        """Reserve ``num_blocks`` T0 slots for a sequence (at least the hit's) and load the
+        hit's blocks into the leading ones on a loader thread; ``on_done`` is called there
+        once the load is ``done()`` (at once if the hit is all in T0).
+
+        The slots are taken now, so the load never waits for T0 room and cannot deadlock
+        against running sequences. Raises ``CacheFullError`` (nothing reserved) when T0 has
+        not that many free or evictable slots.
+        """
+        if num_blocks < hit.num_blocks:
+            raise ValueError(f"{num_blocks} blocks cannot hold a hit of {hit.num_blocks}")
+        job = self._reserve(prefix, hit, num_blocks, fit=False)
+        job.load._on_done = on_done
+        if all(tier is Tier.T0 for tier in job.origin):
+            self._run_load(job)  # all in T0: nothing to copy
+        else:
+            self._loader.submit(job)
+        return job.load
+
+    def cancel_load(self, load: PrefixLoad) -> None:
+        """Give up a ``start_load``: its slots are released once it is done (now if it is)."""
         with self._lock:
-            for h, tier in zip(hit.hashes, hit.tiers):
-                if (slot := self._t0.find(h)) is not None:
-                    self._t0.acquire(slot)
-                    sources.append((Tier.T0, slot))
-                elif (slot := self._t1.find(h)) is not None:
-                    self._t1.acquire(slot)
-                    sources.append((Tier.T1, slot))
-                elif tier is Tier.T2 and self.remote is not None:
-                    sources.append((Tier.T2, None))
-                else:
-                    break
-        origin = [t for t, _ in sources]
-        sources = self._fetch_remote(prefix, sources)
-        return self._promote(prefix, sources, origin)
+            if load._cancelled:
+                return
+            load._cancelled = True
+            if load.done():
+                self._release_owned(load.block_table)
 
     def allocate(self, n: int) -> list[int]:
         """``n`` private, referenced T0 slots for new KV; evicts (and spills) LRU blocks if needed.
@@ -337,10 +425,7 @@ class TieredKVCache:
     def release(self, slots: Sequence[int]) -> None:
         """Drop the references ``allocate`` or ``load`` took; cached blocks become evictable."""
         with self._lock:
-            for slot in slots:
-                self._check_owned(slot)
-            for slot in slots:
-                self._t0.release(slot)
+            self._release_owned(slots)
 
     def prefer(self, block_hashes: Sequence[bytes], ttl_s: float) -> None:
         """Evict these blocks from T0 and T1 only after all others, for ``ttl_s`` seconds
@@ -351,7 +436,8 @@ class TieredKVCache:
             self._t1.prefer(list(block_hashes), until)
 
     def flush(self) -> None:
-        """Wait until every background copy queued so far has completed."""
+        """Wait until every prefix load and background copy queued so far has completed."""
+        self._loader.join()
         self._t1_writer.join()
         if self._t2_writer is not None:
             self._t2_writer.join()
@@ -361,6 +447,7 @@ class TieredKVCache:
             return
         self._closed = True
         self.flush()
+        self._loader.close()
         self._t1_writer.close()
         if self._t2_writer is not None:
             self._t2_writer.close()
@@ -403,6 +490,145 @@ class TieredKVCache:
         if self._t0.refs(slot) == 0:
             raise ValueError(f"T0 slot {slot} is not in use: it was never allocated or loaded, or already released")
 
+    def _release_owned(self, slots: Sequence[int]) -> None:
+        for slot in slots:
+            self._check_owned(slot)
+        for slot in slots:
+            self._t0.release(slot)
+
+    def _reserve(self, prefix: PrefixHasher, hit: PrefixHit, num_blocks: int | None, fit: bool) -> _LoadJob:
+        """Reference the hit's sources and take T0 slots for ``num_blocks`` (None: the hit's).
+
+        Blocks in T0 are shared in place; every other block gets a private T0 slot, filled
+        from T1 or T2. A T0 block after a T2 block also gets a spare private slot: if the T2
+        transfer fails before it, the spare takes its place, so recomputing never writes into
+        a shared block (spares not needed are freed when the load ends). ``fit``: take fewer
+        blocks if T0 lacks room, instead of raising ``CacheFullError``.
+        """
+        sources: list[tuple[Tier, int | None]] = []
+
+        def first_t2() -> int:
+            return next((i for i, (t, _) in enumerate(sources) if t is Tier.T2), len(sources))
+
+        def slots_needed(total: int) -> int:  # private slots and spares
+            spares = sum(t is Tier.T0 for t, _ in sources[first_t2():])
+            return total - sum(t is Tier.T0 for t, _ in sources) + spares
+
+        with self._lock:
+            for h, tier in zip(hit.hashes, hit.tiers):
+                if (slot := self._t0.find(h)) is not None:
+                    self._t0.acquire(slot)
+                    sources.append((Tier.T0, slot))
+                elif (slot := self._t1.find(h)) is not None:
+                    self._t1.acquire(slot)
+                    sources.append((Tier.T1, slot))
+                elif tier is Tier.T2 and self.remote is not None:
+                    sources.append((Tier.T2, None))
+                else:
+                    break
+            if fit:
+                while slots_needed(len(sources)) > self._t0.num_evictable:
+                    self._release_sources([sources.pop()])
+                slots, evicted = self._t0.allocate(slots_needed(len(sources)))
+                self._on_t0_evicted(evicted)
+        total = len(sources) if num_blocks is None else num_blocks
+        while not fit:
+            try:
+                slots = self.allocate(slots_needed(total))
+                break
+            except CacheFullError:
+                cut = first_t2()
+                with self._lock:
+                    if not any(t is Tier.T0 for t, _ in sources[cut:]):
+                        self._release_sources(sources)
+                        raise
+                    # No room for the spares: recompute from that T2 block instead (as many
+                    # slots as the sequence needs without any cache).
+                    self._release_sources(sources[cut:])
+                    del sources[cut:]
+        private = iter(slots)
+        table = [slot if t is Tier.T0 else next(private) for t, slot in sources]
+        table += [next(private) for _ in range(total - len(sources))]
+        load = PrefixLoad(table, self.spec.block_size)  # type: ignore[arg-type]
+        return _LoadJob(load, prefix, sources, [t for t, _ in sources], list(private))
+
+    def _run_loads(self, jobs: list[_LoadJob]) -> None:
+        for job in jobs:
+            self._run_load(job)
+
+    def _run_load(self, job: _LoadJob) -> None:
+        """Fetch T2 blocks into T1, copy the T1 blocks into their reserved T0 slots, publish
+        them. Never raises: a failed transfer ends the prefix there (the caller recomputes), a
+        failed copy sets ``error`` (the request cannot be served)."""
+        load, bpb = job.load, self.spec.bytes_per_block
+        sources = job.sources
+        table = load.block_table
+        # Blocks in T1 to copy into their T0 slots: the T1 ones, then each T2 one once decoded,
+        # copied in batches while the rest of the transfer streams in.
+        pending = [(slot, table[i]) for i, (tier, slot) in enumerate(sources) if tier is Tier.T1]
+        failure: list[Exception] = []  # a copy failed: stop the transfer
+
+        def copy() -> None:
+            if not pending:
+                return
+            t = time.perf_counter()
+            restore(self.t1, self.t0, [s1 for s1, _ in pending], [s0 for _, s0 in pending], background=True)
+            load.restore_s += time.perf_counter() - t
+            load.restore_bytes += len(pending) * bpb
+            pending.clear()
+
+        def decoded(i: int, t1_slot: int) -> None:
+            pending.append((t1_slot, table[i]))
+            if len(pending) >= _RESTORE_BATCH and not failure:
+                try:
+                    copy()
+                except Exception as e:  # raised below, outside the transfer
+                    failure.append(e)
+
+        try:
+            t = time.perf_counter()
+            sources = self._fetch_remote(job.prefix, sources, lambda: load._cancelled or bool(failure), decoded)
+            if failure:
+                raise failure[0]
+            copy()
+            if Tier.T2 in job.origin:
+                load.fetch_s = time.perf_counter() - t - load.restore_s
+                load.fetch_bytes = sum(tier is Tier.T2 for tier in job.origin[:len(sources)]) * bpb
+        except Exception as e:  # a device error: this request cannot be served, the others go on
+            log.exception("copying a prefix into T0 failed")
+            load.error = f"{type(e).__name__}: {e}"
+        load.failed = len(sources) < len(job.sources)
+        with self._lock:
+            for i in range(len(sources)):
+                tier, s0 = job.origin[i], table[i]
+                if tier is not Tier.T0:
+                    s1 = sources[i][1]
+                    meta = self._t1.meta(s1)  # type: ignore[arg-type]
+                    if not load.error:
+                        self._t0.publish(s0, meta)  # type: ignore[arg-type]  # False: a copy is cached already; ours stays private
+                    self._t1.release(s1)  # type: ignore[arg-type]
+                else:
+                    meta = self._t0.meta(s0)
+                if not load.error:
+                    load.from_tier[tier] += 1
+                    self._stats.loaded_blocks[tier] += 1
+                    self._stats.loaded_tokens[tier] += self.spec.block_size
+                    self._on_hit(s0, meta)  # type: ignore[arg-type]
+            for i in range(len(sources), len(job.sources)):  # the transfer failed before it: its pin went too
+                if job.origin[i] is Tier.T0:
+                    table[i] = job.spares.pop()
+            for slot in job.spares:
+                self._t0.release(slot)
+            promoted = 0 if load.error else len(sources) - load.from_tier[Tier.T0]
+            self._stats.promoted_blocks += promoted
+            self._stats.promoted_bytes += promoted * bpb
+            load.num_blocks = 0 if load.error else len(sources)
+            load._done.set()
+            if load._cancelled:
+                self._release_owned(load.block_table)
+        if load._on_done is not None:
+            load._on_done()
+
     def _remote_lookup(self, namespace: str, hashes: list[bytes]) -> int:
         assert self.remote is not None
         try:
@@ -414,8 +640,10 @@ class TieredKVCache:
             return 0
         return max(0, min(found, len(hashes)))
 
-    def _fetch_remote(self, prefix: PrefixHasher, sources: list[tuple[Tier, int | None]]):
-        """Get T2 blocks into fresh T1 slots; cut the prefix at the first one that fails."""
+    def _fetch_remote(self, prefix: PrefixHasher, sources: list[tuple[Tier, int | None]],
+                      cancelled: Callable[[], bool], decoded: Callable[[int, int], None]):
+        """Get T2 blocks into fresh T1 slots; cut the prefix at the first one that fails (or
+        once ``cancelled()``). ``decoded(source index, T1 slot)`` follows each good block."""
         wanted = [i for i, (t, _) in enumerate(sources) if t is Tier.T2]
         if not wanted:
             return sources
@@ -424,14 +652,14 @@ class TieredKVCache:
         # Blocks are decoded as they arrive, while the rest are still on the way. A T1 slot
         # is reserved per block that came back, so a miss, an error or a full T1 ends the
         # prefix without evicting T1 blocks for nothing.
-        decoded: list[tuple[int, int, BlockMeta, int]] = []  # (source index, slot, meta, size)
+        done: list[tuple[int, int, BlockMeta, int]] = []  # (source index, slot, meta, size)
         unused: list[int] = []  # reserved, but the block turned out unusable
         corrupt: list[bytes] = []  # deleted once the transfer is over (not inside its deadline)
         found = None
         try:
             found = self.remote.get_iter(prefix.namespace, hashes)
             for k, blob in found:
-                if k != len(decoded):  # a miss ends the prefix
+                if k != len(done) or cancelled():  # a miss ends the prefix
                     break
                 with self._lock:
                     if not self._t1.num_evictable:
@@ -443,7 +671,8 @@ class TieredKVCache:
                 if meta is None:
                     corrupt.append(prefix.hashes[wanted[k]])
                     break
-                decoded.append((wanted[k], unused.pop(), meta, len(blob)))
+                done.append((wanted[k], unused.pop(), meta, len(blob)))
+                decoded(wanted[k], slots[0])
         except Exception as e:  # the cold tier failing must never fail a request
             log.warning("T2 get failed, treating as miss: %s", e)
             with self._lock:
@@ -456,9 +685,9 @@ class TieredKVCache:
                 self.remote.delete(prefix.namespace, corrupt, corrupt=True)
             except Exception as e:
                 log.warning("could not delete corrupt T2 block %s: %s", corrupt[0].hex(), e)
-        cut = len(sources) if len(decoded) == len(wanted) else wanted[len(decoded)]
+        cut = len(sources) if len(done) == len(wanted) else wanted[len(done)]
         with self._lock:
-            for i, slot, meta, size in decoded:
+            for i, slot, meta, size in done:
                 self._stats.t2_get_blocks += 1
                 self._stats.t2_get_bytes += size
                 if not self._t1.publish(slot, meta):  # someone else brought it in meanwhile
@@ -488,42 +717,7 @@ class TieredKVCache:
             return None
         return BlockMeta(h, hdr.parent_hash, hdr.token_ids, prefix.namespace, in_remote=True)
 
-    def _promote(self, prefix: PrefixHasher, sources: list[tuple[Tier, int | None]], origin: list[Tier]) -> LoadResult:
-        bpb = self.spec.bytes_per_block
-        with self._lock:
-            need = [i for i, (t, _) in enumerate(sources) if t is Tier.T1]
-            room = min(len(need), self._t0.num_evictable)
-            if room < len(need):
-                self._release_sources(sources[need[room]:])
-                sources = sources[:need[room]]
-                need = need[:room]
-            t0_slots, evicted = self._t0.allocate(len(need))
-            self._on_t0_evicted(evicted)
-            t1_slots = [sources[i][1] for i in need]
-            restore(self.t1, self.t0, t1_slots, t0_slots)  # type: ignore[arg-type]
-            table = [slot for _, slot in sources]
-            for i, s1, s0 in zip(need, t1_slots, t0_slots):
-                meta = self._t1.meta(s1)  # type: ignore[arg-type]
-                assert meta is not None
-                if not self._t0.publish(s0, meta):
-                    self._t0.release(s0)
-                    s0 = self._t0.find(meta.block_hash)
-                    self._t0.acquire(s0)
-                table[i] = s0
-                self._t1.release(s1)  # type: ignore[arg-type]
-            self._stats.promoted_blocks += len(need)
-            self._stats.promoted_bytes += len(need) * bpb
-            result = LoadResult(table, self.spec.block_size)  # type: ignore[arg-type]
-            for slot, tier in zip(table, origin):
-                result.from_tier[tier] += 1
-                self._stats.loaded_blocks[tier] += 1
-                self._stats.loaded_tokens[tier] += self.spec.block_size
-                self._on_hit(slot)  # type: ignore[arg-type]
-            return result
-
-    def _on_hit(self, t0_slot: int) -> None:
-        meta = self._t0.meta(t0_slot)
-        assert meta is not None
+    def _on_hit(self, t0_slot: int, meta: BlockMeta) -> None:
         meta.hits += 1
         if meta.hits < self.config.selective_hits:
             return

@@ -36,6 +36,13 @@ class DevicePool:
         self.kv = torch.zeros((L, two, num_blocks, bs, h, d), dtype=spec.dtype, device=self.device)
         # Byte view for copies on background threads (CPU only), see spill(background=True).
         self.bytes = self.kv.view(torch.uint8).numpy() if self.device.type == "cpu" else None
+        self._copy_stream = None  # CUDA: background restores, off the compute stream
+
+    def copy_stream(self):
+        """The CUDA stream of background host-to-device copies (created on first use)."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        return self._copy_stream
 
     def block(self, slot: int) -> torch.Tensor:
         """View of one block, ``[layers, 2, block_size, kv_heads, head_dim]`` (strided)."""
@@ -111,20 +118,32 @@ def spill(t0: DevicePool, t1: HostPool, t0_slots: Sequence[int], t1_slots: Seque
             t1.kv[d:d + n].copy_(t0.kv[:, :, s:s + n].permute(2, 0, 1, 3, 4, 5))
 
 
-def restore(t1: HostPool, t0: DevicePool, t1_slots: Sequence[int], t0_slots: Sequence[int]) -> None:
-    """Copy blocks T1 -> T0 (host to device). Returns when the copy is complete."""
+def restore(t1: HostPool, t0: DevicePool, t1_slots: Sequence[int], t0_slots: Sequence[int],
+            background: bool = False) -> None:
+    """Copy blocks T1 -> T0 (host to device). Returns when the copy is complete.
+
+    ``background``: called off the compute thread (prefix loads). On CUDA the copies then go
+    on the pool's own stream and an event marks their end, so they overlap the model's
+    kernels; on CPU they go through numpy (no second OpenMP team, see ``spill``)."""
     if len(t0_slots) != len(t1_slots):
         raise ValueError("restore needs as many destination slots as source slots")
     if not t0_slots:
         return
     runs = _runs(t1_slots, t0_slots)
     if t0.device.type == "cuda":
-        # One DMA per run of contiguous host blocks, then a permute on the device.
-        for s, d, n in runs:
-            staged = t1.kv[s:s + n].to(t0.device, non_blocking=True)
-            t0.kv[:, :, d:d + n].copy_(staged.permute(1, 2, 0, 3, 4, 5))
+        stream = t0.copy_stream() if background else torch.cuda.current_stream(t0.device)
+        with torch.cuda.stream(stream):
+            # One DMA per run of contiguous host blocks, then a permute on the device.
+            for s, d, n in runs:
+                staged = t1.kv[s:s + n].to(t0.device, non_blocking=True)
+                t0.kv[:, :, d:d + n].copy_(staged.permute(1, 2, 0, 3, 4, 5))
+            done = torch.cuda.Event()
+            done.record(stream)
         # The host slots may be overwritten by the CPU right after we return.
-        torch.cuda.current_stream(t0.device).synchronize()
+        done.synchronize()
+    elif background and t0.bytes is not None:
+        for s, d, n in runs:
+            np.copyto(np.moveaxis(t0.bytes[:, :, d:d + n], 2, 0), t1.bytes[s:s + n])
     else:
         for s, d, n in runs:
             t0.kv[:, :, d:d + n].copy_(t1.kv[s:s + n].permute(1, 2, 0, 3, 4, 5))

@@ -3,8 +3,9 @@ copy of a block can be checked against what was committed under that hash."""
 from __future__ import annotations
 
 import torch
+from fakes import MemoryRemote
 
-from kvstore.cache import TieredKVCache
+from kvstore.cache import CacheConfig, TieredKVCache
 from kvstore.hashing import PrefixHasher
 from kvstore.spec import KVSpec
 
@@ -47,3 +48,22 @@ def prefill(cache: TieredKVCache, p: PrefixHasher) -> list[int]:
             write_block(cache, table[i], p.hashes[i])
             cache.commit(p, i, table[i])
     return table
+
+
+def make(t0=8, t1=16, remote=None, **kw) -> TieredKVCache:
+    kw.setdefault("t0_t1_policy", "write_back")  # spills are explicit in these tests
+    return TieredKVCache(SPEC, CacheConfig(t0_blocks=t0, t1_blocks=t1, **kw), remote=remote)
+
+
+def evict_all_t0(cache: TieredKVCache) -> None:
+    slots = cache.allocate(cache.config.t0_blocks)
+    cache.release(slots)
+
+
+def seed_remote(remote: MemoryRemote, p) -> None:
+    """Another worker computes ``p`` and its blocks reach T2 (spill to T1, write-through)."""
+    with make(t0=p.num_full_blocks + 1, t1=p.num_full_blocks, remote=remote) as other:
+        other.release(prefill(other, p))
+        evict_all_t0(other)
+        other.flush()
+        assert other.stats().t2_put_blocks == p.num_full_blocks

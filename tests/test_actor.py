@@ -40,6 +40,9 @@ def test_streams_the_same_tokens_as_the_in_process_engine(worker):
     assert final.usage.prompt_tokens == len(p) and final.worker_id == "w0"
     tokens2, final2 = stream(worker, p)  # the same prompt again: served from T0
     assert tokens2 == ref.output and final2.usage.cached_tokens[0] == 28
+    assert ray.get(worker.prefetch.remote(p)) == 28  # already here: nothing to load
+    s = ray.get(worker.stats.remote())
+    assert s.loading == 0 and s.engine.prefill_chunks == 1 and s.engine.loaded_tokens[0] == 28
     config, _, digest = tiny()
     expected = PrefixHasher.for_namespace(kv_spec(config, "tiny", digest, 4).fingerprint, "default", 4)
     expected.extend(p)

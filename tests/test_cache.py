@@ -5,30 +5,11 @@ import threading
 import pytest
 import torch
 from fakes import MemoryRemote
-from kvhelpers import SPEC, prefill, prefix, t0_holds, t1_holds, write_block
+from kvhelpers import SPEC, evict_all_t0, make, prefill, prefix, seed_remote, t0_holds, t1_holds, write_block
 
 from kvstore.cache import CacheConfig, CacheFullError, Tier, TieredKVCache, WritePolicy
 
 BS = SPEC.block_size
-
-
-def make(t0=8, t1=16, remote=None, **kw) -> TieredKVCache:
-    kw.setdefault("t0_t1_policy", "write_back")  # spills are explicit in these tests
-    return TieredKVCache(SPEC, CacheConfig(t0_blocks=t0, t1_blocks=t1, **kw), remote=remote)
-
-
-def evict_all_t0(cache: TieredKVCache) -> None:
-    slots = cache.allocate(cache.config.t0_blocks)
-    cache.release(slots)
-
-
-def seed_remote(remote: MemoryRemote, p) -> None:
-    """Another worker computes ``p`` and its blocks reach T2 (spill to T1, write-through)."""
-    with make(t0=p.num_full_blocks + 1, t1=p.num_full_blocks, remote=remote) as other:
-        other.release(prefill(other, p))
-        evict_all_t0(other)
-        other.flush()
-        assert other.stats().t2_put_blocks == p.num_full_blocks
 
 
 def test_lookup_finds_committed_prefix_capped_at_last_token():

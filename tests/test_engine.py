@@ -8,54 +8,22 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from enginehelpers import BLOCK, GREEDY, make_engine, prompt
+from enginehelpers import BLOCK, GREEDY, assert_same, client, conversation, make_engine, prompt, reference, run
 
-from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
 from kvstore.cache import Tier
 from kvstore.hashing import PrefixHasher
 from services.blockstore.server import BlockStoreConfig, BlockStoreThread
 from services.blockstore.store import RedisBlockStore
-from workers.engine import RequestFailed, Status
+from workers.engine import RequestFailed
 from workers.sampling import SamplingParams
 
 HERE = Path(__file__).parent
-ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def store(redis_server):
     with BlockStoreThread(BlockStoreConfig(port=0, redis_url=redis_server.url)) as server:
         yield server
-
-
-def client(store) -> BlockStoreClient:
-    return BlockStoreClient(BlockStoreClientConfig(address=store.address, timeout_s=10))
-
-
-def run(engine, tokens, params=GREEDY):
-    (seq,) = engine.generate([tokens], params)
-    assert seq.status is Status.FINISHED and seq.error is None
-    return seq
-
-
-def assert_same(seq, ref):
-    assert seq.output == ref.output
-    assert len(seq.logits) == len(ref.logits)
-    for a, b in zip(seq.logits, ref.logits):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
-
-
-def conversation(seed=1, n1=37, n_user=11):
-    """Turn 1's prompt, and a function making turn 2's prompt from turn 1's output."""
-    p1 = prompt(seed, n1)
-    user = prompt(seed + 100, n_user)
-    return p1, lambda out1: p1 + out1 + user
-
-
-def reference(tokens, params=GREEDY):
-    """No reuse: a fresh engine computes everything."""
-    return run(make_engine(), tokens, params)
 
 
 def test_reuse_from_t0():

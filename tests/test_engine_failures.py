@@ -66,7 +66,7 @@ def test_a_forward_failure_ends_only_its_batch():
     good = engine.add_request(good_prompt, GREEDY)
     for _ in range(3):
         engine.step()
-    bad = engine.add_request(prompt(64, 30), GREEDY)  # prefilled alone: the good one is decoding
+    bad = engine.add_request(prompt(64, 30), GREEDY)  # in a batch with the good one's decodes: each retried alone
     real_forward = engine._forward
 
     def forward(batch):
@@ -101,3 +101,28 @@ def test_a_failed_decode_batch_ends_its_requests_and_the_engine_goes_on():
     p = prompt(69, 12)
     (after,) = engine.generate([p], GREEDY)
     assert after.finish_reason == "length" and after.output == alone(p)
+
+
+def test_a_failed_copy_of_a_cached_prefix_ends_only_its_request(monkeypatch):
+    import kvstore.cache
+
+    engine = make_engine(t0=40, t1=64)
+    cached = prompt(65, 30)
+    engine.generate([cached], GREEDY)
+    engine.cache.flush()
+    engine.cache.release(engine.cache.allocate(40))  # its blocks now only in T1
+    good_prompt = prompt(66, 11)
+    good = engine.add_request(good_prompt, GREEDY)
+    engine.step()
+
+    def restore(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(kvstore.cache, "restore", restore)
+    bad = engine.add_request(cached + prompt(67, 5), GREEDY)
+    while engine.has_work():
+        engine.step()
+    assert bad.finish_reason == "error" and bad.output == [] and bad.block_table == []
+    assert "loading the cached prefix into T0 failed: RuntimeError: CUDA error" in bad.error
+    assert good.finish_reason == "length" and good.output == alone(good_prompt)
+    assert_all_t0_free(engine)

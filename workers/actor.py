@@ -21,7 +21,7 @@ import ray
 from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
 from kvstore.cache import BlockEvent, CacheConfig, CacheStats, TieredKVCache
 from kvstore.hashing import PrefixHasher
-from workers.engine import Engine, EngineConfig, FinishReason, Sequence, Status, Usage
+from workers.engine import Engine, EngineConfig, EngineStats, FinishReason, Sequence, Status, Usage
 from workers.loader import builtin_model, kv_spec, load_checkpoint
 from workers.sampling import SamplingParams
 from workers.tokenizer import load_tokenizer
@@ -94,7 +94,8 @@ class WorkerStats:
     running: int
     waiting: int
     aborted: int  # streams cancelled by their callers
-    preempted: int  # sequences pushed back to waiting because T0 was full
+    loading: int  # requests whose cached prefix is on the way into T0
+    engine: EngineStats  # preemptions, loads, load-or-recompute choices and the rates behind them
     cache: CacheStats
 
 
@@ -116,14 +117,6 @@ class _Abort:
     stream: _Stream
 
 
-@dataclass(slots=True)
-class _Prefetch:
-    prompt: list[int]
-    namespace: str
-    loop: asyncio.AbstractEventLoop
-    done: asyncio.Future  # tokens of the prompt now held in T0, or the exception
-
-
 class DecodeWorker:
     """Wraps an ``Engine``; create with ``DecodeWorker.options(...).remote(worker_id, config)``
     through ``ray.remote`` (see ``remote_worker_class``)."""
@@ -143,17 +136,17 @@ class DecodeWorker:
         else:
             model_config, model, digest = builtin_model(config.model, dtype=config.dtype)
             tokenizer = load_tokenizer(None, model_config.vocab_size)
-        self.spec = kv_spec(model_config, config.model, digest, config.block_size)
+        cache_config = config.cache or CacheConfig()
+        self.spec = kv_spec(model_config, config.model, digest, config.block_size, cache_config.codec)
         self.model_config = model_config
         remote = BlockStoreClient(config.blockstore) if config.blockstore else None
         # Bounded: a router that stops draining loses old events, not the worker's memory.
         self._events: deque[BlockEvent] = deque(maxlen=1 << 20)
-        self.cache = TieredKVCache(self.spec, config.cache or CacheConfig(), remote=remote,
-                                   on_block_event=self._events.append)
+        self.cache = TieredKVCache(self.spec, cache_config, remote=remote, on_block_event=self._events.append)
+        self._wake = threading.Event()  # a message came in, or a prefix load completed
         self.engine = Engine(model, self.cache, config.engine, eos_token_ids=model_config.eos_token_ids,
-                             detokenize=tokenizer.decode)
-        self._inbox: queue.Queue[_Stream | _Abort | _Prefetch] = queue.Queue()
-        self._wake = threading.Event()
+                             detokenize=tokenizer.decode, wakeup=self._wake)
+        self._inbox: queue.Queue[_Stream | _Abort] = queue.Queue()
         self._stopping = False
         self.aborted = 0
         self._thread = threading.Thread(target=self._run, name=f"engine-{worker_id}", daemon=True)
@@ -189,11 +182,9 @@ class DecodeWorker:
 
     async def prefetch(self, prompt: list[int], namespace: str = "default") -> int:
         """Warm the cached prefix of ``prompt`` into this worker (from T1/T2 into T0, released after,
-        so it is also in T1); returns the tokens of it now held here."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        self._post(_Prefetch(prompt, namespace, loop, done))
-        return await done
+        so it is also in T1); returns the tokens of it now held here. Runs beside the engine
+        thread (the cache is thread-safe), so decoding goes on meanwhile."""
+        return await asyncio.to_thread(self._prefetch, self._prefix(prompt, namespace))
 
     def prefer(self, prompt: list[int], namespace: str, ttl_s: float) -> None:
         """Keep the blocks of ``prompt`` (a pinned session's history) in T0/T1 longest."""
@@ -215,13 +206,14 @@ class DecodeWorker:
                           self.engine.config.max_num_seqs)
 
     def stats(self) -> WorkerStats:
-        return WorkerStats(self.worker_id, self._thread.is_alive(), len(self.engine.running),
-                           len(self.engine.waiting), self.aborted, self.engine.preempted, self.cache.stats())
+        e = self.engine
+        return WorkerStats(self.worker_id, self._thread.is_alive(), len(e.running), len(e.waiting), self.aborted,
+                           len(e.loading), e.stats(), self.cache.stats())
 
     def _prefix(self, tokens: list[int], namespace: str) -> PrefixHasher:
         return PrefixHasher.for_namespace(self.spec.fingerprint, namespace, self.spec.block_size, tokens)
 
-    def _post(self, message: _Stream | _Abort | _Prefetch) -> None:
+    def _post(self, message: _Stream | _Abort) -> None:
         self._inbox.put(message)
         self._wake.set()
 
@@ -259,8 +251,6 @@ class DecodeWorker:
                 if seq is not None and seq.status is not Status.FINISHED:
                     self.engine.abort(seq)
                     self.aborted += 1
-            elif isinstance(msg, _Prefetch):
-                self._prefetch(msg)
             else:
                 r = msg.request
                 try:
@@ -270,25 +260,10 @@ class DecodeWorker:
                     continue
                 streams[msg.seq.id] = msg
 
-    def _prefetch(self, msg: _Prefetch) -> None:
-        try:
-            prefix = self._prefix(msg.prompt, msg.namespace)
-            loaded = self.cache.load(prefix, self.cache.lookup(prefix))
-            self.cache.release(loaded.block_table)
-            result: int | BaseException = loaded.num_tokens
-        except Exception as e:  # noqa: BLE001 - reported to the caller, the engine goes on
-            log.exception("prefetch failed")
-            result = e
-        msg.loop.call_soon_threadsafe(_settle, msg.done, result)
-
-
-def _settle(future: asyncio.Future, result: int | BaseException) -> None:
-    if future.done():  # the caller gave up
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+    def _prefetch(self, prefix: PrefixHasher) -> int:
+        loaded = self.cache.load(prefix, self.cache.lookup(prefix))
+        self.cache.release(loaded.block_table)
+        return loaded.num_tokens
 
 
 def remote_worker_class(num_gpus: float = 0, num_cpus: float = 1, max_restarts: int = 3):

@@ -1,20 +1,25 @@
 """The decode engine: continuous batching over the tiered KV cache.
 
-A request's prompt is looked up in the ``TieredKVCache``; the cached prefix is loaded into T0
-(promoted from T1/T2 when needed) and only the tokens after it are prefilled. Sequences then
-join batched decode steps. Every block whose K/V is complete is committed, so it becomes
-shareable (and is written down to T1/T2 per policy) while the sequence is still running.
-Finished sequences release their blocks; cached blocks stay for the next turn.
+A request's prompt is looked up in the ``TieredKVCache``; the cost model
+(``workers.loadcost``) decides how much of the cached prefix to load; T0 slots for the whole
+prompt are reserved and the prefix is loaded in the background (T2 -> T1 -> T0) while the
+other sequences keep running; only the tokens after it are prefilled. Every block whose K/V
+is complete is committed, so it becomes shareable (and is written down to T1/T2 per policy)
+while the sequence is still running. Finished sequences release their blocks; cached blocks
+stay for the next turn.
 
-Scheduling (nano-vllm's): each step either prefills waiting sequences (up to a token budget)
-or decodes all running ones. When T0 is full, the newest running sequence is preempted: it
-releases its blocks and goes back to the waiting queue, from where it resumes by reloading
-its committed blocks instead of recomputing them.
+Scheduling (vLLM's chunked prefill): each step has a token budget; every decoding sequence's
+next token comes first, then chunks of the prompts being prefilled fill the rest, so a long
+prompt never stalls the decodes for longer than one step. When T0 is full, the newest
+running sequence is preempted: it releases its blocks and goes back to the waiting queue,
+from where it resumes by reloading its committed blocks instead of recomputing them.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -24,8 +29,9 @@ from enum import Enum
 
 import torch
 
-from kvstore.cache import CacheFullError, Tier, TieredKVCache
+from kvstore.cache import CacheFullError, PrefixLoad, Tier, TieredKVCache
 from kvstore.hashing import PrefixHasher
+from workers.loadcost import LoadCostConfig, LoadRates
 from workers.model import ForwardBatch, Transformer
 from workers.sampling import SamplingParams, sample
 from workers.tokenizer import IncrementalDecoder
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 
 class Status(Enum):
     WAITING = "waiting"
+    LOADING = "loading"  # its cached prefix is on the way into T0 (other sequences keep running)
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -52,9 +59,12 @@ class Usage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: list[int] = field(default_factory=lambda: [0, 0, 0])  # by tier T0, T1, T2
+    cached_tokens: list[int] = field(default_factory=lambda: [0, 0, 0])  # loaded, by tier T0, T1, T2
     ttft_s: float = 0.0  # arrival to first token
     decode_s: float = 0.0
+    # Cached, by tier, but recomputed: the cost model estimated recomputing them faster.
+    recomputed_tokens: list[int] = field(default_factory=lambda: [0, 0, 0])
+    load_s: float = 0.0  # in the loading state, while its prefix came in from T1/T2
 
     @property
     def computed_prompt_tokens(self) -> int:
@@ -73,6 +83,7 @@ class Sequence:
         self.prompt_len = prefix.num_tokens
         self.block_table: list[int] = []
         self.num_computed = 0  # tokens whose K/V is in T0 (loaded or computed)
+        self.num_scheduled = 0  # tokens fed to the model in the current step
         self.num_committed_blocks = 0
         self.status = Status.WAITING
         self.finish_reason: FinishReason | None = None
@@ -85,6 +96,7 @@ class Sequence:
         self.stop_tail = ""  # the text's end, where a stop string completed by new text starts
         self.logits: list[torch.Tensor] = []  # per generated token, with EngineConfig.keep_logits
         self.skip_cache = False  # compute the whole prompt (measures what reuse saves)
+        self.load_started = 0.0
 
     @property
     def tokens(self) -> list[int]:
@@ -105,9 +117,30 @@ class Sequence:
 
 @dataclass(slots=True)
 class EngineConfig:
-    max_num_seqs: int = 16
-    max_prefill_tokens: int = 8192  # per step; a longer prompt is prefilled alone
+    max_num_seqs: int = 16  # running or loading at once
+    # Tokens per step: decodes (one each) first, then prompt chunks fill the rest. Smaller
+    # stalls decodes less behind a long prompt; larger prefills it faster.
+    max_num_batched_tokens: int = 256
     keep_logits: bool = False  # keep each step's logits on the sequence (tests, debugging)
+    load_cost: LoadCostConfig = field(default_factory=LoadCostConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"need 0 < max_num_seqs <= max_num_batched_tokens, got {self.max_num_seqs} and "
+                             f"{self.max_num_batched_tokens}")
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters since start, and the rates the load-or-recompute choice uses."""
+
+    preempted: int = 0  # times T0 ran full and a running sequence went back to waiting
+    loads: int = 0  # prefix loads from T1/T2 (requests in the loading state)
+    failed_loads: int = 0  # cut short by a missing or corrupt T2 block: the rest was recomputed
+    loaded_tokens: list[int] = field(default_factory=lambda: [0, 0, 0])  # by source tier
+    recomputed_tokens: list[int] = field(default_factory=lambda: [0, 0, 0])  # cached, recomputed by choice
+    prefill_chunks: int = 0  # prompt pieces fed to steps (a prompt over the token budget takes several)
+    rates: LoadRates | None = None
 
 
 @dataclass(slots=True)
@@ -124,16 +157,21 @@ class Engine:
     """Continuous-batching generation over a ``Transformer`` and a ``TieredKVCache``."""
 
     def __init__(self, model: Transformer, cache: TieredKVCache, config: EngineConfig | None = None,
-                 eos_token_ids: Seq[int] = (), detokenize=None) -> None:
+                 eos_token_ids: Seq[int] = (), detokenize=None, wakeup: threading.Event | None = None) -> None:
+        """``wakeup`` is set whenever a prefix load completes (a caller waiting for work can
+        share it); ``step`` waits on it when only loads are in flight."""
         self.model = model
         self.cache = cache
         self.config = config or EngineConfig()
         self.block_size = cache.spec.block_size
         self.eos = frozenset(eos_token_ids)
         self.detokenize = detokenize  # ids -> str, for stop strings
+        self.wakeup = wakeup or threading.Event()
         self.waiting: deque[Sequence] = deque()
+        self.loading: dict[Sequence, PrefixLoad] = {}  # in admission order
         self.running: list[Sequence] = []
-        self.preempted = 0  # times T0 ran full and a running sequence went back to waiting
+        self.rates = LoadRates.seeded(self.config.load_cost)
+        self._stats = EngineStats()
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -167,11 +205,22 @@ class Engine:
         """Stop a sequence (e.g. its client went away) and free its blocks."""
         if seq in self.waiting:
             self.waiting.remove(seq)
+        if seq in self.loading:
+            self.cache.cancel_load(self.loading.pop(seq))
         if seq.status is not Status.FINISHED:
             self._finish(seq, FinishReason.ABORT)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.loading or self.running)
+
+    @property
+    def preempted(self) -> int:
+        return self._stats.preempted
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        return dataclasses.replace(s, loaded_tokens=list(s.loaded_tokens), recomputed_tokens=list(s.recomputed_tokens),
+                                   rates=self.rates.snapshot())
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, namespace: str = "default") -> list[Sequence]:
         """Run prompts to completion (batched); returns their sequences in order."""
@@ -199,31 +248,24 @@ class Engine:
     # ---- one step -----------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """Prefill waiting sequences if any can start, else decode all running ones."""
-        batch = self._schedule_prefill()
+        """Start waiting requests (their prefix loads), then run one batch: every decoding
+        sequence's next token and prompt chunks within the token budget. With only loads
+        in flight, waits briefly for one to complete."""
+        self._admit()
+        self._finish_loads()
+        batch = self._schedule()
         if not batch:
-            batch = self._schedule_decode()
-        if not batch:
+            if self.loading:
+                self.wakeup.wait(0.05)
+                self.wakeup.clear()
             return []
-        try:
-            logits = self._forward(batch)
-        except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the others
-            log.exception("forward pass failed for sequences %s", [seq.id for seq in batch])
-            for seq in batch:
-                seq.error = f"the model's forward pass failed: {type(e).__name__}: {e}"
-                self._finish(seq, FinishReason.ERROR)
-            return []
-        return self._postprocess(batch, logits)
+        return self._run(batch)
 
-    def _schedule_prefill(self) -> list[Sequence]:
-        batch: list[Sequence] = []
-        budget = self.config.max_prefill_tokens
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) + len(self.loading) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if batch and len(seq) - seq.num_computed > budget:
-                break
             try:
-                if not self._start(seq, alone=not self.running):
+                if not self._start(seq):
                     break
             except CacheFullError as e:  # can never fit: fail this request, not the engine
                 self.waiting.popleft()
@@ -231,37 +273,65 @@ class Engine:
                 self._finish(seq, FinishReason.ERROR)
                 continue
             self.waiting.popleft()
-            self.running.append(seq)  # the batch's sequences are running from here on
-            budget -= len(seq) - seq.num_computed
-            batch.append(seq)
-        return batch
 
-    def _start(self, seq: Sequence, alone: bool) -> bool:
-        """Load the cached prefix and allocate blocks for the rest. False if T0 is full
-        (raises ``CacheFullError`` if it would not fit even ``alone``)."""
+    def _start(self, seq: Sequence) -> bool:
+        """Choose how much of the cached prefix to load, reserve T0 blocks for the whole
+        sequence and start the load. False if T0 is full now (raises ``CacheFullError`` if
+        nothing else holds T0, so it would never fit)."""
         hit = self.cache.lookup(seq.prefix, 0 if seq.skip_cache else None)
-        loaded = self.cache.load(seq.prefix, hit)
+        keep = hit.num_blocks
+        if self.config.load_cost.cost_aware:
+            keep = self.rates.best_reuse(hit.tiers, len(seq), self.block_size, self.cache.spec.bytes_per_block)
         n_blocks = -(-len(seq) // self.block_size)
         try:
-            new = self.cache.allocate(n_blocks - loaded.num_blocks)
+            load = self.cache.start_load(seq.prefix, hit.truncated(keep), n_blocks, on_done=self.wakeup.set)
         except CacheFullError:
-            self.cache.release(loaded.block_table)
-            if alone:
+            if not self.running and not self.loading:
                 raise
             return False
-        seq.block_table = loaded.block_table + new
-        seq.num_computed = loaded.num_tokens
-        seq.num_committed_blocks = loaded.num_blocks  # loaded blocks are cached already
         if seq.first_token_at is None:  # a preempted sequence keeps its first usage record
-            for tier in Tier:
-                seq.usage.cached_tokens[tier] = loaded.from_tier[tier] * self.block_size
-        seq.status = Status.RUNNING
+            seq.usage.recomputed_tokens = [0, 0, 0]
+            for tier in hit.tiers[keep:]:
+                seq.usage.recomputed_tokens[tier] += self.block_size
+                self._stats.recomputed_tokens[tier] += self.block_size
+        seq.status = Status.LOADING
+        seq.load_started = time.perf_counter()
+        self.loading[seq] = load
         return True
 
-    def _schedule_decode(self) -> list[Sequence]:
+    def _finish_loads(self) -> None:
+        """Sequences whose prefix is in T0 start running (a load cut short: from its end)."""
+        for seq, load in list(self.loading.items()):
+            if not load.done():
+                continue
+            del self.loading[seq]
+            seq.block_table = load.block_table
+            if load.error:
+                seq.error = f"loading the cached prefix into T0 failed: {load.error}"
+                self._finish(seq, FinishReason.ERROR)
+                continue
+            seq.num_computed = load.num_tokens
+            seq.num_committed_blocks = load.num_blocks  # loaded blocks are cached already
+            if seq.first_token_at is None:
+                seq.usage.cached_tokens = [n * self.block_size for n in load.from_tier]
+                seq.usage.load_s = time.perf_counter() - seq.load_started
+            for tier in Tier:
+                self._stats.loaded_tokens[tier] += load.from_tier[tier] * self.block_size
+            if load.fetch_bytes or load.restore_bytes or load.failed:
+                self._stats.loads += 1
+                self._stats.failed_loads += load.failed
+                self.rates.observe_restore(Tier.T2, load.fetch_bytes, load.fetch_s)
+                self.rates.observe_restore(Tier.T1, load.restore_bytes, load.restore_s)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+
+    def _schedule(self) -> list[Sequence]:
+        """Decodes first (growing their block tables, preempting if T0 is full), then prompt
+        chunks in admission order within what is left of the token budget."""
+        budget = self.config.max_num_batched_tokens
         batch: list[Sequence] = []
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING:
+            if seq.status is not Status.RUNNING or len(seq) - seq.num_computed != 1 or not budget:
                 continue
             while len(seq.block_table) * self.block_size < len(seq):
                 try:
@@ -271,23 +341,53 @@ class Engine:
                     self._preempt(victim)
                     if victim is seq:
                         break
-                    continue
             if seq.status is Status.RUNNING:
+                seq.num_scheduled = 1
+                budget -= 1
+                batch.append(seq)
+        for seq in self.running:
+            if budget and len(seq) - seq.num_computed > 1:
+                seq.num_scheduled = min(len(seq) - seq.num_computed, budget)
+                budget -= seq.num_scheduled
                 batch.append(seq)
         return batch
 
     def _preempt(self, seq: Sequence) -> None:
         log.info("T0 full: preempting sequence %d (%d tokens)", seq.id, len(seq))
-        self.preempted += 1
+        self._stats.preempted += 1
         self.running.remove(seq)
         self.cache.release(seq.block_table)
         seq.block_table, seq.num_computed, seq.num_committed_blocks = [], 0, 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 
+    def _run(self, batch: list[Sequence]) -> list[StepOutput]:
+        """Forward and sample one batch. If the forward fails, each sequence is retried alone,
+        so that only the ones that fail alone end with an error."""
+        start = time.perf_counter()
+        try:
+            logits = self._forward(batch)
+        except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the others
+            if len(batch) > 1:
+                log.warning("forward pass of %d sequences failed (%s: %s); retrying each alone", len(batch),
+                            type(e).__name__, e)
+                return [out for seq in batch for out in self._run([seq])]
+            log.exception("forward pass failed for sequence %d", batch[0].id)
+            batch[0].error = f"the model's forward pass failed: {type(e).__name__}: {e}"
+            self._finish(batch[0], FinishReason.ERROR)
+            return []
+        chunks = [seq for seq in batch if seq.num_scheduled > 1]
+        if chunks:
+            tokens = sum(seq.num_scheduled for seq in chunks)
+            middle = sum(seq.num_scheduled * (seq.num_computed + seq.num_scheduled / 2) for seq in chunks) / tokens
+            self.rates.observe_prefill(tokens, middle, time.perf_counter() - start)
+            self._stats.prefill_chunks += len(chunks)
+        return self._postprocess(batch, logits)
+
     def _forward(self, batch: list[Sequence]) -> torch.Tensor:
         fb = ForwardBatch.build(
-            [(seq.tokens[seq.num_computed:], seq.num_computed, seq.block_table) for seq in batch],
+            [(seq.tokens[seq.num_computed:seq.num_computed + seq.num_scheduled], seq.num_computed, seq.block_table)
+             for seq in batch],
             self.block_size, self.cache.t0.device,
         )
         with torch.inference_mode():
@@ -297,8 +397,10 @@ class Engine:
         now = time.perf_counter()
         out: list[StepOutput] = []
         for seq, row in zip(batch, logits):
-            seq.num_computed = len(seq)
+            seq.num_computed += seq.num_scheduled
             self._commit_full_blocks(seq)
+            if seq.num_computed < len(seq):  # a prompt chunk: no token until its last one
+                continue
             if self.config.keep_logits:
                 seq.logits.append(row.float().cpu().clone())
             try:

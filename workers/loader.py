@@ -276,9 +276,12 @@ def builtin_model(name: str = "tiny", seed: int = 0, dtype: torch.dtype | str | 
     return config, model, digest
 
 
-def kv_spec(config: ModelConfig, model_id: str, weights_digest: str, block_size: int = 16) -> KVSpec:
-    """The KV layout and fingerprint of this model (one shard, tp_size 1)."""
+def kv_spec(config: ModelConfig, model_id: str, weights_digest: str, block_size: int = 16,
+            kv_codec: str = "exact") -> KVSpec:
+    """The KV layout and fingerprint of this model (one shard, tp_size 1); a lossy ``kv_codec``
+    (the cache's codec) gives blocks a fingerprint of their own."""
     return KVSpec(
         num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
         dtype=config.dtype, block_size=block_size, model_id=model_id, weights_digest=weights_digest,
+        kv_codec=kv_codec,
     )
