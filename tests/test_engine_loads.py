@@ -128,9 +128,10 @@ def test_a_complete_load_during_decodes_and_an_aborted_one(store):
 
 def test_chunked_prefill_of_a_prompt_with_a_cached_prefix_between_decode_steps():
     p1, turn2 = conversation(seed=44, n1=37, n_user=30)
-    engine = make_engine(engine=EngineConfig(max_num_seqs=4, max_num_batched_tokens=8, keep_logits=True))
-    first = run(engine, p1)  # 37 tokens: prefilled in 5 chunks
-    assert engine.stats().prefill_chunks == 5
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=8, max_prefill_tokens_alone=16, keep_logits=True)
+    engine = make_engine(engine=config)
+    first = run(engine, p1)  # 37 tokens alone: prefilled in chunks of 16
+    assert engine.stats().prefill_chunks == 3
     assert_same(first, reference(p1))
     other = engine.add_request(prompt(45, 6), LONG)
     engine.step()

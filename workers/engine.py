@@ -119,8 +119,9 @@ class Sequence:
 class EngineConfig:
     max_num_seqs: int = 16  # running or loading at once
     # Tokens per step: decodes (one each) first, then prompt chunks fill the rest. Smaller
-    # stalls decodes less behind a long prompt; larger prefills it faster.
-    max_num_batched_tokens: int = 256
+    # stalls decodes less behind a long prompt; larger prefills it faster (docs/architecture.md).
+    max_num_batched_tokens: int = 64
+    max_prefill_tokens_alone: int = 4096  # the budget of a step that has no decode to delay
     keep_logits: bool = False  # keep each step's logits on the sequence (tests, debugging)
     load_cost: LoadCostConfig = field(default_factory=LoadCostConfig)
 
@@ -345,6 +346,8 @@ class Engine:
                 seq.num_scheduled = 1
                 budget -= 1
                 batch.append(seq)
+        if not batch:
+            budget = max(budget, self.config.max_prefill_tokens_alone)
         for seq in self.running:
             if budget and len(seq) - seq.num_computed > 1:
                 seq.num_scheduled = min(len(seq) - seq.num_computed, budget)

@@ -37,6 +37,7 @@ from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 from services.session.pool import PoolConfig, WorkerPool
 from services.session.server import SessionServer, SessionServiceConfig
 from workers.actor import WorkerConfig
+from workers.engine import EngineConfig
 from workers.loader import builtin_config
 from workers.tokenizer import load_tokenizer
 
@@ -55,6 +56,7 @@ class ServeConfig:
 
     session: SessionServiceConfig = field(default_factory=SessionServiceConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)  # each worker's
+    engine: EngineConfig = field(default_factory=EngineConfig)  # each worker's
     model: str = "small"  # a built-in model (tiny, small, qwen2.5-0.5b-shape) or a checkpoint directory
     workers: int = 2
     cpus_per_worker: float = 1.0
@@ -115,7 +117,7 @@ class Service:
                 blockstore_token = await self._start_blockstore_tier()
             self.init_ray()  # blocks a few seconds; nothing is served yet
             worker = WorkerConfig(
-                model=cfg.model, block_size=cfg.block_size, cache=cfg.cache,
+                model=cfg.model, block_size=cfg.block_size, cache=cfg.cache, engine=cfg.engine,
                 blockstore=BlockStoreClientConfig(address=self.blockstore_address, token=blockstore_token))
             self.pool = WorkerPool(PoolConfig(num_workers=cfg.workers, worker=worker,
                                               cpus_per_worker=cfg.cpus_per_worker))
