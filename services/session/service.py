@@ -198,7 +198,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
         Token chunks, then usage; nothing is recorded (``session_id`` and ``request_id`` unused)."""
         arrival = time.perf_counter()
         async with self.rpc("Complete", context):
-            namespace = self._namespace(self._keys.authenticate(context.invocation_metadata()), namespace)
+            namespace = self.namespace(context, namespace)
             sampling = self._sampling(request.sampling if request.HasField("sampling") else None)
             prompt, _, _ = await self._input(Session("", namespace, self.model, []), request.input, True)
             async with contextlib.aclosing(self._generate(namespace, prompt, sampling, request, None, arrival,
@@ -230,7 +230,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
                 if len(session.tokens) != n or session.closed:
                     session = created = await self._store.fork(namespace, raw, at=(n, record["messages"]))
             else:
-                namespace = self._namespace(self._keys.authenticate(context.invocation_metadata()), namespace)
+                namespace = self.namespace(context, namespace)
                 session = created = await self._create(namespace, instructions, {})
             system = {"role": "system", "content": instructions}
             if instructions and previous and session.messages[:1] != [system]:
@@ -265,6 +265,22 @@ class SessionServicer(pb_grpc.SessionsServicer):
             namespace, raw, rid = self._response_key(context, response_id)
             await self._response_record(namespace, raw, rid, response_id)
             await self._store.drop_record(namespace, raw, rid)
+
+    @property
+    def worker_ids(self) -> list[str]:
+        return self._pool.worker_ids
+
+    def namespace(self, context, requested: str) -> str:
+        """The namespace a call works in: ``requested``, or the API key's only one (raises
+        ``RequestError``: UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT)."""
+        return self._namespace(self._keys.authenticate(context.invocation_metadata()), requested)
+
+    async def models(self, context) -> list[str]:
+        """The models served (one)."""
+        async with self.rpc("ListModels", context):
+            self._keys.authenticate(context.invocation_metadata())
+            return [self.model]
+        raise AssertionError("unreachable: rpc() aborts the call")
 
     def _response_key(self, context, response_id: str) -> tuple[str, str, str]:
         """(namespace, session id, request id) of a response id the caller may use; NOT_FOUND
