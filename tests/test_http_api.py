@@ -176,7 +176,8 @@ def test_responses_chain_fork_on_another_worker_and_restart(env):
                               max_output_tokens=8, extra_body={"kvstore": {"ignore_eos": True, "worker_id": other}})
     extra = fork.usage.model_extra["kvstore"]
     assert session_of(fork.id) != session_of(chain[1].id) and extra["worker_id"] == other
-    assert extra["cached_tokens_t2"] > 0
+    assert extra["cached_tokens_t2"] > 0 and extra["load_seconds"] > 0  # it waited for the blocks from T2
+    assert env["server"].metrics.registry.get_sample_value("kvstore_session_load_seconds_count") > 0
     fork_history = check_turn(env, fork)
     assert fork_history[:len(histories[1])] == histories[1] and fork_history[:len(histories[2])] != histories[2]
     n = chain[-1].usage.model_extra["kvstore"]["num_tokens"]  # the session's length after its last turn
