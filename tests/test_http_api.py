@@ -94,6 +94,10 @@ def test_health_models_and_auth(env):
     assert [m.id for m in client(server).models.list()] == [MODEL]
     e = error_of(lambda: client(server, "wrong").models.list())
     assert e.status_code == 401 and e.body["type"] == "authentication_error"
+    e = error_of(lambda: client(server, "wrong").chat.completions.create(model="gpt-9", messages=[]))
+    assert e.status_code == 400 and e.param == "messages"  # the body first (its shape), ...
+    e = error_of(lambda: client(server, "wrong").responses.create(model="gpt-9", input="x", previous_response_id="r"))
+    assert e.status_code == 401  # ... then the caller, then the model
     r = httpx.get(f"{base_url(server)}/models")  # no key at all
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
     assert httpx.get(f"{base_url(server)}/nowhere").status_code == 404

@@ -76,16 +76,12 @@ class HTTPContext:
 
     def __init__(self, request: Request) -> None:
         self._auth = request.headers.get("authorization")
-        self._peer = f"{request.client.host}:{request.client.port}" if request.client else ""
 
     def invocation_metadata(self) -> list[tuple[str, str]]:
         return [("authorization", self._auth)] if self._auth is not None else []
 
     def time_remaining(self) -> float | None:
         return None  # HTTP requests carry no deadline
-
-    def peer(self) -> str:
-        return self._peer
 
     async def abort(self, code: grpc.StatusCode, message: str) -> None:
         raise APIError(code, message)
@@ -306,18 +302,17 @@ def create_app(servicer: SessionServicer, config: SessionServiceConfig, healthy:
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code, headers=e.headers)
 
     def check(body: _Generation, ctx: HTTPContext, stateless: bool) -> None:
-        """What the servicer would refuse without naming the parameter."""
+        """The caller, then what the servicer would refuse without naming the parameter."""
+        try:
+            servicer.namespace(ctx, body.kvstore.namespace) if stateless else servicer.authenticate(ctx)
+        except RequestError as e:
+            raise APIError(e.code, e.message, "kvstore.namespace" if e.code is C.INVALID_ARGUMENT else None) from None
         if body.model != servicer.model:
             raise APIError(C.NOT_FOUND, f"model {body.model[:64]!r} is not served here; this service serves "
                                         f"{servicer.model!r}", "model")
         if body.kvstore.worker_id and body.kvstore.worker_id not in servicer.worker_ids:
             raise APIError(C.INVALID_ARGUMENT, f"unknown worker {body.kvstore.worker_id[:64]!r}; workers: "
                                                f"{', '.join(servicer.worker_ids)}", "kvstore.worker_id")
-        if stateless:
-            try:
-                servicer.namespace(ctx, body.kvstore.namespace)
-            except RequestError as e:
-                raise APIError(e.code, e.message, "kvstore.namespace" if e.code is C.INVALID_ARGUMENT else None) from None
 
     @app.get("/health", responses={503: {"model": ErrorBody}})
     async def health() -> JSONResponse:

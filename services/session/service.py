@@ -86,7 +86,6 @@ class StoredResponse:
 
     id: str
     created: float  # unix seconds
-    ids: list[int]
     text: str
     usage: pb.Usage
     fields: dict  # what the front end stored with it (``respond``'s ``fields``)
@@ -254,7 +253,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
         async with self.rpc("GetResponse", context):
             namespace, raw, rid = self._response_key(context, response_id)
             _, record = await self._response_record(namespace, raw, rid, response_id)
-            return StoredResponse(response_id, record["created"], record["ids"], record["text"],
+            return StoredResponse(response_id, record["created"], record["text"],
                                   pb.Usage(**record["usage"]), record["response"])
         raise AssertionError("unreachable: rpc() aborts the call")
 
@@ -270,10 +269,14 @@ class SessionServicer(pb_grpc.SessionsServicer):
     def worker_ids(self) -> list[str]:
         return self._pool.worker_ids
 
+    def authenticate(self, context) -> frozenset[str]:
+        """The namespaces the caller's API key reaches (raises ``RequestError`` UNAUTHENTICATED)."""
+        return self._keys.authenticate(context.invocation_metadata())
+
     def namespace(self, context, requested: str) -> str:
         """The namespace a call works in: ``requested``, or the API key's only one (raises
         ``RequestError``: UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT)."""
-        return self._namespace(self._keys.authenticate(context.invocation_metadata()), requested)
+        return self._namespace(self.authenticate(context), requested)
 
     async def models(self, context) -> list[str]:
         """The models served (one)."""
