@@ -320,6 +320,12 @@ def test_disconnect_mid_stream_frees_the_slot_and_records_nothing(env):
         stream.close()
         assert wait_for(lambda: active(server) == 0, timeout=10)
     assert grpc_history(env, session_of(r.id)) == before
+    # A new conversation cancelled mid-stream leaves its session closed (not counted as open).
+    stream = c.responses.create(model=MODEL, input="New", stream=True, max_output_tokens=400, extra_body=EOS)
+    created = next(iter(stream)).response.id
+    stream.close()
+    with SessionClient(server.address, api_key="key-a") as kv:
+        assert wait_for(lambda: kv.get_session(session_of(created)).closed, timeout=10)
     # The conversation goes on as if the cancelled turn never ran.
     again = c.responses.create(model=MODEL, previous_response_id=r.id, input="Go on", max_output_tokens=4,
                                extra_body=EOS)

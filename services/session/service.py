@@ -244,8 +244,8 @@ class SessionServicer(pb_grpc.SessionsServicer):
                         yield response
             except BaseException:
                 if created is not None:  # nothing half-made counts against the namespace's sessions
-                    with contextlib.suppress(Exception):
-                        await self._store.close(namespace, created.id)
+                    with contextlib.suppress(Exception):  # shielded: also when the caller went away
+                        await asyncio.shield(self._store.close(namespace, created.id))
                 raise
 
     async def response(self, response_id: str, context) -> StoredResponse:
