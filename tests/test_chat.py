@@ -54,3 +54,18 @@ def test_bad_messages_are_refused(tokenizer):
         chat.delta([], [{"role": "wizard", "content": "x"}], False)
     with pytest.raises(ChatFormatError, match="content"):
         chat.delta([], [{"role": "user", "content": None}], False)
+
+
+def test_the_end_of_turn_follows_ids_that_do_not_round_trip(tmp_path):
+    """Generated ids stay as they are and the template's end of turn always follows them, also
+    when decoding and re-encoding them gives other ids (here a lone byte of a character)."""
+    tok = load_tokenizer(_build_tokenizer_dir(tmp_path / "tok"))
+    chat = ChatFormatter(tok)
+    history = TURNS[0] + TURNS[1]
+    end_of_turn = tok.encode("<|im_end|>\n")
+    output = tok.encode("hello") + tok.encode("é")[:1]  # stopped inside a two-byte character
+    text = tok.decode(output)
+    assert tok.encode(text) != output
+    assert chat.close_assistant(history, output, text) == end_of_turn
+    stopped = output + end_of_turn[:1]  # stopped at <|im_end|>: only what follows it
+    assert chat.close_assistant(history, stopped, text) == end_of_turn[1:]

@@ -7,7 +7,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from services.session.state import SessionClosed, SessionNotFound, SessionStore
+from services.session.state import MAX_REQUEST_IDS, SessionClosed, SessionNotFound, SessionStore
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -44,6 +44,26 @@ def test_retried_append_is_applied_once(store_factory):
         assert (await st.append_turn("tenant", s.id, [9], request_id="req-2")).num_tokens == 4
         assert (await st.append_turn("tenant", s.id, [9])).num_tokens == 5  # no request id: always applied
         assert (await st.get("tenant", s.id)).tokens == [7, 1, 2, 9, 9]
+    asyncio.run(scenario())
+
+
+def test_kept_records_outlive_the_last_request_ids_and_forks_start_at_them(store_factory):
+    """A stored response is a kept turn record: not dropped with the last MAX_REQUEST_IDS, read
+    back and deleted by id; a fork can start at the point it records."""
+    async def scenario():
+        st = store_factory()
+        s = await st.create("tenant", "m", tokens=[1], messages=[{"role": "system", "content": "x"}])
+        await st.append_turn("tenant", s.id, [2, 3], request_id="kept", result="{}", keep_record=True,
+                             messages=[{"role": "user", "content": "a"}])
+        for i in range(MAX_REQUEST_IDS + 1):
+            await st.append_turn("tenant", s.id, [4], request_id=f"r{i}", result="{}")
+        assert await st.record("tenant", s.id, "r0") is None  # dropped: beyond the last MAX_REQUEST_IDS
+        assert await st.record("tenant", s.id, "kept") == (3, "{}")
+        f = await st.fork("tenant", s.id, at=(3, 2))
+        got = await st.get("tenant", f.id)
+        assert got.tokens == [1, 2, 3] and [m["content"] for m in got.messages] == ["x", "a"] and got.parent == s.id
+        assert await st.drop_record("tenant", s.id, "kept") and await st.record("tenant", s.id, "kept") is None
+        assert not await st.drop_record("tenant", s.id, "kept")
     asyncio.run(scenario())
 
 

@@ -139,7 +139,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., skip_cache: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens_t0", "cached_tokens_t1", "cached_tokens_t2", "ttft_seconds", "tokens_per_second", "finish_reason", "worker_id", "num_tokens", "failovers")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens_t0", "cached_tokens_t1", "cached_tokens_t2", "ttft_seconds", "tokens_per_second", "finish_reason", "worker_id", "num_tokens", "failovers", "recomputed_tokens_t0", "recomputed_tokens_t1", "recomputed_tokens_t2", "load_seconds")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_T0_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,10 @@ class Usage(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_TOKENS_T0_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_TOKENS_T1_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_TOKENS_T2_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens_t0: int
@@ -162,7 +166,11 @@ class Usage(_message.Message):
     worker_id: str
     num_tokens: int
     failovers: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens_t0: _Optional[int] = ..., cached_tokens_t1: _Optional[int] = ..., cached_tokens_t2: _Optional[int] = ..., ttft_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., finish_reason: _Optional[str] = ..., worker_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., failovers: _Optional[int] = ...) -> None: ...
+    recomputed_tokens_t0: int
+    recomputed_tokens_t1: int
+    recomputed_tokens_t2: int
+    load_seconds: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens_t0: _Optional[int] = ..., cached_tokens_t1: _Optional[int] = ..., cached_tokens_t2: _Optional[int] = ..., ttft_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., finish_reason: _Optional[str] = ..., worker_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., failovers: _Optional[int] = ..., recomputed_tokens_t0: _Optional[int] = ..., recomputed_tokens_t1: _Optional[int] = ..., recomputed_tokens_t2: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("ids", "text")

@@ -1,6 +1,7 @@
 """The ``kvstore`` command.
 
     kvstore serve                 # everything on embedded defaults; prints where it listens
+    kvstore serve --http-port 8000  # ... plus the OpenAI-compatible HTTP API on 127.0.0.1:8000/v1
     kvstore demo [--address A]    # scripted agent workload (starts its own service without --address)
     kvstore chat --address A      # interactive session
     kvstore tiers-demo            # the cache tiers alone, with synthetic KV
@@ -31,6 +32,7 @@ _SERVE_HELP = {
     "redis_maxmemory": "maxmemory of the embedded block Redis (allkeys-lru)",
     "redis_url": "Redis for sessions (must not evict) and, without --blocks-redis-url, blocks; empty: embedded",
     "blocks_redis_url": "Redis for blocks (allkeys-lru advised); empty: --redis-url, else embedded",
+    "http_port": "port of the OpenAI-compatible HTTP API on --host (same keys and TLS); -1: off, 0: a free one",
 }
 
 

@@ -305,7 +305,10 @@ async def serve(config: ServeConfig, ready=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
-    print(f"kvstore serving sessions on {service.address} ({config.workers} workers, model {config.model} "
+    http = service.server.http
+    print(f"kvstore serving sessions on {service.address}"
+          + (f" and the OpenAI-compatible API on http{'s' if config.session.tls_cert else ''}://{http.address}/v1"
+             if http else "") + f" ({config.workers} workers, model {config.model} "
           "(the built-in models have random weights: their text is noise); "
           f"block store {service.blockstore_address}; session data in {service.data_dir or 'the given Redis'}; "
           "Ctrl-C stops)", flush=True)

@@ -8,7 +8,11 @@ template, as ids for the byte tokenizer), which is exactly what the template add
 """
 from __future__ import annotations
 
+import logging
+
 from workers.tokenizer import ChatFormatError, Tokenizer, check_messages
+
+logger = logging.getLogger(__name__)
 
 
 class ChatFormatter:
@@ -16,41 +20,55 @@ class ChatFormatter:
         self.tokenizer = tokenizer
         self._render = getattr(tokenizer, "render_chat", None)  # text templates (Hugging Face)
 
-    def delta(self, history: list[dict], new: list[dict], add_generation_prompt: bool) -> list[int]:
-        """Token ids that ``new`` messages (and the generation prompt) add after ``history``."""
-        check_messages(new)
+    def _template(self, messages: list[dict], add_generation_prompt: bool) -> str | list[int]:
+        """The conversation rendered: text (a tokenizer with a text template) or ids."""
         try:
             if self._render is not None:
-                before = self._render(history, add_generation_prompt=False) if history else ""
-                after = self._render(history + new, add_generation_prompt=add_generation_prompt)
-                if not after.startswith(before):  # a template that rewrites earlier turns
-                    before = ""
-                    after = self._render(new, add_generation_prompt=add_generation_prompt)
-                return self.tokenizer.encode(after[len(before):])
-            before_ids = self.tokenizer.apply_chat_template(history, add_generation_prompt=False) if history else []
-            after_ids = self.tokenizer.apply_chat_template(history + new, add_generation_prompt=add_generation_prompt)
+                return self._render(messages, add_generation_prompt=add_generation_prompt) if messages else ""
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) \
+                if messages else []
         except (ValueError, TypeError) as e:
             raise ChatFormatError(str(e)) from e
         except Exception as e:  # jinja2 TemplateError and friends
             raise ChatFormatError(f"the chat template failed: {e}") from e
-        if after_ids[:len(before_ids)] != before_ids:
-            return after_ids
-        return after_ids[len(before_ids):]
+
+    def delta(self, history: list[dict], new: list[dict], add_generation_prompt: bool) -> list[int]:
+        """Token ids that ``new`` messages (and the generation prompt) add after ``history``."""
+        check_messages(new)
+        before = self._template(history, False)
+        after = self._template(history + new, add_generation_prompt)
+        if after[:len(before)] != before:  # a template that rewrites earlier turns
+            if self._render is None:
+                return after
+            before, after = "", self._template(new, add_generation_prompt)
+        rest = after[len(before):]
+        return self.tokenizer.encode(rest) if isinstance(rest, str) else rest
 
     def close_assistant(self, history: list[dict], output: list[int], text: str) -> list[int]:
-        """Tokens that end an assistant turn whose generated ``output`` (decoded: ``text``)
-        did not reach the template's end-of-turn (e.g. it stopped at max_tokens, or the
-        template adds a newline after the end token)."""
+        """The tokens that follow a generated assistant reply ``output`` (decoded: ``text``)
+        in the history: what the template renders after an assistant reply's content (its
+        end of turn, e.g. ``<|im_end|>\\n``), always. The output itself stays as generated (its
+        KV exists), even where encoding ``text`` gives other ids (a lone byte of a multi-byte
+        character, a special token); an output that stopped at an end-of-turn token gets what
+        the template puts after that token."""
+        closing = self._closing(history, text)
+        if output and output[-1] in self.tokenizer.eos_token_ids and output[-1] in closing:
+            return closing[closing.index(output[-1]) + 1:]
+        return closing
+
+    def _closing(self, history: list[dict], text: str) -> list[int]:
         try:
-            full = self.delta(history, [{"role": "assistant", "content": text}], add_generation_prompt=False)
-            opened = self.delta(history, [], add_generation_prompt=True)
-        except ChatFormatError:
+            opened = self._template(history, True)
+            # The reply's own text, else a plain one for templates that rewrite content (e.g. trim it).
+            for content in (text, "x"):
+                full = self._template(history + [{"role": "assistant", "content": content}], False)
+                body = opened + (content if isinstance(opened, str) else self.tokenizer.encode(content))
+                if full[:len(body)] == body:
+                    rest = full[len(body):]
+                    return self.tokenizer.encode(rest) if isinstance(rest, str) else rest
+        except ChatFormatError as e:  # the turn is generated already: record it as it is
+            logger.warning("the chat template cannot render the assistant reply: %s", e)
             return []
-        if full[:len(opened)] != opened:
-            return []
-        closing = full[len(opened):]  # content + the template's end of turn
-        if closing[:len(output)] == output:
-            return closing[len(output):]
-        # The template's tokenization of the content differs from what was generated; the
-        # history keeps the generated tokens as they are and the next message follows them.
+        logger.warning("the chat template renders an assistant reply unlike its generation prompt; the turn "
+                       "is recorded without end-of-turn tokens")
         return []

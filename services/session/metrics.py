@@ -21,6 +21,10 @@ class SessionMetrics:
                                registry=r)
         self._prompt = Counter(p + "prompt_tokens", "prompt tokens of finished turns", registry=r)
         self._cached = Counter(p + "cached_tokens", "prompt tokens reused from a tier", ["tier"], registry=r)
+        self._recomputed = Counter(p + "recomputed_tokens", "cached prompt tokens recomputed by the cost model's "
+                                   "choice, by the tier that held them", ["tier"], registry=r)
+        self._load = Histogram(p + "load_seconds", "time a turn waited for its cached prefix from T1/T2",
+                               buckets=_LATENCY_BUCKETS, registry=r)
         self._completion = Counter(p + "completion_tokens", "tokens generated", registry=r)
         self._failovers = Counter(p + "failovers", "workers lost during a turn (it resumed elsewhere)", registry=r)
         self.active = Gauge(p + "active_generations", "Generate streams holding a generation slot", registry=r)
@@ -38,4 +42,8 @@ class SessionMetrics:
         self._completion.inc(usage.completion_tokens)
         for tier, n in (("t0", usage.cached_tokens_t0), ("t1", usage.cached_tokens_t1), ("t2", usage.cached_tokens_t2)):
             self._cached.labels(tier).inc(n)
+        for tier, n in (("t0", usage.recomputed_tokens_t0), ("t1", usage.recomputed_tokens_t1),
+                        ("t2", usage.recomputed_tokens_t2)):
+            self._recomputed.labels(tier).inc(n)
+        self._load.observe(usage.load_seconds)
         self._failovers.inc(usage.failovers)

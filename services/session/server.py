@@ -32,6 +32,7 @@ from services.common.auth import TokenTable
 from services.common.errors import REDIS_UNAVAILABLE, ConfigError
 from services.common.grpc_server import MetricsEndpoint, add_servicer, bind
 from services.common.net import host_port, is_loopback
+from services.session.http import HTTPServer, create_app
 from services.session.metrics import SessionMetrics
 from services.session.pool import WorkerPool
 from services.session.service import SERVICE_NAME, SessionServicer
@@ -82,7 +83,8 @@ class SessionServiceConfig:
     # The block store, for Pin (keeps a pinned session's blocks in the cold tier); empty: none.
     blockstore_address: str = ""
     blockstore_token: str = ""
-
+    # The OpenAI-compatible HTTP API (http.py) on `host`, beside the gRPC API; -1: off, 0: a free port.
+    http_port: int = -1
 
 
 def validate_config(config: SessionServiceConfig) -> TokenTable:
@@ -126,6 +128,7 @@ class SessionServer:
         self._health_task: asyncio.Task | None = None
         self._healthy: bool | None = None
         self._metrics_http = None
+        self.http: HTTPServer | None = None
 
     @property
     def address(self) -> str:
@@ -157,11 +160,16 @@ class SessionServer:
                 self._metrics_http = MetricsEndpoint(cfg.host, cfg.metrics_port, self.metrics.registry)
             await self._check()
             await self._server.start()
+            if cfg.http_port >= 0:
+                self.http = HTTPServer(create_app(servicer, cfg, lambda: bool(self._healthy)), cfg)
+                await self.http.start()
             self._health_task = asyncio.create_task(self._health_loop(), name="session-health")
         except BaseException:
             await self.stop(grace=0)
             raise
-        logger.info("session service on %s (auth %s)", self.address, "on" if self._keys.enabled else "off")
+        logger.info("session service on %s%s (auth %s)", self.address,
+                    f", OpenAI-compatible HTTP API on {self.http.address}" if self.http else "",
+                    "on" if self._keys.enabled else "off")
         return self.port
 
     def _redis_client(self) -> aioredis.Redis:
@@ -183,6 +191,9 @@ class SessionServer:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         grace = self.config.grace_seconds if grace is None else grace
+        if self.http is not None:
+            await self.http.stop(grace)
+            self.http = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

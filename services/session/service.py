@@ -14,8 +14,11 @@ import contextlib
 import json
 import logging
 import math
+import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -62,6 +65,30 @@ DEFAULT_NAMESPACE = "default"  # with authentication off
 MAX_LIST = 1000  # sessions per ListSessions
 MAX_METADATA_BYTES = 16384  # per session, keys and values
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
+# A stored response's id: "resp_<namespace>:<session id>:<request id of its turn>", so the
+# tenant is known before anything is read (as with session ids).
+RESPONSE_PREFIX = "resp_"
+_RESPONSE_RID = re.compile("[0-9a-f]{32}")
+
+
+@dataclass(slots=True)
+class Generated:
+    """A finished generation: the output and its usage."""
+
+    ids: list[int]
+    text: str
+    usage: pb.Usage
+
+
+@dataclass(slots=True)
+class StoredResponse:
+    """A stored response of the Responses API, as ``SessionServicer.response`` reads it."""
+
+    id: str
+    created: float  # unix seconds
+    text: str
+    usage: pb.Usage
+    fields: dict  # what the front end stored with it (``respond``'s ``fields``)
 
 
 def public_id(namespace: str, session_id: str) -> str:
@@ -122,13 +149,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
             if request.model and request.model != self.model:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {shown(request.model)} is not served here; "
                                                               f"this service serves {self.model!r}")
-            metadata = self._checked_metadata(request.metadata)
-            messages = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
-            tokens = await self._delta([], messages, False) if messages else []
-            if len(tokens) > self.max_history:
-                raise HistoryTooLong(f"the system prompt is {len(tokens)} tokens; a session holds at most "
-                                     f"{self.max_history}")
-            session = await self._store.create(namespace, self.model, tokens, metadata, messages=messages)
+            session = await self._create(namespace, request.system_prompt, self._checked_metadata(request.metadata))
             return self._info(session)
 
     async def Append(self, request: pb.AppendRequest, context) -> pb.AppendResponse:
@@ -168,43 +189,139 @@ class SessionServicer(pb_grpc.SessionsServicer):
                     async for response in responses:
                         yield response
 
-    async def _turn(self, session: Session, request: pb.GenerateRequest, arrival: float,
-                    context) -> AsyncIterator[pb.GenerateResponse]:
-        """Generate's new turn: wait for a slot, stream the tokens, record the turn, send its usage."""
+    # ---- the OpenAI-compatible HTTP API's calls (services/session/http.py) ----------------------
+
+    async def complete(self, request: pb.GenerateRequest, namespace: str, context) -> AsyncIterator[pb.GenerateResponse]:
+        """A stateless generation (Chat Completions): ``request.input``'s messages are the whole
+        conversation, rendered into a prompt each time; reuse comes from prefix hashing alone.
+        Token chunks, then usage; nothing is recorded (``session_id`` and ``request_id`` unused)."""
+        arrival = time.perf_counter()
+        async with self.rpc("Complete", context):
+            namespace = self.namespace(context, namespace)
+            sampling = self._sampling(request.sampling if request.HasField("sampling") else None)
+            prompt, _, _ = await self._input(Session("", namespace, self.model, []), request.input, True)
+            async with contextlib.aclosing(self._generate(namespace, prompt, sampling, request, None, arrival,
+                                                          context)) as items:
+                async for item in items:
+                    if isinstance(item, Generated):
+                        self._metrics.turn(item.usage)
+                        item = pb.GenerateResponse(usage=item.usage)
+                    yield item
+
+    async def respond(self, request: pb.GenerateRequest, context, *, namespace: str = "", previous: str = "",
+                      instructions: str = "", fields: dict | None = None) -> AsyncIterator[str | pb.GenerateResponse]:
+        """A Responses API turn, stored: yields the new response's id, then Generate's responses.
+
+        A response is a point in a session's history (its turn's record, kept with the session,
+        holds the history length and message count after it). A new conversation is a new
+        session whose system prompt is ``instructions``; continuing the latest response of a
+        session appends to it (a concurrent continuation gets ABORTED), continuing an older
+        one (or one of a closed session) forks the session at that point. ``instructions``
+        that differ from the conversation's are added as a system message. ``fields`` are
+        stored with the response and returned by ``response``."""
+        arrival = time.perf_counter()
+        async with self.rpc("Respond", context):
+            created = None
+            if previous:
+                namespace, raw, rid = self._response_key(context, previous)
+                n, record = await self._response_record(namespace, raw, rid, previous)
+                session = await self._read(namespace, raw, include_closed=True)
+                if len(session.tokens) != n or session.closed:
+                    session = created = await self._store.fork(namespace, raw, at=(n, record["messages"]))
+            else:
+                namespace = self.namespace(context, namespace)
+                session = created = await self._create(namespace, instructions, {})
+            system = {"role": "system", "content": instructions}
+            if instructions and previous and session.messages[:1] != [system]:
+                request.input.CopyFrom(pb.Input(messages=pb.Messages(items=[pb.Message(**system),
+                                                                            *request.input.messages.items])))
+            request.request_id = secrets.token_hex(16)
+            yield _response_id(namespace, session.id, request.request_id)
+            try:
+                async with contextlib.aclosing(self._turn(session, request, arrival, context,
+                                                          dict(fields or {}))) as responses:
+                    async for response in responses:
+                        yield response
+            except BaseException:
+                if created is not None:  # nothing half-made counts against the namespace's sessions
+                    with contextlib.suppress(Exception):  # shielded: also when the caller went away
+                        await asyncio.shield(self._store.close(namespace, created.id))
+                raise
+
+    async def response(self, response_id: str, context) -> StoredResponse:
+        """A stored response (NOT_FOUND for an unknown, deleted or other tenant's id)."""
+        async with self.rpc("GetResponse", context):
+            namespace, raw, rid = self._response_key(context, response_id)
+            _, record = await self._response_record(namespace, raw, rid, response_id)
+            return StoredResponse(response_id, record["created"], record["text"],
+                                  pb.Usage(**record["usage"]), record["response"])
+        raise AssertionError("unreachable: rpc() aborts the call")
+
+    async def delete_response(self, response_id: str, context) -> None:
+        """Forget a stored response: it can no longer be read or continued (its session, and
+        responses that continued it, stay)."""
+        async with self.rpc("DeleteResponse", context):
+            namespace, raw, rid = self._response_key(context, response_id)
+            await self._response_record(namespace, raw, rid, response_id)
+            await self._store.drop_record(namespace, raw, rid)
+
+    @property
+    def worker_ids(self) -> list[str]:
+        return self._pool.worker_ids
+
+    def authenticate(self, context) -> frozenset[str]:
+        """The namespaces the caller's API key reaches (raises ``RequestError`` UNAUTHENTICATED)."""
+        return self._keys.authenticate(context.invocation_metadata())
+
+    def namespace(self, context, requested: str) -> str:
+        """The namespace a call works in: ``requested``, or the API key's only one (raises
+        ``RequestError``: UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT)."""
+        return self._namespace(self.authenticate(context), requested)
+
+    async def models(self, context) -> list[str]:
+        """The models served (one)."""
+        async with self.rpc("ListModels", context):
+            self._keys.authenticate(context.invocation_metadata())
+            return [self.model]
+        raise AssertionError("unreachable: rpc() aborts the call")
+
+    def _response_key(self, context, response_id: str) -> tuple[str, str, str]:
+        """(namespace, session id, request id) of a response id the caller may use; NOT_FOUND
+        otherwise, also for another tenant's (its existence is not revealed)."""
+        allowed = self._keys.authenticate(context.invocation_metadata())
+        namespace, session_id, rid = response_id.removeprefix(RESPONSE_PREFIX).rsplit(":", 2) \
+            if response_id.startswith(RESPONSE_PREFIX) and response_id.count(":") >= 2 else ("", "", "")
+        if not (valid_namespace(namespace) and valid_session_id(session_id) and _RESPONSE_RID.fullmatch(rid)) or (
+                ANY_NAMESPACE not in allowed and namespace not in allowed):
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no response {shown(response_id, 96)}")
+        return namespace, session_id, rid
+
+    async def _response_record(self, namespace: str, session_id: str, rid: str, response_id: str) -> tuple[int, dict]:
+        found = await self._store.record(namespace, session_id, rid)
+        record = json.loads(found[1]) if found and found[1].startswith("{") else {}
+        if "response" not in record:  # a Generate's request id is no response
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no response {shown(response_id, 96)}")
+        return found[0], record
+
+    # ---- turns ----------------------------------------------------------------------------
+
+    async def _turn(self, session: Session, request: pb.GenerateRequest, arrival: float, context,
+                    response: dict | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        """Generate's new turn: generate from the history and the input, record the turn (kept
+        with the session as a stored response when ``response`` is given), send its usage."""
         sampling = self._sampling(request.sampling if request.HasField("sampling") else None)
         tokens, messages, chat = await self._input(session, request.input if request.HasField("input") else None,
                                                    True)
         prompt = session.tokens + tokens
-        if not prompt:
-            raise RequestError(_INVALID, "nothing to generate from: the session is empty and so is the input")
-        if len(prompt) + sampling.max_tokens > self.max_history:
-            raise HistoryTooLong(f"the session ({len(prompt)} tokens with this input) plus max_tokens "
-                                 f"({sampling.max_tokens}) exceeds its limit of {self.max_history} tokens (the "
-                                 "model's context, or max_history_tokens)")
-        if request.worker_id and request.worker_id not in self._pool.worker_ids:
-            raise RequestError(_INVALID, f"unknown worker_id {shown(request.worker_id)}; workers: "
-                                         f"{', '.join(self._pool.worker_ids)}")
-        if not self._pool.live_worker_ids:
-            raise NoWorkerError("no decode worker is available; retry later")
-        queued_at = time.perf_counter()
-        async with self._admission.slot(session.namespace, self._queue_timeout(context)):
-            self._metrics.queue_wait.observe(time.perf_counter() - queued_at)
-            decoder = IncrementalDecoder(self._tok.decode)
-            first_at = end = None
-            result: GenerateEnd | None = None
-            generation = GenerateRequest(prompt, sampling, session.namespace, request.skip_cache)
-            async for item in self._pool.generate(generation, _router_key(session), request.worker_id or None):
-                if isinstance(item, GenerateEnd):
-                    result = item
-                    break
-                if first_at is None:
-                    first_at = time.perf_counter()
-                yield pb.GenerateResponse(chunk=pb.TokenChunk(ids=[item], text=decoder.push(item)))
-            end = time.perf_counter()
-            if tail := decoder.flush():
-                yield pb.GenerateResponse(chunk=pb.TokenChunk(text=tail))
-        output = decoder.ids
-        text = self._tok.decode(output)
+        generated = None
+        async with contextlib.aclosing(self._generate(session.namespace, prompt, sampling, request,
+                                                      _router_key(session), arrival, context)) as items:
+            async for item in items:
+                if isinstance(item, Generated):
+                    generated = item
+                else:
+                    yield item
+        output, text, usage = generated.ids, generated.text, generated.usage
         turn_msgs = messages
         if chat:
             closing = await asyncio.to_thread(self._chat.close_assistant, session.messages + messages, output, text)
@@ -213,17 +330,14 @@ class SessionServicer(pb_grpc.SessionsServicer):
         else:
             tokens_after = output
         n = len(output)
-        usage = pb.Usage(
-            prompt_tokens=len(prompt), completion_tokens=n,
-            cached_tokens_t0=result.usage.cached_tokens[0], cached_tokens_t1=result.usage.cached_tokens[1],
-            cached_tokens_t2=result.usage.cached_tokens[2], ttft_seconds=(first_at or end) - arrival,
-            tokens_per_second=(n - 1) / (end - first_at) if n > 1 and end > first_at else 0.0,
-            finish_reason=result.finish_reason.value, worker_id=result.worker_id, failovers=result.failovers)
-        record = json.dumps({"ids": output, "text": text, "usage": _usage_dict(usage)})
+        record = {"ids": output, "text": text, "usage": _usage_dict(usage)}
+        if response is not None:
+            record.update(response=response, created=time.time(), messages=len(session.messages) + len(turn_msgs))
         # The limit was checked with max_tokens; the template's end-of-turn tokens may follow.
         appended = await self._store.append_turn(
             session.namespace, session.id, tokens + tokens_after, request_id=request.request_id, messages=turn_msgs,
-            expected_len=len(session.tokens), result=record, max_len=self.max_history + len(tokens_after) - n)
+            expected_len=len(session.tokens), result=json.dumps(record), max_len=self.max_history + len(tokens_after) - n,
+            keep_record=response is not None)
         if appended.replayed:
             # Another call with this request id recorded its turn first (this call's lease had
             # lapsed, e.g. Redis was unreachable for a while): only its answer is in the history.
@@ -243,6 +357,50 @@ class SessionServicer(pb_grpc.SessionsServicer):
             self._in_background(self._pin_blocks(session.namespace, prompt + tokens_after,
                                                  session.pinned_until - time.time()), "session-repin")
         yield pb.GenerateResponse(usage=usage)
+
+    async def _generate(self, namespace: str, prompt: list[int], sampling: SamplingParams,
+                        request: pb.GenerateRequest, router_key: str | None, arrival: float,
+                        context) -> AsyncIterator[pb.GenerateResponse | Generated]:
+        """Generate from ``prompt`` (within the limits) in a generation slot, on the worker the
+        router picks (``request.worker_id`` if set): token chunks, then a ``Generated``. Records nothing."""
+        if not prompt:
+            raise RequestError(_INVALID, "nothing to generate from: the session is empty and so is the input")
+        if len(prompt) + sampling.max_tokens > self.max_history:
+            raise HistoryTooLong(f"the prompt ({len(prompt)} tokens with this input) plus max_tokens "
+                                 f"({sampling.max_tokens}) exceeds the limit of {self.max_history} tokens (the "
+                                 "model's context, or max_history_tokens)")
+        if request.worker_id and request.worker_id not in self._pool.worker_ids:
+            raise RequestError(_INVALID, f"unknown worker_id {shown(request.worker_id)}; workers: "
+                                         f"{', '.join(self._pool.worker_ids)}")
+        if not self._pool.live_worker_ids:
+            raise NoWorkerError("no decode worker is available; retry later")
+        queued_at = time.perf_counter()
+        async with self._admission.slot(namespace, self._queue_timeout(context)):
+            self._metrics.queue_wait.observe(time.perf_counter() - queued_at)
+            decoder = IncrementalDecoder(self._tok.decode)
+            first_at = None
+            result: GenerateEnd | None = None
+            generation = GenerateRequest(prompt, sampling, namespace, request.skip_cache)
+            async for item in self._pool.generate(generation, router_key, request.worker_id or None):
+                if isinstance(item, GenerateEnd):
+                    result = item
+                    break
+                if first_at is None:
+                    first_at = time.perf_counter()
+                yield pb.GenerateResponse(chunk=pb.TokenChunk(ids=[item], text=decoder.push(item)))
+            end = time.perf_counter()
+            if tail := decoder.flush():
+                yield pb.GenerateResponse(chunk=pb.TokenChunk(text=tail))
+        output, u = decoder.ids, result.usage
+        n = len(output)
+        yield Generated(output, self._tok.decode(output), pb.Usage(
+            prompt_tokens=len(prompt), completion_tokens=n, cached_tokens_t0=u.cached_tokens[0],
+            cached_tokens_t1=u.cached_tokens[1], cached_tokens_t2=u.cached_tokens[2],
+            recomputed_tokens_t0=u.recomputed_tokens[0], recomputed_tokens_t1=u.recomputed_tokens[1],
+            recomputed_tokens_t2=u.recomputed_tokens[2], load_seconds=u.load_s,
+            ttft_seconds=(first_at or end) - arrival,
+            tokens_per_second=(n - 1) / (end - first_at) if n > 1 and end > first_at else 0.0,
+            finish_reason=result.finish_reason.value, worker_id=result.worker_id, failovers=result.failovers))
 
     async def Fork(self, request: pb.ForkRequest, context) -> pb.SessionInfo:
         async with self.rpc("Fork", context):
@@ -306,6 +464,14 @@ class SessionServicer(pb_grpc.SessionsServicer):
     def rpc(self, method: str, context):
         """Map exceptions to status codes (never crash on a request) and record metrics."""
         return rpc_status(method, context, _classify, self._metrics.observe)
+
+    async def _create(self, namespace: str, system_prompt: str, metadata: dict[str, str]) -> Session:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        tokens = await self._delta([], messages, False) if messages else []
+        if len(tokens) > self.max_history:
+            raise HistoryTooLong(f"the system prompt is {len(tokens)} tokens; a session holds at most "
+                                 f"{self.max_history}")
+        return await self._store.create(namespace, self.model, tokens, metadata, messages=messages)
 
     def _namespace(self, allowed: frozenset[str], requested: str) -> str:
         if not self._keys.enabled:
@@ -469,6 +635,10 @@ async def _classify(e: Exception) -> tuple[grpc.StatusCode, str] | None:
         logger.warning("session state (Redis) is unavailable: %s", reason)
         return grpc.StatusCode.UNAVAILABLE, f"session state (Redis) is unavailable, retry later: {reason}"
     return None
+
+
+def _response_id(namespace: str, session_id: str, request_id: str) -> str:
+    return f"{RESPONSE_PREFIX}{public_id(namespace, session_id)}:{request_id}"
 
 
 def _router_key(session: Session) -> str:

@@ -18,7 +18,9 @@ Request-id records live in a hash of the session (``:reqs``, with their times in
 not in keys of their own with a TTL: an eviction policy that removes keys with a TTL first
 (``volatile-*``) could drop a record while its session stays, and a retry would apply the
 turn again. They are bounded explicitly: each turn drops the records beyond the session's
-last ``MAX_REQUEST_IDS`` and those older than ``REQUEST_ID_TTL_S``.
+last ``MAX_REQUEST_IDS`` and those older than ``REQUEST_ID_TTL_S``. A turn may keep its record
+instead (``keep_record``: a stored OpenAI response, read back by ``record``): it is not timed, so
+it lives as long as the session (its size is bounded by the history's).
 
 Idle sessions expire: every write sets the TTL of all the session's keys to ``idle_ttl_s``
 (0: no TTL), or to the end of its pin if that is later. Session state must therefore never
@@ -143,7 +145,8 @@ return keep(tonumber(ARGV[4]), tonumber(ARGV[6]))
 
 # ARGV: 1 token bytes, 2 now, 3 request id ('' for none), 4 expected history length in tokens
 # (-1: any), 5 the result to remember under the request id, 6 the history limit in tokens,
-# 7 idle ms, 8 request ids kept, 9 their maximum age in s, then message JSONs to push.
+# 7 idle ms, 8 request ids kept (-1: keep this record as long as the session, untimed), 9 their
+# maximum age in s, then message JSONs to push.
 # Returns {history length after the call, remembered result, 1 if replayed, TTL set}: a
 # retried request id returns what the first call stored. Length -1: the session is missing,
 # -2: closed, -3: changed, -4: over the limit (the result is the history length).
@@ -169,6 +172,8 @@ local now = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'updated', ARGV[2])
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[4], ARGV[3], n .. '|' .. ARGV[5])
+end
+if ARGV[3] ~= '' and tonumber(ARGV[8]) >= 0 then
   redis.call('ZADD', KEYS[5], now, ARGV[3])
   local old = math.max(redis.call('ZCOUNT', KEYS[5], '-inf', now - tonumber(ARGV[9])),
                        redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[8]))
@@ -333,20 +338,21 @@ class SessionStore:
 
     async def append_turn(self, namespace: str, session_id: str, tokens: list[int], *, request_id: str = "",
                           messages: list[dict] | None = None, expected_len: int | None = None,
-                          result: str = "", max_len: int = 1 << 31) -> Appended:
+                          result: str = "", max_len: int = 1 << 31, keep_record: bool = False) -> Appended:
         """Atomically append tokens and chat messages (one script: the turn, its request-id
         record and the updated time are all written, or none of them).
 
         ``expected_len``: apply only if the history still has this many tokens (raises
         ``SessionChanged`` otherwise). ``max_len``: the history limit in tokens (raises
         ``HistoryTooLong``). ``result`` is remembered with the ``request_id`` and returned to
-        retries, which change nothing."""
+        retries, which change nothing; with ``keep_record`` it is kept as long as the session
+        (not among the last ``MAX_REQUEST_IDS``)."""
         if len(request_id) > _MAX_REQUEST_ID:
             raise ValueError(f"request_id longer than {_MAX_REQUEST_ID} characters")
         data = token_bytes(np.asarray(tokens, dtype=np.int64))
         now = time.time()
         args = [data, now, request_id, -1 if expected_len is None else expected_len, result, max_len,
-                self._idle_ms, MAX_REQUEST_IDS, REQUEST_ID_TTL_S, *(json.dumps(m) for m in messages or ())]
+                self._idle_ms, -1 if keep_record else MAX_REQUEST_IDS, REQUEST_ID_TTL_S, *(json.dumps(m) for m in messages or ())]
         n, stored, replayed, ttl_ms = await self._append(keys=self._keys(namespace, session_id), args=args)
         n = int(n)
         if n == -1:
@@ -412,12 +418,24 @@ class SessionStore:
             except REDIS_UNAVAILABLE as e:  # the next renewal may still come in time
                 logger.warning("could not renew a request lease: %s", e)
 
-    async def fork(self, namespace: str, session_id: str, metadata: dict[str, str] | None = None) -> Session:
+    async def fork(self, namespace: str, session_id: str, metadata: dict[str, str] | None = None,
+                   at: tuple[int, int] | None = None) -> Session:
         """A new session whose history starts as a copy of ``session_id``'s (of one snapshot
-        of it: a concurrent turn on the parent is wholly in the fork or not at all)."""
+        of it: a concurrent turn on the parent is wholly in the fork or not at all), or of its
+        first (tokens, messages) ``at`` (an earlier point of its history)."""
         parent = await self.get(namespace, session_id)
-        return await self.create(namespace, parent.model, parent.tokens, metadata or parent.metadata,
-                                 parent=session_id, messages=parent.messages)
+        tokens, messages = (parent.tokens[:at[0]], parent.messages[:at[1]]) if at else (parent.tokens, parent.messages)
+        return await self.create(namespace, parent.model, tokens, metadata or parent.metadata,
+                                 parent=session_id, messages=messages)
+
+    async def record(self, namespace: str, session_id: str, request_id: str) -> tuple[int, str] | None:
+        """(history length after the turn, result) recorded under ``request_id``, or None."""
+        done = await self._r.hget(self._keys(namespace, session_id)[3], request_id)
+        return _parse_done(done) if done else None
+
+    async def drop_record(self, namespace: str, session_id: str, request_id: str) -> bool:
+        """Forget what ``request_id`` recorded (its turn stays in the history); False if nothing was."""
+        return bool(await self._r.hdel(self._keys(namespace, session_id)[3], request_id))
 
     async def list(self, namespace: str, limit: int = 100) -> list[str]:
         """Session ids of a namespace, most recently updated first."""
