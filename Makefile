@@ -12,10 +12,15 @@ test:
 
 bench:
 	./scripts/bootstrap.sh "[test,bench]"
-	.venv/bin/python bench/tiers.py
-	.venv/bin/python bench/remote.py
-	.venv/bin/python bench/ttft.py --reps 5
+	.venv/bin/python bench/tiers.py --quick
+	.venv/bin/python bench/remote.py --quick
+	.venv/bin/python bench/ttft.py --quick
+	.venv/bin/python bench/mixed.py --quick
+	.venv/bin/python bench/decode.py --quick
+	.venv/bin/python bench/codec_quality.py --quick
+	.venv/bin/python bench/policies.py --quick
 	.venv/bin/python bench/trace.py
+	.venv/bin/python bench/http_demo.py --quick
 
 proto:
 	./scripts/bootstrap.sh "[test]"
