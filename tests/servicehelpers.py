@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import ray
 import redis
 from enginehelpers import tiny
 
 from kvstore.blockstore_client import BlockStoreClientConfig
 from kvstore.cache import CacheConfig, TieredKVCache
+from services.blockstore.server import BlockStoreConfig, BlockStoreThread
 from services.cli.serve import BackgroundLoop as LoopThread
+from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 from services.session.pool import PoolConfig, WorkerPool
 from services.session.server import SessionServer, SessionServiceConfig
 from workers.actor import WorkerConfig
@@ -59,6 +63,37 @@ def serving(loop: LoopThread, pool: WorkerPool, redis_url: str, **overrides) -> 
         yield server
     finally:
         loop.run(server.stop(grace=0))
+
+
+@dataclass(slots=True)
+class Stack:
+    """A real Ray pool of two tiny-model workers, a block store and a session Redis."""
+
+    loop: LoopThread
+    pool: WorkerPool
+    blockstore: BlockStoreThread
+    redis: EmbeddedRedis
+
+
+@contextlib.contextmanager
+def worker_stack(redis_server: EmbeddedRedis, ray_dir: str, name: str, max_num_seqs: int) -> Iterator[Stack]:
+    """``Stack`` on a fresh local Ray (one per test module), stopped after the block."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             _temp_dir=ray_dir)
+    blockstore = BlockStoreThread(BlockStoreConfig(port=0, redis_url=redis_server.url))
+    blockstore.start()
+    sessions = EmbeddedRedis(EmbeddedRedisConfig(maxmemory="0", maxmemory_policy="noeviction")).start()
+    loop = LoopThread()
+    pool = start_pool(loop, PoolConfig(num_workers=2, worker=worker_config(blockstore.address, max_num_seqs=max_num_seqs),
+                                       poll_interval_s=0.05, name_prefix=name))
+    try:
+        yield Stack(loop, pool, blockstore, sessions)
+    finally:
+        loop.run(pool.close())
+        loop.close()
+        sessions.stop()
+        blockstore.stop()
+        ray.shutdown()
 
 
 def reference(prompt: list[int], max_tokens: int, ignore_eos: bool = True) -> list[int]:

@@ -8,17 +8,13 @@ from collections import Counter
 
 import grpc
 import pytest
-import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from servicehelpers import LoopThread, serving, start_pool, worker_config
+from servicehelpers import serving, worker_stack
 
 from kvstore.client import SessionClient
 from kvstore.v1 import session_pb2 as pb
-from services.blockstore.server import BlockStoreConfig, BlockStoreThread
-from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
-from services.session.pool import PoolConfig
 
 C = grpc.StatusCode
 # What proto/kvstore/v1/session.proto documents (DEADLINE_EXCEEDED and CANCELLED aside: the
@@ -33,27 +29,15 @@ _seen: Counter = Counter()  # (method, status code) of the structured cases
 
 @pytest.fixture(scope="module")
 def fuzz_env(redis_server, tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    blockstore = BlockStoreThread(BlockStoreConfig(port=0, redis_url=redis_server.url))
-    blockstore.start()
-    sessions = EmbeddedRedis(EmbeddedRedisConfig(maxmemory="0", maxmemory_policy="noeviction")).start()
-    loop = LoopThread()
-    pool = start_pool(loop, PoolConfig(num_workers=2, worker=worker_config(blockstore.address, max_num_seqs=4),
-                                       poll_interval_s=0.05, name_prefix="fuzz-test"))
-    with serving(loop, pool, sessions.url, blockstore_address=blockstore.address, max_tokens=8,
-                 default_max_tokens=4, max_sessions_per_namespace=300, queue_timeout_s=5.0) as server:
+    with worker_stack(redis_server, str(tmp_path_factory.mktemp("ray")), "fuzz-test", 4) as stack, \
+            serving(stack.loop, stack.pool, stack.redis.url, blockstore_address=stack.blockstore.address, max_tokens=8,
+                    default_max_tokens=4, max_sessions_per_namespace=300, queue_timeout_s=5.0) as server:
         ids = []
         for key in ["key-a"] * 10 + ["key-b"] * 2:
             with SessionClient(server.address, api_key=key) as kv:
                 ids.append(kv.create_session(system_prompt="fuzz me").session_id)
         with grpc.insecure_channel(server.address) as channel:
             yield {"server": server, "channel": channel, "session_ids": ids}
-    loop.run(pool.close())
-    loop.close()
-    sessions.stop()
-    blockstore.stop()
-    ray.shutdown()
 
 
 def _call(channel: grpc.Channel, method: str, data: bytes, metadata) -> grpc.StatusCode:

@@ -6,40 +6,23 @@ from __future__ import annotations
 
 import httpx2 as httpx
 import pytest
-import ray
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import status_code_conformance
-from servicehelpers import LoopThread, serving, start_pool, worker_config
-
-from services.blockstore.server import BlockStoreConfig, BlockStoreThread
-from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
-from services.session.pool import PoolConfig
+from servicehelpers import serving, worker_stack
 
 KEY = {"Authorization": "Bearer key-a"}
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(redis_server, tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    blockstore = BlockStoreThread(BlockStoreConfig(port=0, redis_url=redis_server.url))
-    blockstore.start()
-    sessions = EmbeddedRedis(EmbeddedRedisConfig(maxmemory="0", maxmemory_policy="noeviction")).start()
-    loop = LoopThread()
-    pool = start_pool(loop, PoolConfig(num_workers=2, worker=worker_config(blockstore.address, max_num_seqs=4),
-                                       poll_interval_s=0.05, name_prefix="http-fuzz"))
-    with serving(loop, pool, sessions.url, http_port=0, max_tokens=8, default_max_tokens=4,
-                 queue_timeout_s=5.0) as server:
+    with worker_stack(redis_server, str(tmp_path_factory.mktemp("ray")), "http-fuzz", 4) as stack, \
+            serving(stack.loop, stack.pool, stack.redis.url, http_port=0, max_tokens=8, default_max_tokens=4,
+                    queue_timeout_s=5.0) as server:
         yield f"http://127.0.0.1:{server.http.port}"
-    loop.run(pool.close())
-    loop.close()
-    sessions.stop()
-    blockstore.stop()
-    ray.shutdown()
 
 
 CASES_PER_OPERATION = 100  # and generation mode

@@ -17,18 +17,15 @@ from collections import Counter
 
 import grpc
 import pytest
-import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servicehelpers import API_KEYS, BLOCK, LoopThread, serving, start_pool, wait_for, worker_config
+from servicehelpers import API_KEYS, BLOCK, serving, wait_for, worker_stack
 
 from kvstore.client import SessionAPIError, SessionClient
 from kvstore.v1 import session_pb2 as pb
 from kvstore.v1 import session_pb2_grpc as pb_grpc
-from services.blockstore.server import BlockStoreConfig, BlockStoreThread
 from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 from services.common.errors import ConfigError
 from services.common.grpc_server import MAX_STATUS_MESSAGE
-from services.session.pool import PoolConfig
 from services.session.server import SessionServer, SessionServiceConfig
 from workers.tokenizer import ByteTokenizer
 
@@ -39,20 +36,8 @@ CONTEXT = 4096  # the tiny model's
 
 @pytest.fixture(scope="module")
 def env(redis_server, tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    blockstore = BlockStoreThread(BlockStoreConfig(port=0, redis_url=redis_server.url))
-    blockstore.start()
-    sessions = EmbeddedRedis(EmbeddedRedisConfig(maxmemory="0", maxmemory_policy="noeviction")).start()
-    loop = LoopThread()
-    pool = start_pool(loop, PoolConfig(num_workers=2, worker=worker_config(blockstore.address, max_num_seqs=MAX_SEQS),
-                                       poll_interval_s=0.05, name_prefix="limits-test"))
-    yield {"loop": loop, "pool": pool, "blockstore": blockstore, "redis": sessions}
-    loop.run(pool.close())
-    loop.close()
-    sessions.stop()
-    blockstore.stop()
-    ray.shutdown()
+    with worker_stack(redis_server, str(tmp_path_factory.mktemp("ray")), "limits-test", MAX_SEQS) as stack:
+        yield {"loop": stack.loop, "pool": stack.pool, "blockstore": stack.blockstore, "redis": stack.redis}
 
 
 def serve(env, redis_url: str | None = None, **overrides):
