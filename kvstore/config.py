@@ -47,7 +47,8 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Any, env_prefix:
     default, never a value from the environment (tokens, URLs with passwords)."""
     for f, default in _leaves(defaults):
         flag = f"--{f.name.replace('_', '-')}"
-        shown = str(f.default).replace("%", "%%") if f.default != "" else "''"
+        value = f.default.value if isinstance(f.default, Enum) else f.default
+        shown = str(value).replace("%", "%%") if value != "" else "''"
         text = " ".join(filter(None, [(help or {}).get(f.name), f"(default: {shown}"
                                       + (f"; env {env_prefix}{f.name.upper()})" if env_prefix else ")")]))
         if isinstance(f.default, bool):
