@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -17,6 +18,7 @@ from collections import Counter
 
 import grpc
 import pytest
+import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from servicehelpers import API_KEYS, BLOCK, serving, wait_for, worker_stack
 
@@ -314,12 +316,38 @@ def test_one_tenants_burst_does_not_starve_another_and_admitted_generations_run(
     assert max_queued >= 40 and max(max(s) for s in samples) <= MAX_SEQS, (max_queued, max(max(s) for s in samples))
 
 
+# Run inside the workers (``__ray_call__``), whose processes cannot import this module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _steps_take_at_least(self, seconds: float) -> None:
+    """In a worker: each engine step lasts ``seconds`` or more (0: as the class has it)."""
+    if not seconds:
+        self.engine.__dict__.pop("step", None)
+        return
+    step = type(self.engine).step.__get__(self.engine)
+    self.engine.step = lambda: (time.sleep(seconds), step())[1]
+
+
+@contextlib.contextmanager
+def slow_workers(env, seconds: float):
+    """Generations that hold their slot for the whole test on any machine: a fast one ran a
+    3000-token holder to its end (or out of T0) before the test was done with it."""
+    handles = [env["pool"].handle(w) for w in env["pool"].worker_ids]
+    ray.get([h.__ray_call__.remote(_steps_take_at_least, seconds) for h in handles])
+    try:
+        yield
+    finally:
+        ray.get([h.__ray_call__.remote(_steps_take_at_least, 0) for h in handles])
+
+
 def test_a_queued_generation_starts_or_is_refused_within_its_deadline(env):
-    with serve(env, max_concurrent_generations=1, max_queued_generations=1, queue_timeout_s=2.0) as server, \
+    with slow_workers(env, 0.01), \
+            serve(env, max_concurrent_generations=1, max_queued_generations=1, queue_timeout_s=2.0) as server, \
             SessionClient(server.address, api_key="key-a") as kv, \
             SessionClient(server.address, api_key="key-a", timeout_s=1.5) as hurried:
         s1, s2, s3 = (kv.create_session().session_id for _ in range(3))
-        holder = kv.generate(s1, tokens=[1], max_tokens=3000, ignore_eos=True)
+        holder = kv.generate(s1, tokens=[1], max_tokens=1500, ignore_eos=True)  # 15 s or more
         it = iter(holder)
         next(it)  # holds the only slot
         start = time.monotonic()
