@@ -126,6 +126,14 @@ def test_hf_tokenizer(tmp_path):
         assert "".join(dec.push(i) for i in tok.encode(text)) + dec.flush() == text
 
 
+def test_no_token_covers_more_than_max_chars_per_token(tmp_path):
+    texts = TEXTS + ["the quick brown fox jumps over the lazy dog " * 40, "hello world" * 50, "x" * 1000]
+    for tok in (ByteTokenizer(), HFTokenizer.from_dir(_build_tokenizer_dir(tmp_path / "tok"))):
+        assert tok.max_chars_per_token >= 1
+        for text in texts:  # the service's refusal of untokenized text rests on this bound
+            assert len(tok.encode(text)) * tok.max_chars_per_token >= len(text), text[:40]
+
+
 def test_hf_tokenizer_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     d = _build_tokenizer_dir(tmp_path / "tok")

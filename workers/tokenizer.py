@@ -18,6 +18,9 @@ class Tokenizer:
     vocab_size: int
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # No token covers more input characters: n characters are at least n / this many tokens,
+    # so an input far over a limit is refused before it is tokenized.
+    max_chars_per_token: int
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -96,6 +99,7 @@ class ByteTokenizer(Tokenizer):
         self.eos_token_id = self.special_ids["<eos>"]
         self.end_token_id = self.special_ids["<|end|>"]
         self.eos_token_ids = (self.eos_token_id, self.end_token_id)
+        self.max_chars_per_token = 1  # a character is at least one byte
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -152,6 +156,9 @@ class HFTokenizer(Tokenizer):
         eos = [tokenizer.token_to_id(t) for t in eos_tokens]
         eos += list(extra_eos_ids)
         self.eos_token_ids = tuple(dict.fromkeys(int(i) for i in eos if i is not None))
+        # The longest vocabulary entry (byte-level entries: one character per byte), times 4
+        # for normalizers that fold several characters into one (NFC, NFKC).
+        self.max_chars_per_token = 4 * max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
         self._template = None
 
     @classmethod

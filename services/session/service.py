@@ -53,7 +53,7 @@ from services.session.state import (
 )
 from workers.actor import GenerateEnd, GenerateRequest
 from workers.sampling import SamplingParams
-from workers.tokenizer import ChatFormatError, IncrementalDecoder, Tokenizer
+from workers.tokenizer import ChatFormatError, IncrementalDecoder, Tokenizer, check_messages
 
 if TYPE_CHECKING:  # the server module, which builds this servicer, defines it
     from services.session.server import SessionServiceConfig
@@ -467,10 +467,8 @@ class SessionServicer(pb_grpc.SessionsServicer):
 
     async def _create(self, namespace: str, system_prompt: str, metadata: dict[str, str]) -> Session:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        tokens = await self._delta([], messages, False) if messages else []
-        if len(tokens) > self.max_history:
-            raise HistoryTooLong(f"the system prompt is {len(tokens)} tokens; a session holds at most "
-                                 f"{self.max_history}")
+        tokens = await self._delta([], messages, False, "the system prompt",
+                                                                 (self.max_history, "a session's history limit")) if messages else []
         return await self._store.create(namespace, self.model, tokens, metadata, messages=messages)
 
     def _namespace(self, allowed: frozenset[str], requested: str) -> str:
@@ -530,22 +528,35 @@ class SessionServicer(pb_grpc.SessionsServicer):
             messages = [{"role": m.role, "content": m.content} for m in inp.messages.items]
             if not messages:
                 raise RequestError(_INVALID, "input.messages is empty")
-            tokens = await self._delta(session.messages, messages, generate)
-            self._check_size(len(tokens))
+            tokens = await self._delta(session.messages, messages, generate, "the input",
+                                       (self._config.max_input_tokens, "max_input_tokens"))
             return tokens, messages, True
         # No input: a chat session still needs the generation prompt before generating.
         chat = generate and bool(session.messages)
         return (await self._delta(session.messages, [], True) if chat else []), [], chat
 
-    async def _delta(self, history: list[dict], new: list[dict], generate: bool) -> list[int]:
-        """Rendering and tokenizing run in a thread: a large input must not stall the event
-        loop (health checks, other calls)."""
-        return await asyncio.to_thread(self._chat.delta, history, new, add_generation_prompt=generate)
+    async def _delta(self, history: list[dict], new: list[dict], generate: bool, what: str = "",
+                     limit: tuple[int, str] | None = None) -> list[int]:
+        """The tokens ``new`` messages add; ``what`` is refused over ``limit`` (tokens, its name).
+
+        Text over the limit however it tokenizes is refused without tokenizing it; the rest
+        is rendered and tokenized in a thread, so that a large input does not stall the
+        event loop (health checks, other calls)."""
+        if limit is not None:
+            check_messages(new)
+            chars = sum(len(m["content"]) for m in new)
+            if (floor := -(-chars // self._chat.tokenizer.max_chars_per_token)) > limit[0]:
+                raise RequestError(_INVALID, f"{what} is at least {floor} tokens ({chars} characters), over "
+                                             f"{limit[1]} ({limit[0]})")
+        tokens = await asyncio.to_thread(self._chat.delta, history, new, add_generation_prompt=generate)
+        if limit is not None and len(tokens) > limit[0]:
+            raise RequestError(_INVALID, f"{what} is {len(tokens)} tokens, over {limit[1]} ({limit[0]})")
+        return tokens
 
     def _check_size(self, n: int) -> None:
         limit = self._config.max_input_tokens
         if n > limit:
-            raise RequestError(_INVALID, f"input of {n} tokens is over max_input_tokens={limit}")
+            raise RequestError(_INVALID, f"the input is {n} tokens, over max_input_tokens ({limit})")
 
     def _sampling(self, s: pb.SamplingParams | None) -> SamplingParams:
         lim = self._config
