@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import header
 from rich.console import Console
 from rich.table import Table
 
@@ -373,9 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
 
     console = Console() if sys.stdout.isatty() else Console(width=200)
-    header = (f"$ {shlex.join(sys.orig_argv)} | {platform.platform()}, {os.cpu_count()} CPUs, torch "
-              f"{torch.__version__} ({torch.get_num_threads()} threads), device {device}, {sizes}")
-    console.print(header, highlight=False)
+    title = header(f"device {device}", str(sizes))
+    console.print(title, highlight=False)
     results = [run_model(name, sizes, codecs, device, console) for name in models]
     for r in results:
         render(console, r, sizes)
@@ -383,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.png, f"$ {shlex.join(sys.orig_argv)}", console)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "results": results, "verdicts": lines}, f, indent=2, default=str)
+            json.dump({"header": title, "results": results, "verdicts": lines}, f, indent=2, default=str)
     return 0
 
 

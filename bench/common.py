@@ -1,17 +1,29 @@
-"""Shared by the benchmarks: a block store process on an embedded Redis, a slow network to
-it, and timing."""
+"""Shared by the benchmarks: the line that says what ran where, a block store process on an
+embedded Redis, a slow network to it, and timing."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import platform
+import shlex
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
-from services.cli.serve import start_blockstore_process
+from services.blockstore.server import start_blockstore_process
 from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
+
+
+def header(*details: str) -> str:
+    """The line a benchmark prints first: its command, the machine (and torch, when loaded),
+    then ``details`` of what it measures."""
+    machine = [platform.platform(), f"{os.cpu_count()} CPUs"]
+    if (torch := sys.modules.get("torch")) is not None:
+        machine.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    return f"$ {shlex.join(sys.orig_argv)} | " + ", ".join(machine + list(details))
 
 
 @contextlib.contextmanager

@@ -22,10 +22,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
-import os
-import platform
 import random
-import shlex
 import statistics
 import subprocess
 import sys
@@ -37,6 +34,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from common import header
 from rich.console import Console
 from rich.table import Table
 from ttft import hf_model
@@ -132,10 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     layouts = args.layouts.split(",")
 
     console = Console() if sys.stdout.isatty() else Console(width=140)
-    header = (f"$ {shlex.join(sys.orig_argv)} | {platform.platform()}, {os.cpu_count()} CPUs, torch "
-              f"{torch.__version__} ({torch.get_num_threads()} threads), {args.steps} tokens per sequence, "
-              f"median of {args.reps}")
-    console.print(header, highlight=False)
+    title = header(f"{args.steps} tokens per sequence", f"median of {args.reps}")
+    console.print(title, highlight=False)
     rows = []
     for name in args.models.split(","):
         config, model, digest = builtin_model(name, device=args.device)
@@ -196,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                           "generate (target >= 1x)", highlight=False)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=2)
+            json.dump({"header": title, "rows": rows}, f, indent=2)
     return 0
 
 

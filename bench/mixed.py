@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-from common import blockstore_process
+from common import blockstore_process, header
 from rich.console import Console
 from rich.table import Table
 
@@ -104,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.decoders, args.context, args.hist, args.baseline_steps = "small", 4, 256, 1024, 8
 
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    header = (f"$ {shlex.join(sys.orig_argv)} | {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-              f"({torch.get_num_threads()} threads), token budget {args.budget}, loader niceness {args.loader_niceness}")
-    console.print(header, highlight=False)
+    title = header(f"token budget {args.budget}", f"loader niceness {args.loader_niceness}")
+    console.print(title, highlight=False)
     rows: list[Row] = []
     with blockstore_process() as (address, _), \
             BlockStoreClient(BlockStoreClientConfig(address=address, timeout_s=60)) as client:
@@ -181,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(target >= {target:.0%})", highlight=False)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": [asdict(r) for r in rows]}, f, indent=2)
+            json.dump({"header": title, "rows": [asdict(r) for r in rows]}, f, indent=2)
     return 0
 
 

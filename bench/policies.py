@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import header
 from rich.console import Console
 from rich.table import Table
 
@@ -166,8 +164,7 @@ def main() -> int:
     if args.quick:
         args.requests = 3000
     console = Console(width=max(Console().width, 120))
-    console.print(f"$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])} | {platform.platform()}, "
-                  f"{os.cpu_count()} CPUs", highlight=False)
+    console.print(header(), highlight=False)
 
     names = [p.value for p in args.policies] + ["belady"]
     results: dict[str, dict] = {}  # trace -> {"unbounded": ratio, "share": {name: {capacity: share of unbounded}}}

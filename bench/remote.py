@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import secrets
-import shlex
 import statistics
 import sys
 import time
@@ -31,7 +29,7 @@ import lz4.frame
 import numpy as np
 import redis
 import torch
-from common import blockstore_process, cpu_seconds, median_time
+from common import blockstore_process, cpu_seconds, header, median_time
 from rich.console import Console
 from rich.table import Table
 
@@ -65,10 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = [range(i, min(i + args.batch, n)) for i in range(0, n, args.batch)]
     t1 = HostPool(SPEC, n, pin=False)
     console = Console() if sys.stdout.isatty() else Console(width=140)
-    header = (f"$ {shlex.join(sys.orig_argv)} | {platform.platform()}, {os.cpu_count()} CPUs, "
-              f"{n} blocks of {SPEC.bytes_per_block} B ({nbytes / 2**20:.0f} MiB) per pass, "
-              f"batches of {args.batch}, median of {reps}")
-    console.print(header, highlight=False)
+    title = header(f"{n} blocks of {SPEC.bytes_per_block} B ({nbytes / 2**20:.0f} MiB) per pass",
+                   f"batches of {args.batch}", f"median of {reps}")
+    console.print(title, highlight=False)
 
     results: dict[str, float] = {}
     restore_cpu: dict[str, dict[str, float]] = {}  # path -> process -> CPU seconds per pass
@@ -179,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"of wall time on {os.cpu_count()} CPUs", highlight=False)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "seconds": results, "gbs": gbs, "restore_cpu_seconds": restore_cpu},
+            json.dump({"header": title, "seconds": results, "gbs": gbs, "restore_cpu_seconds": restore_cpu},
                       f, indent=2)
     return 0
 

@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -49,6 +46,7 @@ import lz4.block
 import lz4.frame
 import numpy as np
 import torch
+from common import header
 from rich.console import Console
 from rich.table import Table
 
@@ -259,11 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     mib, codec_mib, reps = (32, 8, 7) if args.quick else (256, 64, 9)
 
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    header = (f"$ {shlex.join(sys.orig_argv)} | {platform.platform()}, "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-              f"torch {torch.__version__} ({torch.get_num_threads()} threads), T0 device {device}, "
-              f"{reps} timed reps ({stat}) after 1 warm-up")
-    console.print(header, highlight=False)
+    title = header(f"T0 device {device}", f"{reps} timed reps ({stat}) after 1 warm-up")
+    console.print(title, highlight=False)
     start = time.perf_counter()
     transfers = bench_transfers(mib, reps, pick, device)
     render(console, f"T0 <-> T1 transfers, {transfers[0]['bytes'] / 2**20:.0f} MiB per pass, "
@@ -304,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"total {time.perf_counter() - start:.1f}s", highlight=False)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "reps": reps, "transfers": transfers, "codec": codecs,
+            json.dump({"header": title, "reps": reps, "transfers": transfers, "codec": codecs,
                        "verdicts": verdicts}, f, indent=2)
     return 0
 

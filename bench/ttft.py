@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import blockstore_process, throttled_proxy
+from common import blockstore_process, header, throttled_proxy
 from rich.console import Console
 from rich.table import Table
 
@@ -107,10 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     blocks = 2 * (-(-(max(hists) + TURN + 8) // spec.block_size)) + 8
     hf = hf_model(config, model)
     console = Console() if sys.stdout.isatty() else Console(width=130)
-    header = (f"$ {shlex.join(sys.orig_argv)} | {platform.platform()}, {os.cpu_count()} CPUs, "
-              f"torch {torch.__version__} ({torch.get_num_threads()} threads), model {args.model} "
-              f"({config.num_params / 1e6:.0f}M params, {config.dtype}), KV {spec.bytes_per_token} B/token, median of {reps}")
-    console.print(header, highlight=False)
+    title = header(f"model {args.model} ({config.num_params / 1e6:.0f}M params, {config.dtype})",
+                   f"KV {spec.bytes_per_token} B/token", f"median of {reps}")
+    console.print(title, highlight=False)
 
     def engine(remote=None, **kw) -> Engine:
         cache = TieredKVCache(spec, CacheConfig(t0_blocks=blocks, t1_blocks=blocks, **kw), remote=remote)
@@ -240,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"plot: {args.png}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "ttft_s": rows, "decode_tps": {"on": tps_on, "off": tps_off}}, f, indent=2)
+            json.dump({"header": title, "ttft_s": rows, "decode_tps": {"on": tps_on, "off": tps_off}}, f, indent=2)
     return 0
 
 
