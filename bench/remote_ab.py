@@ -26,7 +26,7 @@ from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
 from kvstore.codec import decode_block, encode_block, tensor_bytes
 from kvstore.pools import HostPool
 from kvstore.spec import KVSpec
-from services.cli.serve import start_blockstore_process
+from services.blockstore.server import start_blockstore_process
 from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
 
 SPEC = KVSpec(24, 2, 64, torch.bfloat16, 16, model_id="Qwen/Qwen2.5-0.5B")  # 192 KiB blocks

@@ -1,4 +1,5 @@
-"""The block store gRPC server (T2 of kvstore), a thread wrapper, and its command line.
+"""The block store gRPC server (T2 of kvstore), a thread wrapper, its command line, and
+starting it as a child process.
 
     python -m services.blockstore --port 50051 --redis-url redis://host:6379/0 --tokens 'tok=ns1'
     (``kvstore blockstore serve`` once the kvstore CLI forwards to ``main``)
@@ -15,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass
@@ -439,5 +441,27 @@ async def _serve(config: BlockStoreConfig) -> int:
     return 0
 
 
+def start_blockstore_process(redis_url: str, *, env: dict[str, str] | None = None, cwd: str | None = None,
+                             port: int = 0) -> tuple[subprocess.Popen, str]:
+    """``kvstore blockstore serve`` on loopback ``port`` (0: a free one), as its own process (it
+    is CPU bound and must not share this process's GIL). It holds a pipe from us on its stdin
+    and exits when that closes, so it never outlives us, however we end. ``env`` adds to our
+    environment (e.g. KVSTORE_BLOCKSTORE_* settings); ``cwd`` is where it runs. Secrets (the
+    Redis URL's password, tokens) go through the environment: a command line is public."""
+    cmd = [sys.executable, "-m", "services.blockstore", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE,
+                            text=True, start_new_session=True, cwd=cwd,
+                            env={**os.environ, **(env or {}), ENV_PREFIX + "REDIS_URL": redis_url,
+                                 EXIT_ON_STDIN_EOF: "1"})
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "listening on" in line:
+            # Keep draining its stdout so the pipe never fills up and blocks it.
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc, line.split("listening on", 1)[1].split()[0]
+    raise RuntimeError(f"the block store exited with code {proc.wait()} before listening")
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

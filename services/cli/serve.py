@@ -17,7 +17,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from ray._private import ray_constants
 from kvstore.blockstore_client import BlockStoreClientConfig
 from kvstore.cache import CacheConfig
 from services.blockstore.server import ENV_PREFIX as BLOCKSTORE_ENV
-from services.blockstore.server import EXIT_ON_STDIN_EOF
+from services.blockstore.server import start_blockstore_process
 from services.cli.keys import api_keys
 from services.cli.supervisor import Supervisor
 from services.common.auth import ANY_NAMESPACE
@@ -273,27 +272,6 @@ class BackgroundService:
             self._loop.run(self.service.stop())
             self._loop.close()
             self._loop = None
-
-
-def start_blockstore_process(redis_url: str, *, env: dict[str, str] | None = None, cwd: str | None = None,
-                             port: int = 0) -> tuple[subprocess.Popen, str]:
-    """``kvstore blockstore serve`` on loopback ``port`` (0: a free one), as its own process (it
-    is CPU bound and must not share this process's GIL). It holds a pipe from us on its stdin
-    and exits when that closes, so it never outlives us, however we end. ``env`` adds to our
-    environment (e.g. KVSTORE_BLOCKSTORE_* settings); ``cwd`` is where it runs. Secrets (the
-    Redis URL's password, tokens) go through the environment: a command line is public."""
-    cmd = [sys.executable, "-m", "services.blockstore", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE,
-                            text=True, start_new_session=True, cwd=cwd,
-                            env={**os.environ, **(env or {}), BLOCKSTORE_ENV + "REDIS_URL": redis_url,
-                                 EXIT_ON_STDIN_EOF: "1"})
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "listening on" in line:
-            # Keep draining its stdout so the pipe never fills up and blocks it.
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return proc, line.split("listening on", 1)[1].split()[0]
-    raise RuntimeError(f"the block store exited with code {proc.wait()} before listening")
 
 
 async def serve(config: ServeConfig, ready=None) -> int:
