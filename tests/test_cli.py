@@ -7,6 +7,7 @@ import time
 
 import pytest
 from rich.console import Console
+from serveprocess import start_serve, stop_serve
 
 from services.cli.keys import api_keys
 from services.cli.main import main
@@ -92,26 +93,15 @@ def test_demo_starts_the_service_reuses_every_tier_and_shuts_down(tmp_path):
 
 def test_serve_chat_and_clean_shutdown_on_sigterm(tmp_path):
     """`kvstore serve` prints its address, serves `kvstore chat`, and stops cleanly on SIGTERM."""
-    import signal
-
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "--port", "0", "--model", "tiny",
-                             "--workers", "1", "--data-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    served = start_serve(tmp_path)
     try:
-        line = ""
-        for line in proc.stdout:
-            if "serving sessions on" in line:
-                break
-        address = line.split("serving sessions on", 1)[1].split()[0]
-        chat = subprocess.run([sys.executable, "-m", "services.cli.main", "chat", "--address", address, "--max-tokens", "4"],
+        chat = subprocess.run([sys.executable, "-m", "services.cli.main", "chat", "--address", served.address,
+                               "--max-tokens", "4"],
                               input="hello\n/fork\nagain\n/quit\n", capture_output=True, text=True, timeout=120)
         assert chat.returncode == 0, chat.stderr
         assert chat.stdout.count("assistant> ") == 2 and "now in fork default:" in chat.stdout
         assert "cached T0" in chat.stdout and "on w0" in chat.stdout
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        assert "shutting down" in proc.stdout.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        output = stop_serve(served)
+    assert "shutting down" in output
+

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -21,16 +20,16 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from serveprocess import start_serve, stop_serve
 
 from kvstore.client import SessionAPIError, SessionClient
 from kvstore.v1 import blockstore_pb2 as bpb
 from kvstore.v1 import blockstore_pb2_grpc as bpb_grpc
 from services.common.embedded_redis import find_redis_binary
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = list(range(1, 41))  # two full 16-token blocks reach the block store
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -41,63 +40,6 @@ class Listener:
     name: str
     host: str
     port: int
-
-
-@dataclass
-class Served:
-    """One `kvstore serve` process and what it printed."""
-    proc: subprocess.Popen
-    address: str
-    blockstore: str
-    data_dir: Path
-    log: Path
-
-    def tree(self) -> dict[int, str]:
-        """pid -> command line of serve and every process under it."""
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                except OSError:
-                    continue
-                children.setdefault(ppid, []).append(int(entry))
-        found, todo = {}, [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            try:
-                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            todo += children.get(pid, [])
-        return found
-
-    def pid_of(self, match) -> int:
-        (pid,) = [pid for pid, cmd in self.tree().items() if match(pid, cmd)]
-        return pid
-
-    def session_redis(self) -> int:
-        return self.pid_of(lambda pid, cmd: "redis-server" in cmd and _cwd(pid) == self.data_dir / "session-redis")
-
-    def blocks_redis(self) -> int:
-        return self.pid_of(lambda pid, cmd: "redis-server" in cmd and _cwd(pid) != self.data_dir / "session-redis")
-
-    def blockstore_pid(self) -> int:
-        return self.pid_of(lambda pid, cmd: "-m services.blockstore" in cmd)
-
-    def health(self) -> int | None:
-        with grpc.insecure_channel(self.address) as ch:
-            try:
-                return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-            except grpc.RpcError:
-                return None
-
-
-def _cwd(pid: int) -> Path | None:
-    try:
-        return Path(os.readlink(f"/proc/{pid}/cwd"))
-    except OSError:
-        return None
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -132,32 +74,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         time.sleep(interval)
     return value
-
-
-def start_serve(tmp: Path, *flags: str, env: dict[str, str] | None = None) -> Served:
-    log = tmp / "serve.log"
-    cmd = [sys.executable, "-m", "services.cli.main", "serve", "--model", "tiny", "--workers", "1", "--port", "0",
-           "--data-dir", str(tmp / "data"), *flags]
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
-                                env={**os.environ, **(env or {})})
-    for line in proc.stdout:
-        if "serving sessions on" in line:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return Served(proc, line.split("serving sessions on", 1)[1].split()[0],
-                          line.split("block store", 1)[1].split(";")[0].strip(), tmp / "data", log)
-    proc.wait()
-    raise AssertionError(f"kvstore serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-
-
-def stop_serve(served: Served) -> None:
-    served.proc.send_signal(signal.SIGTERM)
-    try:
-        assert served.proc.wait(timeout=60) == 0
-    finally:
-        if served.proc.poll() is None:
-            served.proc.kill()
-            served.proc.wait()
 
 
 # ---- a default `kvstore serve` (no API keys: loopback only) ---------------------------------
