@@ -22,7 +22,7 @@ from openai import OpenAI
 from rich.console import Console
 
 from kvstore.cache import CacheConfig
-from services.cli.demo import TOPICS, Row, _system_prompt, _table, summarize
+from services.cli.demo import Row, round_messages, summarize, system_prompt, turns_table
 from services.cli.serve import BackgroundService, ServeConfig
 from services.session.server import SessionServiceConfig
 
@@ -67,19 +67,13 @@ class Workload:
 
     def run(self) -> None:
         a = self.args
-        conversations = [[{"role": "system", "content": _system_prompt(a.system_prompt_repeat)}]
+        conversations = [[{"role": "system", "content": system_prompt(a.system_prompt_repeat)}]
                          for _ in range(a.sessions)]
         last_worker: dict[int, str] = {}
         for r in range(a.rounds):
             for i, messages in enumerate(conversations):
-                topic = TOPICS[i % len(TOPICS)]
-                if r == 0:
-                    messages.append({"role": "user", "content": f"Help me plan {topic}."})
-                elif r == 1:
-                    messages += [{"role": "tool", "content": f'{{"search": "{topic}", "results": 3}}'},
-                                 {"role": "user", "content": "Use the tool result and continue."}]
-                else:
-                    messages.append({"role": "user", "content": f"Round {r + 1}: what is the next step?"})
+                tool, user = round_messages(i, r)
+                messages += tool + user  # stateless: the tool result goes with the next request
                 last_worker[i] = self.turn(f"agent {i} round {r + 1}", messages)
             if r == 0:  # a branch of session 0 on the other worker: the history comes from T2
                 branch = conversations[0] + [{"role": "user", "content": "Try a cheaper alternative."}]
@@ -120,7 +114,7 @@ def main() -> int:
         if service is not None:
             service.stop()
             data.cleanup()
-    console.print(_table(workload.rows))
+    console.print(turns_table(workload.rows))
     t = summarize(workload.rows)
     console.print(f"over HTTP: {t['turns']} turns, {t['prompt']} prompt tokens: reused {t['t0']} from T0, {t['t1']} "
                   f"from T1, {t['t2']} from T2; median TTFT speedup {t['median_speedup']:.1f}x; outputs with and "

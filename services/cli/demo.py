@@ -59,7 +59,19 @@ class Row:
     same: bool
 
 
-def _system_prompt(repeat: int) -> str:
+def round_messages(agent: int, round_: int) -> tuple[list[dict], list[dict]]:
+    """Agent ``agent``'s messages in round ``round_`` (from 0) of the scripted workload: the
+    tool results, appended without generating, then the user turn that generates."""
+    topic = TOPICS[agent % len(TOPICS)]
+    if round_ == 0:
+        return [], [{"role": "user", "content": f"Help me plan {topic}."}]
+    if round_ == 1:
+        return ([{"role": "tool", "content": f'{{"search": "{topic}", "results": 3}}'}],
+                [{"role": "user", "content": "Use the tool result and continue."}])
+    return [], [{"role": "user", "content": f"Round {round_ + 1}: what is the next step?"}]
+
+
+def system_prompt(repeat: int) -> str:
     rule = ("You are a planning agent. Break the goal into steps, call a tool when a fact is missing, "
             "and answer briefly. ")
     return "".join(f"Rule {i + 1}: {rule}" for i in range(repeat))
@@ -92,20 +104,15 @@ class _Workload:
 
     def run(self) -> None:
         cfg, kv = self.cfg, self.kv
-        system = _system_prompt(cfg.system_prompt_repeat)
+        system = system_prompt(cfg.system_prompt_repeat)
         sessions = [kv.create_session(system_prompt=system, metadata={"agent": f"agent-{i}"}).session_id
                     for i in range(cfg.sessions)]
         last_worker: dict[str, str] = {}
         for r in range(cfg.rounds):
             for i, sid in enumerate(sessions):
-                topic = TOPICS[i % len(TOPICS)]
-                if r == 0:
-                    msgs = [{"role": "user", "content": f"Help me plan {topic}."}]
-                elif r == 1:
-                    kv.append(sid, [{"role": "tool", "content": f'{{"search": "{topic}", "results": 3}}'}])
-                    msgs = [{"role": "user", "content": "Use the tool result and continue."}]
-                else:
-                    msgs = [{"role": "user", "content": f"Round {r + 1}: what is the next step?"}]
+                tool, msgs = round_messages(i, r)
+                if tool:
+                    kv.append(sid, tool)
                 last_worker[sid] = self.turn(f"agent {i} round {r + 1}", sid, msgs).worker
             if r == 0 and sessions:
                 # A branch of agent 0 explores an alternative on the other worker: it finds the
@@ -117,7 +124,7 @@ class _Workload:
                           worker_id=other)
 
 
-def _table(rows: list[Row]) -> Table:
+def turns_table(rows: list[Row]) -> Table:
     table = Table(title="Agent turns: cached KV by tier and time to first token with and without reuse")
     for col in ("turn", "worker", "prompt", "T0", "T1", "T2", "TTFT ms", "no reuse ms", "speedup", "same tokens"):
         table.add_column(col, justify="right")
@@ -166,7 +173,7 @@ def _run_against(address: str, cfg: DemoConfig, console: Console, worker_ids: Se
     with SessionClient(address, api_key=cfg.api_key) as kv:
         workload = _Workload(kv, cfg, console, worker_ids)
         workload.run()
-    console.print(_table(workload.rows))
+    console.print(turns_table(workload.rows))
     totals = summarize(workload.rows)
     console.print(f"{totals['turns']} turns, {totals['prompt']} prompt tokens: reused {totals['t0']} from T0, "
                   f"{totals['t1']} from T1, {totals['t2']} from T2; median TTFT speedup "
