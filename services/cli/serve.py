@@ -24,6 +24,8 @@ from pathlib import Path
 
 import ray
 from ray._private import ray_constants
+from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+from ray.exceptions import AuthenticationError
 
 from kvstore.blockstore_client import BlockStoreClientConfig
 from kvstore.cache import CacheConfig
@@ -33,6 +35,7 @@ from services.cli.keys import api_keys
 from services.cli.supervisor import Supervisor
 from services.common.auth import ANY_NAMESPACE
 from services.common.embedded_redis import EmbeddedRedis, EmbeddedRedisConfig
+from services.common.errors import ConfigError
 from services.session.pool import PoolConfig, WorkerPool
 from services.session.server import SessionServer, SessionServiceConfig
 from workers.actor import WorkerConfig
@@ -181,7 +184,7 @@ class Service:
         if ray.is_initialized():
             return
         if self.config.ray_address:
-            ray.init(address=self.config.ray_address, log_to_driver=False)
+            join_ray(self.config.ray_address)
         else:
             cpus = max(os.cpu_count() or 1, int(self.config.workers * self.config.cpus_per_worker))
             start_local_ray(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -212,6 +215,26 @@ class Service:
             if redis_ is not None:
                 await asyncio.to_thread(redis_.stop)
         self.blocks_redis = self.session_redis = None
+
+
+def join_ray(address: str) -> None:
+    """``ray.init`` of the running Ray cluster at ``address``, with this machine's Ray token.
+
+    ``ray start`` turns token authentication on when a token exists (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), but a driver given an explicit address keeps it
+    off and is refused. As Ray does for ``address="auto"``: with RAY_AUTH_MODE unset, a token
+    that exists is used."""
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as e:
+        # Ray reports the refusal as the text of a RuntimeError (the last GCS connection error).
+        causes = [e.__cause__, getattr(e.__cause__, "__cause__", None)]
+        if not any(isinstance(c, AuthenticationError) or "InvalidAuthToken" in str(c) for c in causes if c):
+            raise
+        raise ConfigError(f"the Ray cluster at {address} refused this process's credentials: give it the cluster's "
+                          "token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, as on its head node) and "
+                          "RAY_AUTH_MODE=token") from e
 
 
 def start_local_ray(**kwargs) -> None:
