@@ -58,3 +58,12 @@ def test_compose_file_is_valid_and_matches_the_cli():
 def test_dockerfile_copies_what_exists():
     for src in re.findall(r"^COPY (\S+)", (ROOT / "deploy/Dockerfile").read_text(), re.M):
         assert (ROOT / src).exists(), src
+
+
+def test_example_config_file_passes_config_check_and_shows_the_defaults(capsys):
+    from kvstore.config import from_env, from_toml
+
+    path = ROOT / "deploy/kvstore.toml"
+    assert cli.main(["config", "check", str(path)]) == 0, capsys.readouterr().err
+    settings = from_toml(ServeConfig, str(path))
+    assert len(settings) >= 15 and from_env(ServeConfig, env={}, base=settings) == ServeConfig()

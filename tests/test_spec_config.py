@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from kvstore.block_index import Eviction
 from kvstore.cache import CacheConfig, Tier, TieredKVCache, WritePolicy
 from kvstore.config import config_from_args, from_env
 from kvstore.hashing import PrefixHasher
@@ -302,3 +303,56 @@ def test_serve_settings_of_its_components_come_from_the_environment_and_flags(mo
     assert (cfg.cache.codec, cfg.cache.t1_t2_policy, cfg.cache.t0_blocks, cfg.cache.t1_blocks) == \
         ("raw", WritePolicy.WRITE_BACK, 96, CacheConfig().t1_blocks)
     assert (cfg.session.port, cfg.session.max_tokens, cfg.workers) == (0, 99, 3)
+
+
+def test_serve_settings_from_a_config_file_under_the_environment_and_flags(tmp_path, monkeypatch):
+    from services.cli.main import build_parser
+    from services.cli.serve import ServeConfig
+
+    path = tmp_path / "kvstore.toml"
+    path.write_text('model = "tiny"\nworkers = 3\ncpus_per_worker = 2\n[session]\nmax_tokens = 512\n'
+                    '[cache]\nt0_blocks = 64\nt1_blocks = 128\ncodec = "int8"\neviction = "lru"\n')
+    monkeypatch.setenv("KVSTORE_SERVE_T1_BLOCKS", "256")  # the environment wins over the file
+    args = build_parser(str(path)).parse_args(["serve", "--workers", "1"])  # and a flag over both
+    cfg = config_from_args(ServeConfig, args)
+    assert (cfg.model, cfg.workers, cfg.cpus_per_worker, cfg.session.max_tokens) == ("tiny", 1, 2.0, 512)
+    assert (cfg.cache.t0_blocks, cfg.cache.t1_blocks, cfg.cache.codec, cfg.cache.eviction) == \
+        (64, 256, "int8", Eviction.LRU)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[session]\nmax_tokenz = 5\n", "session.max_tokenz: no such setting (did you mean max_tokens?)"),
+    ('host = "0.0.0.0"\n', "host: no such setting (it belongs in [session])"),
+    ('[cache]\nt0_blocks = "many"\n', "cache.t0_blocks must be an integer, got 'many'"),
+    ("workers = 1.5\n", "workers must be an integer, got 1.5"),
+    ("session = 3\n", "session is a table of settings ([session]), got 3"),
+    ('[cache]\neviction = "mru"\n', "cache.eviction must be one of ['lru', 'arc', 'prefix'], got 'mru'"),
+    ("[cache]\nt0_blocks = 0\n", "CacheConfig.t0_blocks must be positive, got 0"),
+    ("[session]\nmax_tokens = 10\ndefault_max_tokens = 64\n", "default_max_tokens must not exceed max_tokens"),
+    ('[session]\nhost = "0.0.0.0"\n', "refusing to serve on non-loopback host '0.0.0.0' without API keys"),
+    ("workers = \n", "Invalid value"),
+])
+def test_config_check_names_what_is_wrong(tmp_path, capsys, text, message):
+    from services.cli.main import main
+
+    path = tmp_path / "kvstore.toml"
+    path.write_text(text)
+    assert main(["config", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: " in err and message in err, err
+
+
+def test_config_check_accepts_a_good_file_and_serve_refuses_a_bad_one(tmp_path, capsys, monkeypatch):
+    from services.cli.main import main
+
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text('model = "tiny"\napi_keys_file = "keys.txt"\n[session]\nhost = "0.0.0.0"\n'
+                    '[engine]\nmax_num_seqs = 8\n')
+    (tmp_path / "keys.txt").write_text("sk-1=tenant-a\n")
+    bad.write_text("[engine]\nmax_num_seqz = 8\n")
+    monkeypatch.chdir(tmp_path)  # the keys file is relative, as serve would read it
+    assert main(["config", "check", str(good)]) == 0
+    assert main(["serve", "--config", str(bad)]) == 2  # before anything starts
+    out = capsys.readouterr()
+    assert f"{good}: ok (4 settings)" in out.out
+    assert "engine.max_num_seqz: no such setting (did you mean max_num_seqs?)" in out.err

@@ -6,19 +6,25 @@
     kvstore chat --address A      # interactive session
     kvstore tiers-demo            # the cache tiers alone, with synthetic KV
     kvstore blockstore serve      # the block store service (T2) alone
+    kvstore config check FILE     # a `kvstore serve --config` file, checked without starting anything
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from kvstore.client import SessionAPIError, SessionClient
-from kvstore.config import add_config_flags, config_from_args, from_env
+from kvstore.config import add_config_flags, config_from_args, from_env, from_toml
 from services.cli.keys import api_keys
 from services.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from services.cli.serve import ServeConfig
 
 SERVE_ENV = "KVSTORE_SERVE_"
 
@@ -36,19 +42,27 @@ _SERVE_HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``kvstore`` parser; raises ValueError for a bad KVSTORE_SERVE_* variable."""
+def serve_settings(config_file: str = "") -> ServeConfig:
+    """``kvstore serve``'s settings before its flags: defaults, then ``config_file`` (TOML), then
+    KVSTORE_SERVE_* variables. Raises ValueError naming a bad setting."""
+    from services.cli.serve import ServeConfig
+    return from_env(ServeConfig, prefix=SERVE_ENV, base=from_toml(ServeConfig, config_file) if config_file else None)
+
+
+def build_parser(config_file: str = "") -> argparse.ArgumentParser:
+    """The ``kvstore`` parser, its ``serve`` flags defaulting to ``serve_settings(config_file)``;
+    raises ValueError for a bad setting there."""
     # Imported here: torch and Ray take seconds, and `serve` refuses an unsafe bind before that.
     from services.cli.demo import DemoConfig
-    from services.cli.serve import ServeConfig
     from services.cli.tiers_demo import DemoConfig as TiersDemoConfig
 
     parser = argparse.ArgumentParser(prog="kvstore", description="Distributed tiered KV-cache for LLM inference.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_config_flags(sub.add_parser("serve", help="run the service: Redis, block store, Ray workers, "
-                                                  "session API"),
-                     from_env(ServeConfig, prefix=SERVE_ENV), env_prefix=SERVE_ENV, help=_SERVE_HELP)
+    serve = sub.add_parser("serve", help="run the service: Redis, block store, Ray workers, session API")
+    serve.add_argument("--config", default=config_file, help="a TOML file of settings, under the environment's "
+                                                             f"and the flags' (env {SERVE_ENV}CONFIG)")
+    add_config_flags(serve, serve_settings(config_file), env_prefix=SERVE_ENV, help=_SERVE_HELP)
     add_config_flags(sub.add_parser("demo", help="scripted agent workload against the service "
                                                  "(starts one without --address)"), DemoConfig())
     chat = sub.add_parser("chat", help="an interactive session against a running service")
@@ -60,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0)
     add_config_flags(sub.add_parser("tiers-demo", help="the cache tiers alone, with synthetic KV"),
                      TiersDemoConfig())
+    config = sub.add_parser("config", help="check a `kvstore serve --config` file")
+    config.add_argument("action", choices=["check"])
+    config.add_argument("file")
     blockstore = sub.add_parser("blockstore", help="the block store service (T2): `kvstore blockstore serve --help`")
     blockstore.add_argument("action", choices=["serve"])
     blockstore.add_argument("rest", nargs=argparse.REMAINDER, help="flags of `serve`")
@@ -88,15 +105,29 @@ def _serve_refusal(argv: list[str]) -> str:
     return ""
 
 
+def _config_file(argv: list[str]) -> str:
+    """The ``--config`` file of ``kvstore serve`` (or KVSTORE_SERVE_CONFIG): its settings are the
+    flags' defaults, so it is read before the full parser is built."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--log-level")
+    pre.add_argument("command", nargs="?")
+    pre.add_argument("--config", default=os.environ.get(SERVE_ENV + "CONFIG", ""))
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return ""  # the full parser says what is wrong
+    return known.config if known.command == "serve" else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if refusal := _serve_refusal(argv):
         print(f"kvstore serve: {refusal}", file=sys.stderr)
         return 2
     try:
-        parser = build_parser()
+        parser = build_parser(_config_file(argv))
     except ValueError as e:
-        print(f"kvstore: bad environment: {e}", file=sys.stderr)
+        print(f"kvstore: bad settings: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
     if args.command == "blockstore":
@@ -115,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if totals["same"] else 1
         if args.command == "chat":
             return _chat(args)
+        if args.command == "config":
+            return _check_config(args.file)
         if args.command == "tiers-demo":
             from services.cli.tiers_demo import DemoConfig, run_demo
             run_demo(config_from_args(DemoConfig, args))
@@ -125,6 +158,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kvstore {args.command}: {e}", file=sys.stderr)
             return 2 if isinstance(e, ValueError) else 1
         raise
+    return 0
+
+
+def _check_config(path: str) -> int:
+    """Check a config file as ``kvstore serve --config`` reads it (the environment left out):
+    every key known, every value of its type and within its limits; raises ValueError."""
+    from services.cli.serve import ServeConfig
+    from services.session.server import validate_config
+    settings = from_toml(ServeConfig, path)
+    try:
+        config = from_env(ServeConfig, env={}, base=settings)
+        keys = api_keys(config.session.host, config.session.api_keys, config.api_keys_file)
+        # As serve runs it: with the keys of its file, and an embedded Redis unless one is given.
+        validate_config(dataclasses.replace(config.session, api_keys=keys,
+                                            redis_url=config.session.redis_url or "redis://embedded"))
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    print(f"{path}: ok ({len(settings)} settings)")
     return 0
 
 
