@@ -210,6 +210,9 @@ class CacheStats:
     t0_in_use: int = 0
     t1_cached: int = 0
     t1_in_use: int = 0
+    t0_blocks: int = 0  # capacities
+    t1_blocks: int = 0
+    bytes_per_block: int = 0
 
 
 class _Writer:
@@ -468,6 +471,8 @@ class TieredKVCache:
             s.t0_cached, s.t0_in_use = len(self._t0), self._t0.num_in_use
             s.t1_cached, s.t1_in_use = len(self._t1), self._t1.num_in_use
             s.evicted_t0, s.evicted_t1 = self._t0.evictions, self._t1.evictions
+            s.t0_blocks, s.t1_blocks = self.config.t0_blocks, self.config.t1_blocks
+            s.bytes_per_block = self.spec.bytes_per_block
             return s
 
     def cached_slots(self, tier: Tier) -> dict[bytes, int]:

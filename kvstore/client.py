@@ -154,3 +154,7 @@ class SessionClient:
     def prefetch(self, session_id: str) -> pb.PrefetchResponse:
         """Warm the session's KV into the worker its next turn will use."""
         return self._call("Prefetch", pb.PrefetchRequest(session_id=session_id))
+
+    def get_stats(self) -> pb.ServiceStats:
+        """The whole service: workers and their tiers, turns and reuse, Redis memory (an admin key)."""
+        return self._call("GetStats", pb.GetStatsRequest())

@@ -9,6 +9,9 @@ import pytest
 from rich.console import Console
 from serveprocess import start_serve, stop_serve
 
+from kvstore.client import SessionClient
+from services.cli.demo import DemoConfig as AgentDemoConfig
+from services.cli.demo import system_prompt
 from services.cli.keys import api_keys
 from services.cli.main import main
 from services.cli.tiers_demo import DemoConfig, run_demo
@@ -105,3 +108,32 @@ def test_serve_chat_and_clean_shutdown_on_sigterm(tmp_path):
         output = stop_serve(served)
     assert "shutting down" in output
 
+
+
+def test_stats_after_a_demo_shows_reuse_from_every_tier(tmp_path):
+    """`kvstore demo` against a running service, then `kvstore stats` (an admin key; a tenant's is refused)."""
+    served = start_serve(tmp_path, "--workers", "2", "--t0-blocks", "160",
+                         env={"KVSTORE_SERVE_API_KEYS": "sk-admin=*;sk-tenant=tenant-a"})
+    try:
+        demo = cli("demo", "--address", served.address, "--api-key", "sk-tenant", timeout=300)
+        assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+        with SessionClient(served.address, api_key="sk-admin") as kv:
+            idle = [w.worker_id for w in kv.get_stats().workers if not w.lookup_tokens]
+        with SessionClient(served.address, api_key="sk-tenant") as kv:  # the demo's prompt on an idle worker: T2
+            sid = kv.create_session(system_prompt=system_prompt(AgentDemoConfig().system_prompt_repeat)).session_id
+            t2 = kv.generate(sid, [{"role": "user", "content": "hi"}], max_tokens=2, worker_id=(idle or ["w0"])[0])
+            assert t2.result().usage.cached_tokens_t2 > 0, t2.usage
+        refused = cli("stats", "--address", served.address, "--api-key", "sk-tenant")
+        shown = cli("stats", "--address", served.address, "--api-key", "sk-admin")
+        with SessionClient(served.address, api_key="sk-admin") as kv:
+            stats = kv.get_stats()
+    finally:
+        stop_serve(served)
+    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr and "admin" in refused.stderr
+    assert shown.returncode == 0, shown.stderr
+    assert "prompt tokens reused" in shown.stdout and "w0" in shown.stdout and "w1" in shown.stdout
+    assert stats.turns >= 7 and stats.sessions >= 3 and all(n > 0 for n in stats.cached_tokens), stats
+    assert sum(stats.cached_tokens) < stats.prompt_tokens and stats.ttft_p50_seconds > 0
+    assert [w.alive for w in stats.workers] == [True, True] and all(w.t0_blocks == 160 for w in stats.workers)
+    assert sum(sum(w.loaded_tokens) for w in stats.workers) == sum(stats.cached_tokens)
+    assert stats.session_redis_used_memory > 0 and stats.blocks_stored > 0 and stats.blocks_redis_used_memory > 0

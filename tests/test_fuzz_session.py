@@ -95,6 +95,7 @@ def _requests(session_ids: list[str]) -> dict[str, st.SearchStrategy]:
         "CloseSession": st.builds(pb.CloseSessionRequest, session_id=st.sampled_from(session_ids[-2:]) | TEXT),
         "Pin": st.builds(pb.PinRequest, session_id=session_id, ttl_seconds=st.integers(0, 4000) | U32),
         "Prefetch": st.builds(pb.PrefetchRequest, session_id=session_id),
+        "GetStats": st.builds(pb.GetStatsRequest),
     }
 
 

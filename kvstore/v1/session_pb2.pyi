@@ -252,3 +252,83 @@ class PrefetchResponse(_message.Message):
     worker_id: str
     cached_tokens: int
     def __init__(self, worker_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStats(_message.Message):
+    __slots__ = ("worker_id", "alive", "running", "waiting", "loading", "t0_blocks", "t0_in_use", "t0_cached", "t1_blocks", "t1_cached", "t1_in_use", "loaded_tokens", "lookup_tokens", "evicted_t0", "evicted_t1", "t2_put_bytes", "t2_get_bytes", "preempted", "error", "bytes_per_block")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    LOADING_FIELD_NUMBER: _ClassVar[int]
+    T0_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    T0_IN_USE_FIELD_NUMBER: _ClassVar[int]
+    T0_CACHED_FIELD_NUMBER: _ClassVar[int]
+    T1_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    T1_CACHED_FIELD_NUMBER: _ClassVar[int]
+    T1_IN_USE_FIELD_NUMBER: _ClassVar[int]
+    LOADED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_T0_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_T1_FIELD_NUMBER: _ClassVar[int]
+    T2_PUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    T2_GET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    alive: bool
+    running: int
+    waiting: int
+    loading: int
+    t0_blocks: int
+    t0_in_use: int
+    t0_cached: int
+    t1_blocks: int
+    t1_cached: int
+    t1_in_use: int
+    loaded_tokens: _containers.RepeatedScalarFieldContainer[int]
+    lookup_tokens: int
+    evicted_t0: int
+    evicted_t1: int
+    t2_put_bytes: int
+    t2_get_bytes: int
+    preempted: int
+    error: str
+    bytes_per_block: int
+    def __init__(self, worker_id: _Optional[str] = ..., alive: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., loading: _Optional[int] = ..., t0_blocks: _Optional[int] = ..., t0_in_use: _Optional[int] = ..., t0_cached: _Optional[int] = ..., t1_blocks: _Optional[int] = ..., t1_cached: _Optional[int] = ..., t1_in_use: _Optional[int] = ..., loaded_tokens: _Optional[_Iterable[int]] = ..., lookup_tokens: _Optional[int] = ..., evicted_t0: _Optional[int] = ..., evicted_t1: _Optional[int] = ..., t2_put_bytes: _Optional[int] = ..., t2_get_bytes: _Optional[int] = ..., preempted: _Optional[int] = ..., error: _Optional[str] = ..., bytes_per_block: _Optional[int] = ...) -> None: ...
+
+class ServiceStats(_message.Message):
+    __slots__ = ("workers", "sessions", "turns", "prompt_tokens", "cached_tokens", "completion_tokens", "ttft_p50_seconds", "ttft_p90_seconds", "ttft_p99_seconds", "active_generations", "queued_generations", "session_redis_used_memory", "blocks_redis_used_memory", "blocks_stored")
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P90_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_REDIS_USED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_REDIS_USED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_STORED_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
+    sessions: int
+    turns: int
+    prompt_tokens: int
+    cached_tokens: _containers.RepeatedScalarFieldContainer[int]
+    completion_tokens: int
+    ttft_p50_seconds: float
+    ttft_p90_seconds: float
+    ttft_p99_seconds: float
+    active_generations: int
+    queued_generations: int
+    session_redis_used_memory: int
+    blocks_redis_used_memory: int
+    blocks_stored: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., turns: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[_Iterable[int]] = ..., completion_tokens: _Optional[int] = ..., ttft_p50_seconds: _Optional[float] = ..., ttft_p90_seconds: _Optional[float] = ..., ttft_p99_seconds: _Optional[float] = ..., active_generations: _Optional[int] = ..., queued_generations: _Optional[int] = ..., session_redis_used_memory: _Optional[int] = ..., blocks_redis_used_memory: _Optional[int] = ..., blocks_stored: _Optional[int] = ...) -> None: ...

@@ -79,6 +79,11 @@ class SessionsStub:
                 request_serializer=kvstore_dot_v1_dot_session__pb2.PrefetchRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_session__pb2.PrefetchResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/kvstore.v1.Sessions/GetStats',
+                request_serializer=kvstore_dot_v1_dot_session__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_session__pb2.ServiceStats.FromString,
+                _registered_method=True)
 
 
 class SessionsServicer:
@@ -147,6 +152,15 @@ class SessionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """The whole service at a glance (`kvstore stats`): its workers and their tiers, the turns
+        served and the reuse they got, Redis memory. Needs an admin key (namespace "*") when
+        the service has API keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +208,11 @@ def add_SessionsServicer_to_server(servicer, server):
                     servicer.Prefetch,
                     request_deserializer=kvstore_dot_v1_dot_session__pb2.PrefetchRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_session__pb2.PrefetchResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=kvstore_dot_v1_dot_session__pb2.GetStatsRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_session__pb2.ServiceStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +458,33 @@ class Sessions:
             '/kvstore.v1.Sessions/Prefetch',
             kvstore_dot_v1_dot_session__pb2.PrefetchRequest.SerializeToString,
             kvstore_dot_v1_dot_session__pb2.PrefetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Sessions/GetStats',
+            kvstore_dot_v1_dot_session__pb2.GetStatsRequest.SerializeToString,
+            kvstore_dot_v1_dot_session__pb2.ServiceStats.FromString,
             options,
             channel_credentials,
             insecure,

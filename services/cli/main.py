@@ -4,6 +4,7 @@
     kvstore serve --http-port 8000  # ... plus the OpenAI-compatible HTTP API on 127.0.0.1:8000/v1
     kvstore demo [--address A]    # scripted agent workload (starts its own service without --address)
     kvstore chat --address A      # interactive session
+    kvstore stats --address A     # the running service at a glance (--watch 2 refreshes)
     kvstore tiers-demo            # the cache tiers alone, with synthetic KV
     kvstore blockstore serve      # the block store service (T2) alone
     kvstore config check FILE     # a `kvstore serve --config` file, checked without starting anything
@@ -74,6 +75,10 @@ def build_parser(config_file: str = "") -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0)
     add_config_flags(sub.add_parser("tiers-demo", help="the cache tiers alone, with synthetic KV"),
                      TiersDemoConfig())
+    stats = sub.add_parser("stats", help="a running service at a glance: workers, tiers, reuse, TTFT, Redis memory")
+    stats.add_argument("--address", default="127.0.0.1:50052")
+    stats.add_argument("--api-key", default="", help="an admin key (namespace '*') when the service has keys")
+    stats.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     config = sub.add_parser("config", help="check a `kvstore serve --config` file")
     config.add_argument("action", choices=["check"])
     config.add_argument("file")
@@ -148,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             return _chat(args)
         if args.command == "config":
             return _check_config(args.file)
+        if args.command == "stats":
+            from services.cli.stats import run_stats
+            return run_stats(args.address, args.api_key, args.watch)
         if args.command == "tiers-demo":
             from services.cli.tiers_demo import DemoConfig, run_demo
             run_demo(config_from_args(DemoConfig, args))

@@ -47,3 +47,34 @@ class SessionMetrics:
             self._recomputed.labels(tier).inc(n)
         self._load.observe(usage.load_seconds)
         self._failovers.inc(usage.failovers)
+
+    def fill(self, out: pb.ServiceStats) -> None:
+        """``GetStats``' turn counters, TTFT percentiles and generation slots."""
+        value = self.registry.get_sample_value
+        out.turns = int(value("kvstore_session_ttft_seconds_count") or 0)
+        out.prompt_tokens = int(value("kvstore_session_prompt_tokens_total") or 0)
+        out.cached_tokens.extend(int(value("kvstore_session_cached_tokens_total", {"tier": t}) or 0)
+                                 for t in ("t0", "t1", "t2"))
+        out.completion_tokens = int(value("kvstore_session_completion_tokens_total") or 0)
+        buckets = [(float(b.labels["le"]), b.value) for metric in self._ttft.collect() for b in metric.samples
+                   if b.name.endswith("_bucket")]
+        out.ttft_p50_seconds, out.ttft_p90_seconds, out.ttft_p99_seconds = (_quantile(buckets, q)
+                                                                            for q in (0.5, 0.9, 0.99))
+        out.active_generations = int(value("kvstore_session_active_generations") or 0)
+        out.queued_generations = int(value("kvstore_session_queued_generations") or 0)
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """The ``q`` quantile of a histogram's cumulative (upper bound, count) buckets, linear within
+    the bucket it falls in (as Prometheus' histogram_quantile); past the last bound: that bound."""
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return 0.0
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= q * total:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (q * total - below) / (count - below)
+        lower, below = upper, count
+    return lower

@@ -36,7 +36,7 @@ from services.common.errors import (
     shown,
     write_refusal,
 )
-from services.common.grpc_server import rpc_status
+from services.common.grpc_server import MAX_STATUS_MESSAGE, rpc_status
 from services.session.admission import Admission, AdmissionRejected
 from services.session.chat import ChatFormatter
 from services.session.metrics import SessionMetrics
@@ -51,7 +51,7 @@ from services.session.state import (
     TooManySessions,
     valid_session_id,
 )
-from workers.actor import GenerateEnd, GenerateRequest
+from workers.actor import GenerateEnd, GenerateRequest, WorkerStats
 from workers.sampling import SamplingParams
 from workers.tokenizer import ChatFormatError, IncrementalDecoder, Tokenizer, check_messages
 
@@ -459,6 +459,27 @@ class SessionServicer(pb_grpc.SessionsServicer):
             worker_id, held = await self._pool.prefetch(session.tokens, session.namespace, _router_key(session))
             return pb.PrefetchResponse(worker_id=worker_id, cached_tokens=held)
 
+    async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.ServiceStats:
+        async with self.rpc("GetStats", context):
+            if self._keys.enabled and ANY_NAMESPACE not in self._keys.authenticate(context.invocation_metadata()):
+                raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "GetStats needs an admin API key (one with "
+                                                                      "namespace '*')")
+            stats = pb.ServiceStats()
+            self._metrics.fill(stats)
+            workers = self._pool.worker_ids
+            replies = await asyncio.gather(*(asyncio.wait_for(self._pool.handle(w).stats.remote(), 10)
+                                             for w in workers), return_exceptions=True)
+            stats.workers.extend(_worker_stats(w, r) for w, r in zip(workers, replies))
+            stats.sessions, stats.session_redis_used_memory = await asyncio.gather(self._store.count(),
+                                                                                   self._store.used_memory())
+            if self._blockstore is not None:
+                try:
+                    blocks = await asyncio.to_thread(self._blockstore.stats)
+                    stats.blocks_redis_used_memory, stats.blocks_stored = blocks.redis_used_memory, blocks.redis_keys
+                except (BlockStoreError, BlockStoreUnavailable) as e:  # the rest is still worth showing
+                    logger.warning("GetStats: the block store did not answer: %s", e)
+            return stats
+
     # ---- helpers --------------------------------------------------------------------------
 
     def rpc(self, method: str, context):
@@ -467,8 +488,8 @@ class SessionServicer(pb_grpc.SessionsServicer):
 
     async def _create(self, namespace: str, system_prompt: str, metadata: dict[str, str]) -> Session:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        tokens = await self._delta([], messages, False, "the system prompt",
-                                                                 (self.max_history, "a session's history limit")) if messages else []
+        limit = (self.max_history, "a session's history limit")
+        tokens = await self._delta([], messages, False, "the system prompt", limit) if messages else []
         return await self._store.create(namespace, self.model, tokens, metadata, messages=messages)
 
     def _namespace(self, allowed: frozenset[str], requested: str) -> str:
@@ -670,3 +691,15 @@ def _replay(num_tokens: int, record: str, request_id: str) -> list[pb.GenerateRe
     r = json.loads(record)
     return [pb.GenerateResponse(chunk=pb.TokenChunk(ids=r["ids"], text=r["text"])),
             pb.GenerateResponse(usage=pb.Usage(**dict(r["usage"], num_tokens=num_tokens)))]
+
+
+def _worker_stats(worker_id: str, s: WorkerStats | BaseException) -> pb.WorkerStats:
+    if isinstance(s, BaseException):
+        return pb.WorkerStats(worker_id=worker_id, error=f"{type(s).__name__}: {s}"[:MAX_STATUS_MESSAGE])
+    c = s.cache
+    return pb.WorkerStats(worker_id=worker_id, alive=s.alive, running=s.running, waiting=s.waiting,
+                          loading=s.loading, t0_blocks=c.t0_blocks, t0_in_use=c.t0_in_use, t0_cached=c.t0_cached,
+                          t1_blocks=c.t1_blocks, t1_cached=c.t1_cached, t1_in_use=c.t1_in_use,
+                          loaded_tokens=c.loaded_tokens, lookup_tokens=c.lookup_tokens, evicted_t0=c.evicted_t0,
+                          evicted_t1=c.evicted_t1, t2_put_bytes=c.t2_put_bytes, t2_get_bytes=c.t2_get_bytes,
+                          preempted=s.engine.preempted, bytes_per_block=c.bytes_per_block)

@@ -442,6 +442,20 @@ class SessionStore:
         ids = await self._r.zrevrange(self._index(namespace), 0, limit - 1)
         return [i.decode() for i in ids]
 
+    async def count(self) -> int:
+        """Sessions of every namespace written within the idle TTL (a pinned session idle for
+        longer is left out)."""
+        since = time.time() - self._idle_ms / 1000 if self._idle_ms else "-inf"
+        total = 0
+        async for index in self._r.scan_iter(match=self._index("*"), count=1000):
+            total += await self._r.zcount(index, since, "+inf")
+        return total
+
+    async def used_memory(self) -> int:
+        """Bytes Redis uses (summed over the nodes of a cluster)."""
+        info = await self._r.info("memory")
+        return int(info["used_memory"]) if "used_memory" in info else sum(int(n["used_memory"]) for n in info.values())
+
     async def list_sessions(self, namespace: str, limit: int = 100) -> list[tuple[Session, int]]:
         """(session, history length) of a namespace's sessions, most recently updated first.
         The histories are not read: these sessions have no tokens or messages."""
