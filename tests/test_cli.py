@@ -1,9 +1,11 @@
 import hashlib
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 from rich.console import Console
@@ -112,9 +114,12 @@ def test_serve_chat_and_clean_shutdown_on_sigterm(tmp_path):
 
 def test_stats_after_a_demo_shows_reuse_from_every_tier(tmp_path):
     """`kvstore demo` against a running service, then `kvstore stats` (an admin key; a tenant's is refused)."""
-    served = start_serve(tmp_path, "--workers", "2", "--t0-blocks", "160",
+    metrics_port = _free_port()
+    served = start_serve(tmp_path, "--workers", "2", "--t0-blocks", "160", "--metrics-port", str(metrics_port),
                          env={"KVSTORE_SERVE_API_KEYS": "sk-admin=*;sk-tenant=tenant-a"})
+    scrape = lambda: _worker_samples(f"http://127.0.0.1:{metrics_port}/metrics")  # noqa: E731
     try:
+        before = scrape()
         demo = cli("demo", "--address", served.address, "--api-key", "sk-tenant", timeout=300)
         assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
         with SessionClient(served.address, api_key="sk-admin") as kv:
@@ -127,8 +132,15 @@ def test_stats_after_a_demo_shows_reuse_from_every_tier(tmp_path):
         shown = cli("stats", "--address", served.address, "--api-key", "sk-admin")
         with SessionClient(served.address, api_key="sk-admin") as kv:
             stats = kv.get_stats()
+        after = scrape()
     finally:
         stop_serve(served)
+    assert before['kvstore_worker_up{worker="w0"}'] == before['kvstore_worker_up{worker="w1"}'] == 1
+    reused = {t: sum(after[f'kvstore_worker_reused_tokens_total{{tier="{t}",worker="{w}"}}'] for w in ("w0", "w1"))
+              for t in ("t0", "t1", "t2")}
+    assert list(reused.values()) == list(stats.cached_tokens) and all(reused.values()), (reused, stats)
+    assert not any(v for k, v in before.items() if k.startswith("kvstore_worker_reused_tokens_total"))
+    assert after['kvstore_worker_blocks{state="capacity",tier="t0",worker="w0"}'] == 160
     assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr and "admin" in refused.stderr
     assert shown.returncode == 0, shown.stderr
     assert "prompt tokens reused" in shown.stdout and "w0" in shown.stdout and "w1" in shown.stdout
@@ -137,3 +149,16 @@ def test_stats_after_a_demo_shows_reuse_from_every_tier(tmp_path):
     assert [w.alive for w in stats.workers] == [True, True] and all(w.t0_blocks == 160 for w in stats.workers)
     assert sum(sum(w.loaded_tokens) for w in stats.workers) == sum(stats.cached_tokens)
     assert stats.session_redis_used_memory > 0 and stats.blocks_stored > 0 and stats.blocks_redis_used_memory > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_samples(url: str) -> dict[str, float]:
+    """The kvstore_worker_* samples of a Prometheus endpoint, by name{labels} as it prints them."""
+    text = urllib.request.urlopen(url, timeout=30).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("kvstore_worker_")}

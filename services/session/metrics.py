@@ -1,11 +1,15 @@
 """Prometheus metrics of one session service (a private registry, so several servers can live
-in one process, as in the tests)."""
+in one process, as in the tests), and of its decode workers, read from them at each scrape."""
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvstore.v1 import session_pb2 as pb
+from workers.actor import WorkerStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -78,3 +82,49 @@ def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
             return lower + (upper - lower) * (q * total - below) / (count - below)
         lower, below = upper, count
     return lower
+
+
+class WorkerCollector:
+    """The decode workers' counters and gauges, from ``read`` (worker id -> its stats, or why it
+    did not answer) at each scrape: the workers are Ray actors with no endpoint of their own."""
+
+    def __init__(self, read: Callable[[], dict[str, WorkerStats | Exception]]) -> None:
+        self._read = read
+
+    def describe(self) -> list[Metric]:
+        return []  # else registering it would collect, asking every worker from the event loop
+
+    def collect(self) -> Iterator[Metric]:
+        p = "kvstore_worker_"
+        up = GaugeMetricFamily(p + "up", "1 if the worker answered and its engine runs", labels=["worker"])
+        seqs = GaugeMetricFamily(p + "sequences", "sequences by state", labels=["worker", "state"])
+        blocks = GaugeMetricFamily(p + "blocks", "blocks of T0/T1: capacity, cached (reusable), in use",
+                                   labels=["worker", "tier", "state"])
+        loaded = CounterMetricFamily(p + "reused_tokens", "prompt tokens reused, by the tier they came from",
+                                     labels=["worker", "tier"])
+        lookup = CounterMetricFamily(p + "lookup_tokens", "prompt tokens looked up", labels=["worker"])
+        evicted = CounterMetricFamily(p + "evicted_blocks", "blocks evicted from T0/T1", labels=["worker", "tier"])
+        t2 = CounterMetricFamily(p + "t2_bytes", "encoded bytes written to / read from T2",
+                                 labels=["worker", "direction"])
+        preempted = CounterMetricFamily(p + "preemptions", "running sequences sent back to waiting (T0 full)",
+                                        labels=["worker"])
+        for w, s in self._read().items():
+            up.add_metric([w], float(isinstance(s, WorkerStats) and s.alive))
+            if not isinstance(s, WorkerStats):
+                continue
+            c = s.cache
+            for state, n in (("running", s.running), ("waiting", s.waiting), ("loading", s.loading)):
+                seqs.add_metric([w, state], n)
+            for tier, size, cached, in_use in (("t0", c.t0_blocks, c.t0_cached, c.t0_in_use),
+                                               ("t1", c.t1_blocks, c.t1_cached, c.t1_in_use)):
+                for state, n in (("capacity", size), ("cached", cached), ("in_use", in_use)):
+                    blocks.add_metric([w, tier, state], n)
+            for tier, n in zip(("t0", "t1", "t2"), c.loaded_tokens):
+                loaded.add_metric([w, tier], n)
+            lookup.add_metric([w], c.lookup_tokens)
+            evicted.add_metric([w, "t0"], c.evicted_t0)
+            evicted.add_metric([w, "t1"], c.evicted_t1)
+            t2.add_metric([w, "put"], c.t2_put_bytes)
+            t2.add_metric([w, "get"], c.t2_get_bytes)
+            preempted.add_metric([w], s.engine.preempted)
+        yield from (up, seqs, blocks, loaded, lookup, evicted, t2, preempted)

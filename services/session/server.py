@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -33,9 +34,9 @@ from services.common.errors import REDIS_UNAVAILABLE, ConfigError
 from services.common.grpc_server import MetricsEndpoint, add_servicer, bind
 from services.common.net import host_port, is_loopback
 from services.session.http import HTTPServer, create_app
-from services.session.metrics import SessionMetrics
+from services.session.metrics import SessionMetrics, WorkerCollector
 from services.session.pool import WorkerPool
-from services.session.service import SERVICE_NAME, SessionServicer
+from services.session.service import SERVICE_NAME, SessionServicer, read_worker_stats
 from services.session.state import SessionStore
 from workers.tokenizer import Tokenizer
 
@@ -157,6 +158,7 @@ class SessionServer:
                                                 self._server)
             self.port = bind(self._server, cfg.host, cfg.port, cfg.tls_cert, cfg.tls_key)
             if cfg.metrics_port:
+                self.metrics.registry.register(WorkerCollector(functools.partial(read_worker_stats, self.pool, 5.0)))
                 self._metrics_http = MetricsEndpoint(cfg.host, cfg.metrics_port, self.metrics.registry)
             await self._check()
             await self._server.start()

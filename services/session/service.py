@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import ray
 
 from kvstore.blockstore_client import BlockStoreClient, BlockStoreError, BlockStoreUnavailable
 from kvstore.blockstore_wire import MAX_TOUCH_TTL_S
@@ -466,10 +467,8 @@ class SessionServicer(pb_grpc.SessionsServicer):
                                                                       "namespace '*')")
             stats = pb.ServiceStats()
             self._metrics.fill(stats)
-            workers = self._pool.worker_ids
-            replies = await asyncio.gather(*(asyncio.wait_for(self._pool.handle(w).stats.remote(), 10)
-                                             for w in workers), return_exceptions=True)
-            stats.workers.extend(_worker_stats(w, r) for w, r in zip(workers, replies))
+            replies = await asyncio.to_thread(read_worker_stats, self._pool)
+            stats.workers.extend(_worker_stats(w, r) for w, r in replies.items())
             stats.sessions, stats.session_redis_used_memory = await asyncio.gather(self._store.count(),
                                                                                    self._store.used_memory())
             if self._blockstore is not None:
@@ -693,8 +692,22 @@ def _replay(num_tokens: int, record: str, request_id: str) -> list[pb.GenerateRe
             pb.GenerateResponse(usage=pb.Usage(**dict(r["usage"], num_tokens=num_tokens)))]
 
 
-def _worker_stats(worker_id: str, s: WorkerStats | BaseException) -> pb.WorkerStats:
-    if isinstance(s, BaseException):
+def read_worker_stats(pool: WorkerPool, timeout_s: float = 10.0) -> dict[str, WorkerStats | Exception]:
+    """Every worker's stats, or why it did not answer within ``timeout_s`` (blocking: for a
+    thread, e.g. the metrics endpoint's)."""
+    refs = {w: pool.handle(w).stats.remote() for w in pool.worker_ids}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    out: dict[str, WorkerStats | Exception] = {}
+    for w, ref in refs.items():
+        try:
+            out[w] = ray.get(ref) if ref in ready else TimeoutError(f"no answer within {timeout_s:.0f} s")
+        except ray.exceptions.RayError as e:
+            out[w] = e
+    return out
+
+
+def _worker_stats(worker_id: str, s: WorkerStats | Exception) -> pb.WorkerStats:
+    if isinstance(s, Exception):
         return pb.WorkerStats(worker_id=worker_id, error=f"{type(s).__name__}: {s}"[:MAX_STATUS_MESSAGE])
     c = s.cache
     return pb.WorkerStats(worker_id=worker_id, alive=s.alive, running=s.running, waiting=s.waiting,
