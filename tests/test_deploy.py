@@ -1,6 +1,7 @@
 """deploy/ cannot run here (no Docker engine), so check that it is consistent with the code:
 valid compose YAML, CLI flags and environment variables that exist, files that exist."""
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def _interpolate(arg: str) -> str:
 
 def test_compose_file_is_valid_and_matches_the_cli():
     compose = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())
-    assert set(compose["services"]) == {"redis-sessions", "redis-blocks", "blockstore", "sessions"}
+    core = {name for name, svc in compose["services"].items() if "profiles" not in svc}
+    assert core == {"redis-sessions", "redis-blocks", "blockstore", "sessions"}
     # Sessions are never evicted and survive a crash; blocks are a cache.
     sessions_redis = compose["services"]["redis-sessions"]["command"][-1]
     assert "--maxmemory-policy noeviction" in sessions_redis and "--appendonly yes" in sessions_redis
@@ -67,3 +69,39 @@ def test_example_config_file_passes_config_check_and_shows_the_defaults(capsys):
     assert cli.main(["config", "check", str(path)]) == 0, capsys.readouterr().err
     settings = from_toml(ServeConfig, str(path))
     assert len(settings) >= 15 and from_env(ServeConfig, env={}, base=settings) == ServeConfig()
+
+
+def _exported_series() -> set[str]:
+    """Every series name the session service (with its workers' collector) and the block store export."""
+    from prometheus_client import CollectorRegistry
+
+    from services.blockstore.metrics import Metrics as BlockStoreMetrics
+    from services.session.metrics import SessionMetrics, WorkerCollector
+
+    workers = CollectorRegistry()
+    workers.register(WorkerCollector(dict))
+    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
+    return {m.name + suffix for registry in (SessionMetrics().registry, BlockStoreMetrics().registry, workers)
+            for m in registry.collect() for suffix in suffixes[m.type]}
+
+
+def test_monitoring_profile_scrapes_both_services_and_the_dashboard_uses_only_exported_series():
+    compose = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())
+    assert {n for n, svc in compose["services"].items() if svc.get("profiles") == ["monitoring"]} == \
+        {"prometheus", "grafana"}
+    for service in compose["services"].values():  # every mounted file exists
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert not source.startswith(".") or (ROOT / "deploy" / source).exists(), source
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    ports = {name: [p.rsplit(":", 1)[-1] for p in svc.get("ports", [])] for name, svc in compose["services"].items()}
+    assert targets == {"sessions:9200", "blockstore:9100"}
+    assert all(t.split(":")[1] in ports[t.split(":")[0]] for t in targets)
+    assert "--metrics-port" in compose["services"]["sessions"]["command"]
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/kvstore.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b(kvstore_[a-z0-9_]+)", e)}
+    assert len(dashboard["panels"]) >= 10 and used, used
+    assert used <= _exported_series(), used - _exported_series()
+    assert {"kvstore_worker_reused_tokens_total", "kvstore_session_ttft_seconds_bucket"} <= used
