@@ -88,49 +88,43 @@ def build_parser(config_file: str = "") -> argparse.ArgumentParser:
     return parser
 
 
-def _serve_refusal(argv: list[str]) -> str:
-    """Why ``kvstore <argv>`` must not start ("" if it may): ``serve`` on a non-loopback
-    ``--host`` without API keys, or with unusable keys. Checked in a fraction of a second,
-    before the imports of the full parser; ``Service`` checks again (e.g. an abbreviated flag)."""
+def _early_serve_flags(argv: list[str]) -> argparse.Namespace | None:
+    """The flags of ``kvstore serve`` read before the full parser is built (it imports torch
+    and Ray, and its defaults come from the config file): --host, --api-keys, --api-keys-file
+    and --config, or their KVSTORE_SERVE_* variables. None for another command."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     pre.add_argument("--log-level")
     pre.add_argument("command", nargs="?")
-    for name in ("host", "api_keys", "api_keys_file"):
+    for name in ("host", "api_keys", "api_keys_file", "config"):
         pre.add_argument(f"--{name.replace('_', '-')}", dest=name, default=os.environ.get(SERVE_ENV + name.upper(), ""))
     try:
         known, _ = pre.parse_known_args(argv)
     except argparse.ArgumentError:
-        return ""  # the full parser says what is wrong
-    if known.command != "serve" or not known.host:
+        return None  # the full parser says what is wrong
+    return known if known.command == "serve" else None
+
+
+def _serve_refusal(flags: argparse.Namespace | None) -> str:
+    """Why ``kvstore serve`` must not start ("" if it may): a non-loopback ``--host`` without
+    API keys, or unusable keys. Checked in a fraction of a second, before the full parser;
+    ``Service`` checks again (e.g. an abbreviated flag, or a host from the config file)."""
+    if flags is None or not flags.host:
         return ""
     try:
-        api_keys(known.host, known.api_keys, known.api_keys_file)
+        api_keys(flags.host, flags.api_keys, flags.api_keys_file)
     except ConfigError as e:
         return str(e)
     return ""
 
 
-def _config_file(argv: list[str]) -> str:
-    """The ``--config`` file of ``kvstore serve`` (or KVSTORE_SERVE_CONFIG): its settings are the
-    flags' defaults, so it is read before the full parser is built."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    pre.add_argument("--log-level")
-    pre.add_argument("command", nargs="?")
-    pre.add_argument("--config", default=os.environ.get(SERVE_ENV + "CONFIG", ""))
-    try:
-        known, _ = pre.parse_known_args(argv)
-    except argparse.ArgumentError:
-        return ""  # the full parser says what is wrong
-    return known.config if known.command == "serve" else ""
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if refusal := _serve_refusal(argv):
+    early = _early_serve_flags(argv)
+    if refusal := _serve_refusal(early):
         print(f"kvstore serve: {refusal}", file=sys.stderr)
         return 2
     try:
-        parser = build_parser(_config_file(argv))
+        parser = build_parser(early.config if early else "")
     except ValueError as e:
         print(f"kvstore: bad settings: {e}", file=sys.stderr)
         return 2

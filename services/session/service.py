@@ -696,6 +696,8 @@ def read_worker_stats(pool: WorkerPool, timeout_s: float = 10.0) -> dict[str, Wo
     """Every worker's stats, or why it did not answer within ``timeout_s`` (blocking: for a
     thread, e.g. the metrics endpoint's)."""
     refs = {w: pool.handle(w).stats.remote() for w in pool.worker_ids}
+    if not refs:
+        return {}
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
     out: dict[str, WorkerStats | Exception] = {}
     for w, ref in refs.items():
