@@ -8,37 +8,53 @@ computed), and outputs are capped at `--max-tokens`. Each request is a
 session on `kvstore serve` (embedded Redis, block store process, local Ray, N decode
 workers, session API) driven over gRPC with `SessionClient`.
 
+Requests are issued at the trace's own times, scaled by `--speed` (2: twice as fast), by a
+dispatcher handing them to `--concurrency` client threads, so they overlap as in the trace
+and the router's choices (prefix, rates, queues) and the spread over workers are exercised.
+The block store's Redis (T2) gets `--redis-maxmemory`, by default enough for the working set
+(every distinct block of the replayed requests); the report states both.
+
 Reported, in one run:
   - prompt tokens served from T0 / T1 / T2 of the workers, against the hit ratio an
     unbounded cache would reach on the same requests (computed from the hash ids);
-  - TTFT with reuse, and for every `--baseline-every`-th request the same prompt again on the
-    same worker with `skip_cache` (computing everything): the paired speedup.
+  - TTFT percentiles (arrival at the service to first token, so admission queueing counts);
+  - requests and hit ratio per worker; how late the dispatcher issued requests (a backlog of
+    the client threads, if any).
+No skip_cache baseline: with requests overlapping, a paired recompute would load the
+workers and its TTFT would measure the queue it met as much as the prefill (bench/ttft.py
+measures the speedup of reuse in isolation).
 
-Run:  .venv/bin/python bench/trace.py [--trace conversation|synthetic] [--requests 300] [--quick]
+Run:  .venv/bin/python bench/trace.py [--trace conversation|synthetic] [--requests 3000] [--speed 2] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
-import statistics
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from kvstore.cache import CacheConfig
 from kvstore.client import SessionClient
 from services.cli.serve import BackgroundService, ServeConfig
 from services.session.server import SessionServiceConfig
+from workers.loader import builtin_config, kv_spec
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"  # ../shared/traces
+BLOCK_SIZE = 16  # tokens per block of the service (ServeConfig.block_size)
 
 
 def load_trace(directory: Path, name: str, n: int) -> list[dict]:
@@ -69,11 +85,57 @@ def unbounded_hit_tokens(requests: list[dict], tpb: int) -> list[int]:
     return hits
 
 
+@dataclass(slots=True)
+class Replayed:
+    """One request of the trace, as served."""
+
+    prompt_tokens: int
+    cached: list[int]  # prompt tokens reused from T0, T1, T2
+    ttft_s: float
+    worker_id: str
+    late_s: float  # issued this long after its scaled timestamp
+
+
+def replay(address: str, prompts: list[list[int]], due_s: list[float], concurrency: int, max_tokens: int,
+           console: Console) -> list[Replayed]:
+    """Issue each prompt (a session of its own) at ``due_s`` after the start, at most
+    ``concurrency`` at once; returns what each request got, in trace order."""
+    results: list[Replayed | None] = [None] * len(prompts)
+    lock = threading.Lock()
+    with SessionClient(address, timeout_s=600) as kv, ThreadPoolExecutor(concurrency) as threads, \
+            Progress(console=console, transient=True) as progress:
+        task = progress.add_task("replaying", total=len(prompts))
+        start = time.perf_counter()
+
+        def one(i: int) -> None:
+            late = time.perf_counter() - start - due_s[i]
+            session = kv.create_session().session_id
+            u = kv.generate(session, tokens=prompts[i], max_tokens=max_tokens, ignore_eos=True).result().usage
+            results[i] = Replayed(u.prompt_tokens, [u.cached_tokens_t0, u.cached_tokens_t1, u.cached_tokens_t2],
+                                  u.ttft_seconds, u.worker_id, late)
+            with lock:
+                progress.advance(task)
+
+        futures = []
+        for i, due in enumerate(due_s):
+            time.sleep(max(0.0, start + due - time.perf_counter()))
+            futures.append(threads.submit(one, i))
+        for f in futures:
+            f.result()  # raises what a request raised
+    return results
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", choices=["conversation", "synthetic"], default="conversation")
     ap.add_argument("--trace-dir", type=Path, default=TRACES)
     ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--speed", type=float, default=1.0, help="trace time / replay time (2: twice as fast)")
+    ap.add_argument("--concurrency", type=int, default=16, help="requests in flight at most (client threads)")
     ap.add_argument("--tokens-per-block", type=int, default=32, help="tokens per 512-token trace block")
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--max-blocks", type=int, default=100, help="trace blocks kept per request (context limit)")
@@ -81,12 +143,15 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--t0-blocks", type=int, default=1024, help="per worker, 16-token blocks")
     ap.add_argument("--t1-blocks", type=int, default=4096)
-    ap.add_argument("--baseline-every", type=int, default=10)
+    ap.add_argument("--redis-maxmemory", default="", help="of the block store's Redis (T2); empty: the working "
+                                                           "set x 1.25 + 64 MB")
     ap.add_argument("--quick", action="store_true", help="60 requests")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.quick:
         args.requests = 60
+    if args.tokens_per_block % BLOCK_SIZE:
+        raise SystemExit(f"--tokens-per-block must be a multiple of {BLOCK_SIZE}")
     console = Console(width=max(Console().width, 120))
     console.print(f"$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])} | {platform.platform()}, "
                   f"{os.cpu_count()} CPUs")
@@ -96,61 +161,56 @@ def main() -> int:
     tpb = args.tokens_per_block
     prompts = [[t for h in r["hash_ids"] for t in block_tokens(h, tpb)] + [256 + i % 8] for i, r in enumerate(requests)]
     unbounded = unbounded_hit_tokens(requests, tpb)
+    due_s = [(r["timestamp"] - requests[0]["timestamp"]) / 1e3 / args.speed for r in requests]
+    bytes_per_block = kv_spec(builtin_config(args.model), args.model, "", BLOCK_SIZE).bytes_per_block
+    working_set = len({h for r in requests for h in r["hash_ids"]}) * (tpb // BLOCK_SIZE) * bytes_per_block
+    maxmemory = args.redis_maxmemory or f"{math.ceil(working_set * 1.25 / 2**20) + 64}mb"
 
-    cfg = ServeConfig(SessionServiceConfig(port=0, max_concurrent_generations=8),
-                      CacheConfig(t0_blocks=args.t0_blocks, t1_blocks=args.t1_blocks), model=args.model,
-                      workers=args.workers, data_dir=tempfile.mkdtemp(prefix="kvstore-trace-"))
+    cfg = ServeConfig(SessionServiceConfig(port=0), CacheConfig(t0_blocks=args.t0_blocks, t1_blocks=args.t1_blocks),
+                      model=args.model, workers=args.workers, block_size=BLOCK_SIZE, redis_maxmemory=maxmemory,
+                      data_dir=tempfile.mkdtemp(prefix="kvstore-trace-"))
     with console.status("starting the service..."):
         service = BackgroundService(cfg).start()
-    rows, paired = [], []
     start = time.perf_counter()
     try:
-        with SessionClient(service.address) as kv:
-            for i, prompt in enumerate(prompts):
-                s = kv.create_session().session_id
-                g = kv.generate(s, tokens=prompt, max_tokens=args.max_tokens, ignore_eos=True).result()
-                u = g.usage
-                rows.append((u.prompt_tokens, u.cached_tokens_t0, u.cached_tokens_t1, u.cached_tokens_t2,
-                             u.ttft_seconds, u.worker_id))
-                if args.baseline_every and i % args.baseline_every == 0 and sum(rows[-1][1:4]):
-                    b = kv.create_session().session_id
-                    base = kv.generate(b, tokens=prompt, max_tokens=args.max_tokens, ignore_eos=True,
-                                       worker_id=u.worker_id, skip_cache=True).result()
-                    assert base.ids == g.ids, f"request {i}: outputs differ with and without reuse"
-                    paired.append((u.ttft_seconds, base.usage.ttft_seconds))
-                if (i + 1) % 50 == 0:
-                    console.log(f"{i + 1}/{len(prompts)} requests")
+        rows = replay(service.address, prompts, due_s, args.concurrency, args.max_tokens, console)
     finally:
         with console.status("stopping the service..."):
             service.stop()
     elapsed = time.perf_counter() - start
 
-    prompt_tokens = sum(r[0] for r in rows)
-    cached = [sum(r[t] for r in rows) for t in (1, 2, 3)]
+    def hit(rs: list[Replayed]) -> str:
+        return f"{sum(sum(r.cached) for r in rs) / max(1, sum(r.prompt_tokens for r in rs)):.1%}"
+
+    prompt_tokens = sum(r.prompt_tokens for r in rows)
+    cached = [sum(r.cached[t] for r in rows) for t in range(3)]
     reachable = sum(unbounded)
-    table = Table(title=f"{args.trace} trace, first {len(rows)} requests, {tpb} tokens per trace block, "
-                        f"{args.workers} workers ({args.model}), T0 {args.t0_blocks} / T1 {args.t1_blocks} blocks each")
+    table = Table(title=f"{args.trace} trace, first {len(rows)} requests ({due_s[-1] * args.speed:.0f} s of trace at "
+                        f"{args.speed:g}x), {tpb} tokens per trace block, {args.workers} workers ({args.model}), "
+                        f"T0 {args.t0_blocks} / T1 {args.t1_blocks} blocks each")
     for col in ("measure", "value"):
         table.add_column(col, justify="right")
     table.add_row("prompt tokens", str(prompt_tokens))
     for tier, n in zip(("T0", "T1", "T2"), cached):
         table.add_row(f"reused from {tier}", f"{n} ({n / prompt_tokens:.1%})")
-    table.add_row("hit ratio (all tiers)", f"{sum(cached) / prompt_tokens:.1%}")
+    table.add_row("hit ratio (all tiers)", hit(rows))
     table.add_row("hit ratio of an unbounded cache", f"{reachable / prompt_tokens:.1%}")
     table.add_row("reached / unbounded", f"{sum(cached) / reachable:.1%}" if reachable else "-")
-    ttfts = sorted(r[4] for r in rows)
-    table.add_row("TTFT median / p90 (ms)", f"{1e3 * statistics.median(ttfts):.1f} / {1e3 * ttfts[int(0.9 * len(ttfts))]:.1f}")
-    if paired:
-        ratio = statistics.median(b / a for a, b in paired)
-        table.add_row(f"paired TTFT, reuse vs skip_cache ({len(paired)} requests, ms)",
-                      f"{1e3 * statistics.median(a for a, _ in paired):.1f} vs "
-                      f"{1e3 * statistics.median(b for _, b in paired):.1f}: {ratio:.1f}x")
-    table.add_row("requests per worker", ", ".join(f"{w}: {sum(r[5] == w for r in rows)}"
-                                                  for w in sorted({r[5] for r in rows})))
+    ttfts = [r.ttft_s for r in rows]
+    table.add_row("TTFT p50 / p90 / p99 (ms)", " / ".join(f"{1e3 * percentile(ttfts, q):.1f}" for q in (50, 90, 99)))
+    for w in sorted({r.worker_id for r in rows}):
+        mine = [r for r in rows if r.worker_id == w]
+        table.add_row(f"worker {w}: requests, hit ratio", f"{len(mine)} ({len(mine) / len(rows):.1%}), {hit(mine)}")
+    late = [r.late_s for r in rows]
+    table.add_row("issued late p50 / max (s)", f"{percentile(late, 50):.2f} / {max(late):.2f}")
+    table.add_row("T2 Redis maxmemory / working set",
+                  f"{maxmemory} / {working_set / 2**20:.0f} MiB ({working_set // bytes_per_block} blocks x "
+                  f"{bytes_per_block} B)")
     table.add_row("wall time (s)", f"{elapsed:.1f}")
     console.print(table)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "paired": paired, "unbounded": unbounded}))
+        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "unbounded": unbounded,
+                                         "redis_maxmemory": maxmemory, "working_set_bytes": working_set}))
     return 0
 
 

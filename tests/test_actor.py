@@ -9,7 +9,7 @@ from enginehelpers import GREEDY, make_engine, prompt, tiny
 
 from kvstore.cache import CacheConfig, Tier
 from kvstore.hashing import PrefixHasher
-from workers.actor import BlockEvents, GenerateEnd, GenerateRequest, WorkerConfig, remote_worker_class
+from workers.actor import GenerateEnd, GenerateRequest, WorkerConfig, remote_worker_class
 from workers.engine import FinishReason
 from workers.loader import kv_spec
 from workers.sampling import SamplingParams
@@ -49,7 +49,9 @@ def test_streams_the_same_tokens_as_the_in_process_engine(worker):
     batch = ray.get(worker.block_events.remote())
     stored_t0 = {e.block_hash for e in batch.events if e.tier is Tier.T0 and e.stored}
     assert set(expected.hashes) <= stored_t0  # the router learns which prefix w0 holds
-    assert ray.get(worker.block_events.remote()) == BlockEvents(batch.incarnation, [])  # drained
+    drained = ray.get(worker.block_events.remote())
+    assert (drained.incarnation, drained.events) == (batch.incarnation, [])
+    assert drained.rates == ray.get(worker.stats.remote()).engine.rates  # the router's rates come with the poll
     assert ray.get(worker.info.remote()).incarnation == batch.incarnation
 
 

@@ -1,5 +1,6 @@
-"""Router decisions from block events: longest prefix (T0 over T1), load, stickiness, failover;
-and the pool's failover over fake worker handles."""
+"""Router decisions by estimated TTFT from each worker's rates and block events (T0 over T1
+over T2 over recompute, queues), stickiness, failover; and the pool's failover over fake
+worker handles."""
 import asyncio
 from types import SimpleNamespace
 
@@ -8,99 +9,153 @@ from ray.exceptions import RayActorError
 
 from kvstore.cache import BlockEvent, Tier
 from services.session.pool import PoolConfig, WorkerPool, _Worker
-from services.session.router import NoWorkerError, Router
+from services.session.router import NoWorkerError, Route, Router
 from workers.actor import GenerateEnd, GenerateRequest, WorkerInfo
 from workers.engine import FinishReason, Usage
+from workers.loadcost import LoadRates
 from workers.sampling import SamplingParams
 
 H = [bytes([i]) * 16 for i in range(10)]
+BS, BPB = 16, 1_000_000  # tokens and bytes per block
+N = 8 * BS + 1  # a prompt of H[:8] and one more token
 
 
 def stored(tier, hashes):
     return [BlockEvent(Tier(tier), True, h) for h in hashes]
 
 
+def rates(prefill=1000.0, t1=1e9, t2=1e8):
+    """1000 tokens/s: a block recomputed takes 16 ms, loaded from T1 1 ms, from T2 11 ms."""
+    return LoadRates(t1, t2, prefill)
+
+
 def router(*workers, max_seqs: int = 16):
     r = Router()
+    r.block_size, r.bytes_per_block = BS, BPB
     for w in workers:
         r.add_worker(w, max_seqs)
+        r.apply_events(w, [], rates())
     return r
 
 
-def test_longest_cached_prefix_wins_and_t0_outweighs_t1():
+def busy(r, worker_id, seconds):
+    route = Route(worker_id, seconds)
+    r.started(route)
+    return route
+
+
+def test_ttft_estimate_t0_then_t1_then_t2_then_recompute():
     r = router("a", "b", "c")
-    r.apply_events("a", stored(0, H[:3]))
-    r.apply_events("b", stored(0, H[:5]))
-    r.apply_events("c", stored(1, H[:6]))  # longer, but only in host memory
-    # Blocks another worker holds count at the T2 weight: a 3 + 3 x 0.8, b 5 + 0.8, c 6 x 0.9.
-    assert [r.prefix_score(w, H[:8]) for w in "abc"] == pytest.approx([5.4, 5.8, 5.4])
-    assert r.choose(H[:8]) == "b"
-    r.apply_events("b", [BlockEvent(Tier.T0, False, H[1])])  # evicted: b's local prefix now ends after block 0
-    assert r.prefix_score("b", H[:8]) == pytest.approx(1 + 5 * 0.8)
-    r.apply_events("a", stored(0, H[3:4]))  # a: 4 + 2 x 0.8 = 5.6 > c's 5.4
-    assert r.choose(H[:8]) == "a"
-    assert r.prefix_score("a", [H[0], H[9], H[1]]) == 1.0  # a block nobody holds ends the prefix
+    r.apply_events("a", stored(0, H[:8]))
+    r.apply_events("b", stored(1, H[:8]))
+    # a: 1 token to prefill; b: 8 T1 loads + 1 token; c: 8 T2 loads (a holds them, so they are in T2) + 1 token.
+    assert [r.estimate(w, H[:8], N).work_s for w in "abc"] == pytest.approx([0.001, 0.009, 0.089])
+    assert r.estimate("c", H[:8] + H[9:], N + BS).work_s == pytest.approx(0.089 + 0.016)  # nobody holds H[9]: recomputed
+    assert r.choose(H[:8], N).worker_id == "a"
+    r.apply_events("a", [BlockEvent(Tier.T0, False, H[1])])  # evicted: a must get block 1 from T2
+    assert r.estimate("a", H[:8], N).work_s == pytest.approx(0.012)
+    assert r.choose(H[:8], N).worker_id == "b"
+    r.remove_worker("a")
+    r.remove_worker("b")  # nobody holds the prefix: c recomputes it all
+    assert r.estimate("c", H[:8], N).work_s == pytest.approx(N / 1000)
 
 
-def test_a_loaded_worker_hands_a_shared_prefix_to_an_idle_one_through_t2():
+def test_a_slow_t2_loses_to_recomputing_on_a_faster_worker():
+    r = router("hot", "slow", "fast")
+    r.apply_events("hot", stored(0, H[:8]))
+    r.apply_events("slow", [], rates(prefill=100, t2=1e6))  # 1 s per T2 block, 10 ms per token
+    r.apply_events("fast", [], rates(prefill=2000, t2=1e6))
+    busy(r, "hot", 5.0)
+    # slow would recompute (1.29 s < 8 s of T2 loads) and fast too, in 64 ms: fast wins.
+    assert r.estimate("slow", H[:8], N).work_s == pytest.approx(N / 100)
+    assert r.choose(H[:8], N) == Route("fast", pytest.approx(N / 2000))
+    r.apply_events("slow", [], rates(prefill=100, t2=1e9))  # its T2 got fast: 8 x 2 ms + 10 ms
+    assert r.choose(H[:8], N) == Route("slow", pytest.approx(0.026))
+
+
+def test_a_queue_sends_a_shared_prefix_to_an_idle_worker_through_t2():
     r = router("a", "b")
-    r.apply_events("a", stored(0, H[:10]))  # a holds a long shared prefix; b could fetch it from T2
-    assert r.choose(H[:10]) == "a"
-    r.started("a")
-    assert r.choose(H[:10]) == "b"  # 10 - 4 (one queued) < 10 x 0.8
+    r.apply_events("a", stored(0, H[:8]))
+    assert r.choose(H[:8], N).worker_id == "a"
+    queued = busy(r, "a", 0.5)  # a request ahead of it on a, 0.5 s of prefill > b's 89 ms of T2 loads
+    assert r.choose(H[:8], N).worker_id == "b"
+    r.prefilled(queued)  # its first token came: a is free again (still running it)
+    assert r.choose(H[:8], N).worker_id == "a"
+    r.finished(queued)  # and finishing does not take its work off twice
+    assert r.choose(H[:8], N).worker_id == "a"
+
+
+def test_running_sequences_count_as_queue():
+    r = router("a", "b")
+    r.apply_events("a", stored(0, H[:8]))
+    for _ in range(10):  # each decoding sequence costs 8 tokens of prefill (8 ms) per new request
+        r.prefilled(busy(r, "a", 0.1))
+    assert r.choose(H[:8], N).worker_id == "a"  # 80 + 1 ms < b's 89 ms of T2 loads
+    for _ in range(2):
+        r.prefilled(busy(r, "a", 0.1))
+    assert r.choose(H[:8], N).worker_id == "b"  # 96 + 1 ms > 89 ms
 
 
 def test_load_spreads_requests_without_a_cached_prefix():
     r = router("a", "b")
-    first = r.choose([H[9]])
+    first = r.choose([H[9]], BS + 1)
     r.started(first)
-    second = r.choose([H[9]])
-    assert {first, second} == {"a", "b"}
+    second = r.choose([H[9]], BS + 1)
+    assert {first.worker_id, second.worker_id} == {"a", "b"}
     r.started(second)
     r.finished(first)
-    assert r.choose([H[9]]) == first
+    assert r.choose([H[9]], BS + 1).worker_id == first.worker_id
 
 
 def test_ties_go_round_robin_when_requests_come_one_at_a_time():
     r = router("a", "b", "c")
     picks = []
     for i in range(6):  # each finishes before the next arrives: no load to tell them apart
-        w = r.choose([H[i]])
-        r.started(w)
-        r.finished(w)
-        picks.append(w)
+        route = r.choose([H[i]], BS + 1)
+        r.started(route)
+        r.finished(route)
+        picks.append(route.worker_id)
     assert sorted(picks) == ["a", "a", "b", "b", "c", "c"]
     r.apply_events("c", stored(0, H[:1]))
-    assert r.choose(H[:2]) == "c"  # a cached prefix still wins over the rotation
+    assert r.choose(H[:2], 2 * BS + 1).worker_id == "c"  # a cached prefix still wins over the rotation
 
 
-def test_a_queue_outweighs_a_short_prefix():
+def test_sessions_stick_unless_clearly_slower_and_move_when_their_worker_dies():
     r = router("a", "b")
-    r.apply_events("a", stored(0, H[:2]))
-    for _ in range(3):
-        r.started("a")
-    assert r.choose(H[:4]) == "b"  # 2 blocks cached < 3 queued requests x 4
-
-
-def test_sessions_stick_and_move_when_their_worker_dies():
-    r = router("a", "b")
-    r.apply_events("a", stored(0, H[:4]))
-    assert r.choose(H[:4], session_id="s1") == "a"
+    r.apply_events("a", stored(0, H[:8]))
+    assert r.choose(H[:8], N, session_id="s1").worker_id == "a"
     r.apply_events("b", stored(0, H[:8]))
-    assert r.choose(H[:8], session_id="s1") == "a"  # sticky, even though b holds more now
-    assert r.remove_worker("a") == ["s1"]
-    assert r.choose(H[:8], session_id="s1") == "b"
-    r.remove_worker("b")
+    # Sticky without a look at the prefix; the turn's work is its new tokens, at a's prefill rate.
+    assert r.sticky("s1", N + BS) == Route("a", pytest.approx(BS / 1000))
+    busy(r, "a", 0.01)  # a little queued on a: a (10 + 1 ms) is not clearly slower than b (1 ms)
+    assert r.sticky("s1", N + 1) is None
+    assert r.choose(H[:8], N + 1, session_id="s1").worker_id == "a"
+    busy(r, "a", 0.1)  # now it is: the session moves to b
+    assert r.choose(H[:8], N + 1, session_id="s1").worker_id == "b"
+    assert r.sticky("s1", N + 2).worker_id == "b"
+    assert r.remove_worker("b") == ["s1"]
+    assert r.sticky("s1", N + 2) is None
+    assert r.choose(H[:8], N + 2, session_id="s1").worker_id == "a"
+    r.remove_worker("a")
     with pytest.raises(NoWorkerError):
-        r.choose(H[:1])
+        r.choose(H[:1], BS)
+
+
+def test_an_unmeasured_worker_is_assumed_as_fast_as_a_measured_peer():
+    r = router("a", "b")
+    r.apply_events("a", [], LoadRates(1e9, 1e8, 2000, {8: 20_000.0}))
+    r.apply_events("b", [], LoadRates(1e9, 1e8, 2000))  # b's seeds: 10x slower than what a measured
+    assert r.estimate("b", [], 200).work_s == pytest.approx(0.01)
+    r.apply_events("b", [], LoadRates(1e9, 1e8, 2000, {8: 4000.0}))  # once b measures, its own rates
+    assert r.estimate("b", [], 200).work_s == pytest.approx(0.05)
 
 
 def test_restart_clears_stale_index():
     r = router("a", "b")
-    r.apply_events("a", stored(0, H[:6]))
-    r.choose(H[:6], session_id="s")
+    r.apply_events("a", stored(0, H[:6]), rates(prefill=500))
+    r.choose(H[:6], 6 * BS, session_id="s")
     r.reset_worker("a")
-    assert r.prefix_score("a", H[:6]) == 0 and r.workers == ["a", "b"]
+    assert r.estimate("a", H[:6], 6 * BS).work_s == pytest.approx(6 * BS / 2000) and r.workers == ["a", "b"]  # seed rates
     r.apply_events("zombie", stored(0, H[:6]))  # events of an unknown worker are ignored
     assert "zombie" not in r.workers
 
@@ -108,11 +163,11 @@ def test_restart_clears_stale_index():
 def test_forget_drops_a_sessions_affinity():
     r = router("a", "b")
     r.apply_events("a", stored(0, H[:4]))
-    assert r.choose(H[:4], session_id="s1") == "a"
+    assert r.choose(H[:4], 4 * BS, session_id="s1").worker_id == "a"
     r.forget("s1")
     r.forget("never-seen")  # unknown ids are a no-op
     r.apply_events("b", stored(0, H[:8]))
-    assert r.choose(H[:8], session_id="s1") == "b"  # routed by prefix again, not stuck to a
+    assert r.choose(H[:8], N, session_id="s1").worker_id == "b"  # routed by prefix again, not stuck to a
     assert r.remove_worker("a") == []
 
 
@@ -144,7 +199,7 @@ class FakeWorker:
 
 def fake_pool(*workers: FakeWorker) -> WorkerPool:
     pool = WorkerPool(PoolConfig(num_workers=len(workers)))
-    pool.info = WorkerInfo("w0", "1", "m", b"f" * 16, 4, 512, 1024, (), 16)
+    pool.info = WorkerInfo("w0", "1", "m", b"f" * 16, 4, 512, 1024, (), 16, 1024)
     for w in workers:
         pool._workers[w.worker_id] = _Worker(w.worker_id, w, max_seqs=16, live=True)
         pool.router.add_worker(w.worker_id, 16)
@@ -180,7 +235,7 @@ def test_a_worker_dying_after_the_last_token_ends_the_generation_without_a_retry
 def test_pool_forget_drops_the_routers_affinity():
     pool = fake_pool(FakeWorker("w0", [5]), FakeWorker("w1", [6]))
     first = run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id
-    pool.router.started(first)  # busy: only the session's affinity would send it there again
+    pool.router.started(Route(first, 0.0))  # busy: only the session's affinity would send it there again
     assert run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id == first
     pool.forget("s")
     pool.forget("unknown")
@@ -196,20 +251,20 @@ def test_a_sticky_session_is_routed_without_hashing_its_history():
     assert run_generate(pool, [1] * 9, 1, session_id="s")[1].worker_id == first
     assert run_generate(pool, [1] * 10, 1)[1].worker_id  # no session: routed by prefix
     assert hashed == [8, 10]
-    assert pool.router.sticky("s") == first and pool.router.sticky("other") is None and pool.router.sticky(None) is None
+    assert pool.router.sticky("s", 11).worker_id == first
+    assert pool.router.sticky("other", 11) is None and pool.router.sticky(None, 11) is None
 
 
 def test_a_full_worker_yields_its_sessions_and_new_requests_to_one_with_room():
     r = router("a", "b", max_seqs=2)
     r.apply_events("a", stored(0, H[:8]))
-    assert r.choose(H[:8], session_id="s1") == "a"
-    r.started("a")
-    r.started("a")  # a runs as many sequences as it batches
-    assert r.sticky("s1") is None  # the session's next turn goes elsewhere (its prefix comes from T2)
-    assert r.choose(H[:8], session_id="s1") == "b"
-    assert r.choose(H[:8]) == "b"  # and so does a request that a's cache would otherwise win
-    r.started("b")
-    r.started("b")
-    assert r.choose(H[:8]) in {"a", "b"}  # everyone full: no worker is excluded
-    r.finished("a")
-    assert r.choose(H[:8], session_id="s2") == "a"
+    assert r.choose(H[:8], N, session_id="s1").worker_id == "a"
+    first, _ = busy(r, "a", 0.0), busy(r, "a", 0.0)  # a runs as many sequences as it batches
+    assert r.sticky("s1", N) is None  # the session's next turn goes elsewhere (its prefix comes from T2)
+    assert r.choose(H[:8], N, session_id="s1").worker_id == "b"
+    assert r.choose(H[:8], N).worker_id == "b"  # and so does a request that a's cache would otherwise win
+    busy(r, "b", 0.0)
+    busy(r, "b", 0.0)
+    assert r.choose(H[:8], N).worker_id in {"a", "b"}  # everyone full: no worker is excluded
+    r.finished(first)
+    assert r.choose(H[:8], N, session_id="s2").worker_id == "a"

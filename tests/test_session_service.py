@@ -315,7 +315,8 @@ def test_killed_worker_session_continues_on_another(service):
         ray.kill(pool.handle(victim), no_restart=False)
         p2, g2 = turn(kv, s.session_id, messages=[{"role": "user", "content": "turn two"}])
         assert g2.usage.worker_id != victim and g2.ids == reference(p2, 8)
-        assert g2.usage.cached_tokens_t2 > 0
+        # Found in T2; the engine recomputes it instead when its measured rates say that is faster.
+        assert g2.usage.cached_tokens_t2 + g2.usage.recomputed_tokens_t2 > 0
         assert wait_for(lambda: pool.live_worker_ids == ["w0", "w1"], timeout=120)  # Ray restarted it
 
         # Mid-stream: kill the worker after the first tokens; the stream goes on elsewhere.

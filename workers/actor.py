@@ -22,6 +22,7 @@ from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
 from kvstore.cache import BlockEvent, CacheConfig, CacheStats, TieredKVCache
 from kvstore.hashing import PrefixHasher
 from workers.engine import Engine, EngineConfig, EngineStats, FinishReason, Sequence, Status, Usage
+from workers.loadcost import LoadRates
 from workers.loader import builtin_model, kv_spec, load_checkpoint
 from workers.sampling import SamplingParams
 from workers.tokenizer import load_tokenizer
@@ -76,15 +77,18 @@ class WorkerInfo:
     max_context: int
     eos_token_ids: tuple[int, ...]
     max_num_seqs: int  # sequences its engine runs at once (more wait in its queue)
+    bytes_per_block: int  # raw KV bytes of one block (what a load moves, at the rates' bytes/s)
 
 
 @dataclass(slots=True)
 class BlockEvents:
     """A worker's block events since the last call, stamped with its incarnation (a worker
-    Ray restarted has a new one, and an empty cache)."""
+    Ray restarted has a new one, and an empty cache), and its current load/prefill rates
+    (the router's cost estimate; carried by this poll so that it needs no other)."""
 
     incarnation: str
     events: list[BlockEvent]
+    rates: LoadRates
 
 
 @dataclass(slots=True)
@@ -197,13 +201,13 @@ class DecodeWorker:
     def block_events(self) -> BlockEvents:
         """The events since the last call, for the router."""
         events = [self._events.popleft() for _ in range(len(self._events))]
-        return BlockEvents(self.incarnation, events)
+        return BlockEvents(self.incarnation, events, self.engine.rates.snapshot())
 
     def info(self) -> WorkerInfo:
         c = self.model_config
         return WorkerInfo(self.worker_id, self.incarnation, self.spec.model_id, self.spec.fingerprint,
                           self.spec.block_size, c.vocab_size, c.max_position_embeddings, tuple(c.eos_token_ids),
-                          self.engine.config.max_num_seqs)
+                          self.engine.config.max_num_seqs, self.spec.bytes_per_block)
 
     def stats(self) -> WorkerStats:
         e = self.engine

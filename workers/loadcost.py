@@ -77,6 +77,11 @@ class LoadRates:
     def best_reuse(self, tiers: Sequence[Tier], num_tokens: int, block_size: int, bytes_per_block: int) -> int:
         """How many of the leading cached blocks (their source ``tiers``) to load, the rest
         of the ``num_tokens`` being prefilled: the fastest estimate, ties to loading."""
+        return self.reuse_plan(tiers, num_tokens, block_size, bytes_per_block)[0]
+
+    def reuse_plan(self, tiers: Sequence[Tier], num_tokens: int, block_size: int,
+                   bytes_per_block: int) -> tuple[int, float]:
+        """``best_reuse``'s block count and its estimated seconds (loads + prefill of the rest)."""
         best_k, best = 0, self.prefill_s(0, num_tokens)
         load = 0.0
         for i, tier in enumerate(tiers):
@@ -84,7 +89,7 @@ class LoadRates:
             estimate = load + self.prefill_s((i + 1) * block_size, num_tokens)
             if estimate <= best:
                 best_k, best = i + 1, estimate
-        return best_k
+        return best_k, best
 
     # ---- measurements -----------------------------------------------------------------
 

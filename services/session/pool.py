@@ -23,7 +23,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from kvstore.hashing import PrefixHasher
-from services.session.router import NoWorkerError, Router, RouterConfig
+from services.session.router import NoWorkerError, Route, Router, RouterConfig
 from workers.actor import GenerateEnd, GenerateRequest, WorkerConfig, WorkerInfo, remote_worker_class
 from workers.engine import FinishReason, Usage
 
@@ -106,6 +106,7 @@ class WorkerPool:
         if len(fingerprints) != 1:
             raise RuntimeError("the workers serve different models (fingerprints differ)")
         self.info = infos[0]
+        self.router.block_size, self.router.bytes_per_block = self.info.block_size, self.info.bytes_per_block
         for w, info in zip(self._workers.values(), infos):
             w.max_seqs = info.max_num_seqs
             self._join(w, info.incarnation)
@@ -149,10 +150,11 @@ class WorkerPool:
     def block_hashes(self, tokens: list[int], namespace: str) -> list[bytes]:
         return PrefixHasher.for_namespace(self.info.fingerprint, namespace, self.info.block_size, tokens).hashes
 
-    def _route(self, tokens: list[int], namespace: str, session_id: str | None) -> str:
-        # A session's affinity decides without the prefix: hash its history only when it does not.
-        wid = self.router.sticky(session_id)
-        return wid if wid is not None else self.router.choose(self.block_hashes(tokens, namespace), session_id)
+    def _route(self, tokens: list[int], namespace: str, session_id: str | None, worker_id: str | None = None) -> Route:
+        if worker_id is not None and self._workers[worker_id].live:
+            return self.router.estimate(worker_id, self.block_hashes(tokens, namespace), len(tokens))
+        # A session's affinity may decide without the prefix: then its history is not hashed.
+        return self.router.route(len(tokens), lambda: self.block_hashes(tokens, namespace), session_id)
 
     async def generate(self, request: GenerateRequest, session_id: str | None = None,
                        worker_id: str | None = None) -> AsyncIterator[int | GenerateEnd]:
@@ -165,17 +167,19 @@ class WorkerPool:
         max_tokens = request.sampling.max_tokens
         while True:
             tokens = request.prompt + output
-            wid = worker_id if worker_id is not None and self._workers[worker_id].live else \
-                self._route(tokens, request.namespace, session_id)
+            route = self._route(tokens, request.namespace, session_id, worker_id)
+            wid = route.worker_id
             attempt = dataclasses.replace(request, prompt=tokens, sampling=dataclasses.replace(
                 request.sampling, max_tokens=max_tokens - len(output)))
-            self.router.started(wid)
+            self.router.started(route)
             stream = self._workers[wid].handle.generate.remote(attempt)
             try:
                 async for ref in stream:
                     item = await ref
                     if isinstance(item, GenerateEnd):
                         break
+                    if not route.prefilled:  # its first token: its prefill no longer queues others
+                        self.router.prefilled(route)
                     output.append(item)
                     yield item
                 else:
@@ -198,7 +202,7 @@ class WorkerPool:
                 ray.cancel(stream)  # the caller went away: free the worker's slot and blocks
                 raise
             finally:
-                self.router.finished(wid)
+                self.router.finished(route)
             if item.finish_reason is FinishReason.ERROR:
                 raise GenerationError(item.error)
             item.failovers = failovers  # its usage is the attempt's that finished (after a failover: the resumed one)
@@ -207,7 +211,7 @@ class WorkerPool:
 
     async def prefetch(self, tokens: list[int], namespace: str, session_id: str) -> tuple[str, int]:
         """Warm ``tokens``' cached prefix into the worker the session's next turn will use."""
-        wid = self._route(tokens, namespace, session_id)
+        wid = self._route(tokens, namespace, session_id).worker_id
         try:
             held = await asyncio.wait_for(self._workers[wid].handle.prefetch.remote(tokens, namespace),
                                           self.config.call_timeout_s)
@@ -265,7 +269,7 @@ class WorkerPool:
             return
         if not w.live or batch.incarnation != w.incarnation:
             self._join(w, batch.incarnation)
-        self.router.apply_events(w.worker_id, batch.events)
+        self.router.apply_events(w.worker_id, batch.events, batch.rates)
 
 
 __all__ = ["GenerationError", "NoWorkerError", "PoolConfig", "WorkerLostError", "WorkerPool"]

@@ -1,21 +1,28 @@
-"""Prefix-aware routing of requests to decode workers.
+"""Prefix-aware routing of requests to decode workers, by estimated time to first token.
 
-A session sticks to the worker that served it (its KV is hottest there), unless that worker
-already runs as many sequences as it batches (``max_seqs``) while another has room: then the
-request goes elsewhere and reuses the prefix from T2. A request without affinity goes to the
-worker with room that can reuse the most of its prefix, weighting blocks by where they would
-come from (its T0, its T1, or T2 for blocks other workers hold), less a penalty for the
-worker's queue; ties rotate. The router learns what each
-worker holds from the workers' block events (``DecodeWorker.block_events``). When a worker
-dies or restarts, its index is dropped and its sessions lose their affinity: their next turn
-goes elsewhere and resumes from T2.
+Per worker, the router estimates a request's TTFT the way the worker's engine chooses what
+to load (``LoadRates.reuse_plan``, from the rates each worker measures and reports with its
+block events): loading the leading blocks it holds in T0/T1, and those another worker holds
+(so they are in T2, written through) at its T2 rate, or recomputing them at its prefill
+rate, whichever is faster; plus a queue: the estimated prefill work of the requests sent
+there that have not streamed their first token yet, and ``decode_cost_tokens`` of prefill per
+sequence it is decoding. The request goes to the worker with room
+(fewer sequences than it batches, ``max_seqs``) with the smallest estimate; ties go to the
+less loaded, then the less used worker.
+
+A session sticks to the worker that served it (its KV is hottest there) while that worker
+has room and its estimate is not clearly worse than the best (``affinity_tolerance``,
+``affinity_slack_s``); a worker with room and nothing queued keeps it without hashing its
+history. When a worker dies or restarts, its index is dropped and its sessions lose their
+affinity: their next turn goes elsewhere and resumes from T2.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kvstore.cache import BlockEvent, Tier
+from workers.loadcost import LoadCostConfig, LoadRates
 
 
 class NoWorkerError(RuntimeError):
@@ -26,22 +33,41 @@ class NoWorkerError(RuntimeError):
 class WorkerState:
     worker_id: str
     max_seqs: int  # sequences it runs at once (its engine's max_num_seqs)
+    rates: LoadRates  # its latest measured rates (seeds until its first poll)
     t0: set[bytes] = field(default_factory=set)
     t1: set[bytes] = field(default_factory=set)
     load: int = 0  # requests in flight
+    prefilling: int = 0  # requests sent here still before their first token
+    queued_s: float = 0.0  # their estimated prefill seconds
     routed: int = 0  # requests sent here so far (spreads ties: sequential requests have no load)
 
 
 @dataclass(slots=True)
 class RouterConfig:
-    """What a block of prompt already cached is worth, by where it would come from, in units
-    of a block held in T0 (from bench/ttft.py; see docs/architecture.md). Blocks another
-    worker holds are (write-through) in T2, so every worker can get them at the T2 price."""
+    # A session leaves its worker only when that one's estimated TTFT exceeds the best
+    # worker's by this factor plus this many seconds.
+    affinity_tolerance: float = 1.5
+    affinity_slack_s: float = 0.02
+    # A running sequence delays a new request's first token like prefilling this many tokens
+    # (its token in each step the new request waits for or shares).
+    decode_cost_tokens: float = 8.0
+    load_cost: LoadCostConfig = field(default_factory=LoadCostConfig)  # rates until a worker reports its own
 
-    t0_weight: float = 1.0
-    t1_weight: float = 0.9
-    t2_weight: float = 0.8  # blocks of the prefix held by some other worker (so in T2)
-    load_weight: float = 4.0  # blocks of cached prefix one queued request is worth
+
+@dataclass(slots=True)
+class Route:
+    """Where a request goes, and its estimated prefill work there (seconds of loads and
+    recompute, queue excluded), which counts as that worker's queue until its first token."""
+
+    worker_id: str
+    work_s: float
+    prefilled: bool = False  # its first token came (set by ``Router.prefilled``)
+
+
+@dataclass(slots=True)
+class _Affinity:
+    worker_id: str
+    num_tokens: int  # the session's length when last routed: the new tokens since are its next turn's work
 
 
 class Router:
@@ -49,20 +75,22 @@ class Router:
 
     def __init__(self, config: RouterConfig | None = None) -> None:
         self.config = config or RouterConfig()
+        self.block_size = 16  # the model's (``WorkerInfo``), set by the pool once it knows it
+        self.bytes_per_block = 0
         self._workers: dict[str, WorkerState] = {}
-        self._affinity: dict[str, str] = {}  # session id -> worker id
+        self._affinity: dict[str, _Affinity] = {}  # by session id
 
     @property
     def workers(self) -> list[str]:
         return sorted(self._workers)
 
     def add_worker(self, worker_id: str, max_seqs: int) -> None:
-        self._workers.setdefault(worker_id, WorkerState(worker_id, max_seqs))
+        self._workers.setdefault(worker_id, WorkerState(worker_id, max_seqs, LoadRates.seeded(self.config.load_cost)))
 
     def remove_worker(self, worker_id: str) -> list[str]:
         """Forget a dead or removed worker; returns the sessions that lost their affinity."""
         self._workers.pop(worker_id, None)
-        moved = [s for s, w in self._affinity.items() if w == worker_id]
+        moved = [s for s, a in self._affinity.items() if a.worker_id == worker_id]
         for s in moved:
             del self._affinity[s]
         return moved
@@ -77,32 +105,34 @@ class Router:
             self.remove_worker(worker_id)
             self.add_worker(worker_id, state.max_seqs)
 
-    def apply_events(self, worker_id: str, events: Iterable[BlockEvent]) -> None:
-        """A worker's cache events, in order."""
+    def apply_events(self, worker_id: str, events: Iterable[BlockEvent], rates: LoadRates | None = None) -> None:
+        """A worker's cache events, in order, and its current rates."""
         state = self._workers.get(worker_id)
         if state is None:
             return
+        if rates is not None:
+            # Not measured yet (a new or restarted worker): as fast as a measured peer, not the seeds.
+            peers = [s.rates for s in self._workers.values() if s.rates.prefill_tokens_per_s]
+            state.rates = rates if rates.prefill_tokens_per_s or not peers else peers[0]
         for e in events:
             tier_set = state.t0 if e.tier is Tier.T0 else state.t1
             (tier_set.add if e.stored else tier_set.discard)(e.block_hash)
 
-    def prefix_score(self, worker_id: str, block_hashes: Sequence[bytes]) -> float:
-        """Weighted length of the prefix this worker can reuse: its contiguous run in T0/T1,
-        then the blocks that continue the prefix in some other worker's tiers (fetched from T2)."""
-        return self._score(self._workers[worker_id], block_hashes, self._global_prefix(block_hashes))
+    def estimate(self, worker_id: str, block_hashes: Sequence[bytes], num_tokens: int) -> Route:
+        """The prefill work of a request of ``num_tokens`` (full blocks ``block_hashes``) on this worker."""
+        return Route(worker_id, self._work_s(self._workers[worker_id], block_hashes, num_tokens,
+                                             self._global_prefix(block_hashes)))
 
-    def _score(self, state: WorkerState, block_hashes: Sequence[bytes], global_prefix: int) -> float:
-        cfg = self.config
-        score, local = 0.0, 0
-        for h in block_hashes[:global_prefix]:
-            if h in state.t0:
-                score += cfg.t0_weight
-            elif h in state.t1:
-                score += cfg.t1_weight
-            else:
-                break
-            local += 1
-        return score + (global_prefix - local) * cfg.t2_weight
+    def _work_s(self, state: WorkerState, block_hashes: Sequence[bytes], num_tokens: int, reachable: int) -> float:
+        tiers = [Tier.T0 if h in state.t0 else Tier.T1 if h in state.t1 else Tier.T2 for h in block_hashes[:reachable]]
+        return state.rates.reuse_plan(tiers, num_tokens, self.block_size, self.bytes_per_block)[1]
+
+    def _queue_s(self, state: WorkerState, num_tokens: int) -> float:
+        """What delays a new request's first token there: the prefill work queued before it,
+        and its share of the steps that decode the worker's running sequences."""
+        decoding = state.load - state.prefilling
+        per_token = state.rates.prefill_s(0, num_tokens) / max(1, num_tokens)
+        return state.queued_s + decoding * self.config.decode_cost_tokens * per_token
 
     def _global_prefix(self, block_hashes: Sequence[bytes]) -> int:
         """Leading blocks held by at least one worker (T0 or T1)."""
@@ -113,40 +143,59 @@ class Router:
             n += 1
         return n
 
-    def sticky(self, session_id: str | None) -> str | None:
-        """The live worker a session sticks to (counted as routed there), or None: then
-        ``choose`` decides from the prefix. A full worker yields to one with room."""
-        if session_id and (w := self._affinity.get(session_id)) in self._workers:
-            state = self._workers[w]
-            if not _room(state) and any(_room(s) for s in self._workers.values()):
-                return None
-            state.routed += 1
-            return w
-        return None
+    def sticky(self, session_id: str | None, num_tokens: int) -> Route | None:
+        """The session's worker when it has room and no request before its first token (counted as routed there;
+        the session's new tokens are its work), or None: then ``choose`` decides."""
+        a = self._affinity.get(session_id) if session_id else None
+        if a is None or (state := self._workers.get(a.worker_id)) is None:
+            return None
+        if not _room(state) or state.prefilling:
+            return None
+        state.routed += 1
+        work = state.rates.prefill_s(min(a.num_tokens, num_tokens), num_tokens)
+        a.num_tokens = num_tokens
+        return Route(state.worker_id, work)
 
-    def choose(self, block_hashes: Sequence[bytes], session_id: str | None = None) -> str:
-        """The worker for a request (and, for a session, its new affinity)."""
+    def choose(self, block_hashes: Sequence[bytes], num_tokens: int, session_id: str | None = None) -> Route:
+        """The worker for a request (and, for a session, its new affinity): the one with room
+        and the smallest estimated TTFT, or the session's worker if that is not clearly worse."""
         if not self._workers:
             raise NoWorkerError("no decode worker is available")
-        if (w := self.sticky(session_id)) is not None:
-            return w
         reachable = self._global_prefix(block_hashes)
-        best = max(
-            [s for s in self._workers.values() if _room(s)] or self._workers.values(),
-            key=lambda s: (self._score(s, block_hashes, reachable) - self.config.load_weight * s.load,
-                           -s.load, -s.routed, s.worker_id),
-        )
+        candidates = [s for s in self._workers.values() if _room(s)] or list(self._workers.values())
+        routes = {s.worker_id: Route(s.worker_id, self._work_s(s, block_hashes, num_tokens, reachable))
+                  for s in candidates}
+        ttft = {w: self._queue_s(self._workers[w], num_tokens) + r.work_s for w, r in routes.items()}
+        best = min(candidates, key=lambda s: (ttft[s.worker_id], s.load, s.routed, s.worker_id))
+        cfg = self.config
+        if session_id and (a := self._affinity.get(session_id)) is not None and a.worker_id in routes \
+                and ttft[a.worker_id] <= cfg.affinity_tolerance * ttft[best.worker_id] + cfg.affinity_slack_s:
+            best = self._workers[a.worker_id]
         best.routed += 1
         if session_id:
-            self._affinity[session_id] = best.worker_id
-        return best.worker_id
+            self._affinity[session_id] = _Affinity(best.worker_id, num_tokens)
+        return routes[best.worker_id]
 
-    def started(self, worker_id: str) -> None:
-        if (s := self._workers.get(worker_id)) is not None:
+    def route(self, num_tokens: int, block_hashes: Callable[[], Sequence[bytes]], session_id: str | None = None) -> Route:
+        """``sticky`` if it decides, else ``choose`` (``block_hashes`` is only called then)."""
+        return self.sticky(session_id, num_tokens) or self.choose(block_hashes(), num_tokens, session_id)
+
+    def started(self, route: Route) -> None:
+        if (s := self._workers.get(route.worker_id)) is not None:
             s.load += 1
+            s.prefilling += 1
+            s.queued_s += route.work_s
 
-    def finished(self, worker_id: str) -> None:
-        if (s := self._workers.get(worker_id)) is not None and s.load:
+    def prefilled(self, route: Route) -> None:
+        """Its first token came: its prefill no longer delays the worker's next requests."""
+        if not route.prefilled and (s := self._workers.get(route.worker_id)) is not None and s.prefilling:
+            s.prefilling -= 1
+            s.queued_s = max(0.0, s.queued_s - route.work_s) if s.prefilling else 0.0
+        route.prefilled = True
+
+    def finished(self, route: Route) -> None:
+        self.prefilled(route)
+        if (s := self._workers.get(route.worker_id)) is not None and s.load:
             s.load -= 1
 
 

@@ -3,7 +3,7 @@ status codes.
 
 A Generate call: authenticate -> read the session from Redis -> render the new input as a
 token delta (off the event loop) -> check the limits -> wait for a generation slot (fair
-admission) -> route (sticky, else longest cached prefix) -> stream tokens from the Ray
+admission) -> route (sticky, else least estimated TTFT) -> stream tokens from the Ray
 worker (resuming elsewhere if it dies) -> append input + output to the history atomically
 (once per request id) -> final usage.
 """
