@@ -31,9 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import shlex
 import sys
 import tempfile
 import threading
@@ -43,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from common import header
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -153,8 +151,7 @@ def main() -> int:
     if args.tokens_per_block % BLOCK_SIZE:
         raise SystemExit(f"--tokens-per-block must be a multiple of {BLOCK_SIZE}")
     console = Console(width=max(Console().width, 120))
-    console.print(f"$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])} | {platform.platform()}, "
-                  f"{os.cpu_count()} CPUs")
+    console.print(header(), highlight=False)
     requests = load_trace(args.trace_dir, args.trace, args.requests)
     for r in requests:  # long prompts keep their first blocks, so prefix sharing is unchanged
         r["hash_ids"] = r["hash_ids"][:args.max_blocks]
