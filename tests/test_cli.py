@@ -12,8 +12,6 @@ from rich.console import Console
 from serveprocess import start_serve, stop_serve
 
 from kvstore.client import SessionClient
-from services.cli.demo import DemoConfig as AgentDemoConfig
-from services.cli.demo import system_prompt
 from services.cli.keys import api_keys
 from services.cli.main import main
 from services.cli.tiers_demo import DemoConfig, run_demo
@@ -122,12 +120,16 @@ def test_stats_after_a_demo_shows_reuse_from_every_tier(tmp_path):
         before = scrape()
         demo = cli("demo", "--address", served.address, "--api-key", "sk-tenant", timeout=300)
         assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
-        with SessionClient(served.address, api_key="sk-admin") as kv:
-            idle = [w.worker_id for w in kv.get_stats().workers if not w.lookup_tokens]
-        with SessionClient(served.address, api_key="sk-tenant") as kv:  # the demo's prompt on an idle worker: T2
-            sid = kv.create_session(system_prompt=system_prompt(AgentDemoConfig().system_prompt_repeat)).session_id
-            t2 = kv.generate(sid, [{"role": "user", "content": "hi"}], max_tokens=2, worker_id=(idle or ["w0"])[0])
-            assert t2.result().usage.cached_tokens_t2 > 0, t2.usage
+        # Whatever the demo's routing did: a new prompt on w0, then on w1, which finds it in T2 only.
+        with SessionClient(served.address, api_key="sk-admin") as admin, \
+                SessionClient(served.address, api_key="sk-tenant") as kv:
+            prompt = "A prompt only this check uses. " * 20
+            stored = admin.get_stats().blocks_stored
+            first, second = (kv.create_session(system_prompt=prompt).session_id for _ in range(2))
+            kv.generate(first, tokens=[1], max_tokens=1, worker_id="w0").result()
+            assert wait_for(lambda: admin.get_stats().blocks_stored >= stored + len(prompt) // 16, 30)
+            t2 = kv.generate(second, tokens=[1], max_tokens=1, worker_id="w1").result()
+            assert t2.usage.cached_tokens_t2 >= len(prompt) // 16 * 16 - 16, t2.usage
         refused = cli("stats", "--address", served.address, "--api-key", "sk-tenant")
         shown = cli("stats", "--address", served.address, "--api-key", "sk-admin")
         with SessionClient(served.address, api_key="sk-admin") as kv:
@@ -162,3 +164,12 @@ def _worker_samples(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url, timeout=30).read().decode()
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line.startswith("kvstore_worker_")}
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
