@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -163,7 +164,7 @@ class Runner:
     """Runs a workload's agents on threads (one per branch) against one service."""
 
     def __init__(self, kv: SessionClient, workload: Workload, cfg: WorkloadConfig, skip_cache: bool,
-                 on_turn) -> None:
+                 on_turn: Callable[[], None]) -> None:
         self.kv, self.workload, self.cfg, self.skip_cache, self.on_turn = kv, workload, cfg, skip_cache, on_turn
         self.records: list[Record] = []
         self.errors: list[BaseException] = []
@@ -274,7 +275,10 @@ def run_mode(mode: Mode, args: argparse.Namespace, cfg: WorkloadConfig, sizing: 
         finally:
             with console.status(f"{mode.value}: stopping the service..."):
                 service.stop()
-    return RunResult(mode, sorted(runner.records, key=lambda r: r.end_s), wall)
+    result = RunResult(mode, sorted(runner.records, key=lambda r: r.end_s), wall)
+    console.log(f"{mode.value}, {cfg.agents} agents: TTFT p50 {_ms(result.ttft(0.5))} ms, hit ratio "
+                f"{result.hit_ratio():.1%}, {wall:.0f} s")
+    return result
 
 
 def _ms(s: float) -> str:
@@ -399,6 +403,13 @@ def run_points(args: argparse.Namespace, cfg: WorkloadConfig, sizing: Sizing, co
         ok = compare(results, console) and ok
         points.append((n, results))
     if len(points) > 1:
+        table = Table(title="capacity curve: TTFT p50 (ms) and hit ratio per number of agents")
+        table.add_column("agents", justify="right")
+        for mode in Mode:
+            table.add_column(mode.value, justify="right")
+        for n, results in points:
+            table.add_row(str(n), *(f"{_ms(r.ttft(0.5))} ms, {r.hit_ratio():.1%}" for r in results))
+        console.print(table)
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot(points, sizing, args.workers, args.plot)
         console.print(f"capacity curve: {args.plot}")
