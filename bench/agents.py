@@ -51,13 +51,13 @@ BLOCK = 16  # tokens per block (ServeConfig's default)
 @dataclass(frozen=True, slots=True)
 class WorkloadConfig:
     agents: int = 16
-    rounds: int = 8
-    system_tokens: int = 1536  # shared system prompt and tool spec
+    rounds: int = 10
+    system_tokens: int = 1024  # shared system prompt and tool spec
     user_tokens: int = 32  # mean per user message (uniform, +-50%)
-    tool_tokens: int = 96  # mean per tool result (uniform, +-50%)
+    tool_tokens: int = 128  # mean per tool result (uniform, +-50%)
     max_tokens: int = 32  # generated per turn (greedy, EOS ignored)
     think_s: float = 2.0  # mean think time before a tool result (exponential)
-    arrival_rate: float = 0.5  # agents per second (Poisson)
+    arrival_rate: float = 2.0  # agents per second (Poisson)
     fork_prob: float = 0.25  # chance that an agent forks once, after a random round
     vocab: int = 256
     seed: int = 0
@@ -328,10 +328,12 @@ def plot(points: list[tuple[int, list[RunResult]]], sizing: Sizing, workers: int
         res = [next(r for r in results if r.mode is mode) for _, results in points]
         ax1.plot(agents, [1e3 * r.ttft(0.5) for r in res], "o-", label=mode.value)
         ax2.plot(agents, [100 * r.hit_ratio() for r in res], "o-", label=mode.value)
+    t0, t1 = (sizing.agents_held(blocks, workers) for blocks in (sizing.t0_blocks, sizing.t1_blocks))
+    full = {t0: "T0 full", t1: "T1 full"} if t1 != t0 else {t0: "T0 and T1 full"}
     for ax in (ax1, ax2):
-        for blocks, name in ((sizing.t0_blocks, "T0 full"), (sizing.t1_blocks, "T1 full")):
-            ax.axvline(sizing.agents_held(blocks, workers), ls="--", c="grey")
-            ax.text(sizing.agents_held(blocks, workers), ax.get_ylim()[1] * 0.95, f" {name}", c="grey", va="top")
+        for x, name in full.items():
+            ax.axvline(x, ls="--", c="grey")
+            ax.text(x, 0.97, f" {name}", c="grey", va="top", transform=ax.get_xaxis_transform())
         ax.set_xscale("log", base=2)
         ax.set_xticks(agents, [str(n) for n in agents])
         ax.set_xlabel("agents")
@@ -339,6 +341,7 @@ def plot(points: list[tuple[int, list[RunResult]]], sizing: Sizing, workers: int
     ax1.set_yscale("log")
     ax1.set_ylabel("TTFT p50 (ms)")
     ax2.set_ylabel("prompt tokens reused (%)")
+    ax2.set_ylim(0, 100)
     fig.suptitle("Agent workload: TTFT and reuse vs active agents")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -363,7 +366,7 @@ def main() -> int:
     ap.add_argument("--t1-agents", type=float, default=8, help="agents' histories T1 holds (all workers)")
     ap.add_argument("--sweep", default="", help="agent counts, e.g. 2,4,8,16: a capacity curve (PNG)")
     ap.add_argument("--plot", type=Path, default=RESULTS / "agents.png")
-    ap.add_argument("--quick", action="store_true", help="4 agents x 3 rounds, short prompts, the tiny model")
+    ap.add_argument("--quick", action="store_true", help="4 agents x 3 rounds, short prompts, the tiny model (a sweep: 1,2,4 agents)")
     args = ap.parse_args()
     if args.quick:
         args.model, args.t0_agents, args.t1_agents = "tiny", 1, 2
