@@ -56,8 +56,8 @@ class WorkloadConfig:
     user_tokens: int = 32  # mean per user message (uniform, +-50%)
     tool_tokens: int = 128  # mean per tool result (uniform, +-50%)
     max_tokens: int = 32  # generated per turn (greedy, EOS ignored)
-    think_s: float = 2.0  # mean think time before a tool result (exponential)
-    arrival_rate: float = 2.0  # agents per second (Poisson)
+    think_s: float = 6.0  # mean think time before a tool result (exponential)
+    arrival_rate: float = 1.0  # agents per second (Poisson)
     fork_prob: float = 0.25  # chance that an agent forks once, after a random round
     vocab: int = 256
     seed: int = 0
