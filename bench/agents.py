@@ -51,7 +51,7 @@ BLOCK = 16  # tokens per block (ServeConfig's default)
 @dataclass(frozen=True, slots=True)
 class WorkloadConfig:
     agents: int = 16
-    rounds: int = 10
+    rounds: int = 8
     system_tokens: int = 1024  # shared system prompt and tool spec
     user_tokens: int = 32  # mean per user message (uniform, +-50%)
     tool_tokens: int = 128  # mean per tool result (uniform, +-50%)
