@@ -21,6 +21,7 @@ bench:
 	.venv/bin/python bench/policies.py --quick
 	.venv/bin/python bench/trace.py
 	.venv/bin/python bench/http_demo.py --quick
+	.venv/bin/python bench/agents.py --quick
 
 proto:
 	./scripts/bootstrap.sh "[test]"

@@ -44,6 +44,7 @@ class WritePolicy(str, Enum):
     WRITE_THROUGH = "write_through"  # on commit, asynchronously
     WRITE_BACK = "write_back"  # on eviction from the upper tier
     SELECTIVE = "selective"  # once the block has been reused `selective_hits` times
+    OFF = "off"  # never: the tier below stays empty (T0 only is an engine without offload)
 
 
 @dataclass(slots=True)

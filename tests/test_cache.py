@@ -161,6 +161,18 @@ def test_selective_copies_on_second_hit():
         assert cache.cached_slots(Tier.T1) == {}
 
 
+def test_off_copies_nothing_down():
+    remote = MemoryRemote()
+    with make(t0=3, remote=remote, t0_t1_policy=WritePolicy.OFF) as cache:
+        p = prefix(range(2 * BS + 1))
+        cache.release(prefill(cache, p))
+        cache.release(cache.load(p, cache.lookup(p)).block_table)  # a hit: not copied down either
+        evict_all_t0(cache)
+        cache.flush()
+        assert cache.cached_slots(Tier.T1) == {} and remote.blocks == {}
+        assert cache.lookup(p).num_blocks == 0
+
+
 def test_t1_t2_write_back_writes_on_t1_eviction():
     remote = MemoryRemote()
     with make(t0=3, t1=2, remote=remote, t1_t2_policy=WritePolicy.WRITE_BACK) as cache:
