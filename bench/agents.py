@@ -21,9 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
-import shlex
-import statistics
 import sys
 import tempfile
 import threading
@@ -35,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from common import header
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -376,8 +374,7 @@ def main() -> int:
     cfg = WorkloadConfig(args.agents, args.rounds, args.system_tokens, args.user_tokens, args.tool_tokens,
                          args.max_tokens, args.think_s, args.arrival_rate, args.fork_prob, seed=args.seed)
     console = Console(width=max(Console().width, 160))
-    console.print(f"$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])} | {platform.platform()}, "
-                  f"{os.cpu_count()} CPUs")
+    console.print(header(), highlight=False)
     sizing = Sizing.of(cfg, args.workers, args.t0_agents, args.t1_agents)
     console.print(
         f"{args.workers} workers ({args.model}); blocks of {BLOCK} tokens: system prompt {sizing.system_blocks}, an "

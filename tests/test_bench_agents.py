@@ -1,7 +1,10 @@
 """bench/agents.py's workload generator (the benchmark itself runs by hand: `make bench`)."""
+import sys
 from dataclasses import replace
+from pathlib import Path
 
-from bench.agents import Sizing, WorkloadConfig, make_workload
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # its imports, as when run; last: bench/trace.py must not shadow trace
+from agents import Sizing, WorkloadConfig, make_workload  # noqa: E402
 
 CFG = WorkloadConfig(agents=12, rounds=5, fork_prob=0.5, seed=7)
 
