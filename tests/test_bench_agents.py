@@ -3,7 +3,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # its imports, as when run; last: bench/trace.py must not shadow trace
+# bench/ for its imports, as when it runs; last, so that bench/trace.py does not shadow `trace`.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 from agents import Sizing, WorkloadConfig, make_workload  # noqa: E402
 
 CFG = WorkloadConfig(agents=12, rounds=5, fork_prob=0.5, seed=7)
