@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 from rich.console import Console
 from serveprocess import start_serve, stop_serve
+from servicehelpers import wait_for
 
 from kvstore.client import SessionClient
 from services.cli.keys import api_keys
@@ -164,12 +165,3 @@ def _worker_samples(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url, timeout=30).read().decode()
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line.startswith("kvstore_worker_")}
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
