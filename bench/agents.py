@@ -22,7 +22,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,14 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from common import header
+from common import embedded_service, header
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from kvstore.cache import CacheConfig, WritePolicy
 from kvstore.client import SessionClient
-from services.cli.serve import BackgroundService, ServeConfig, start_local_ray
+from services.cli.serve import ServeConfig, start_local_ray
 from services.session.server import SessionServiceConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -249,30 +248,24 @@ class Sizing:
         return workers * (blocks - self.system_blocks) / self.agent_blocks
 
 
-def serve_config(mode: Mode, args: argparse.Namespace, sizing: Sizing, data_dir: str) -> ServeConfig:
+def serve_config(mode: Mode, args: argparse.Namespace, sizing: Sizing) -> ServeConfig:
     if mode is Mode.ALL_TIERS:
         cache = CacheConfig(t0_blocks=sizing.t0_blocks, t1_blocks=sizing.t1_blocks)
     else:  # T1 unused (one block); nothing reaches T1, so nothing reaches T2 either
         cache = CacheConfig(t0_blocks=sizing.t0_blocks, t1_blocks=1, t0_t1_policy=WritePolicy.OFF,
                             t1_t2_policy=WritePolicy.OFF)
     return ServeConfig(SessionServiceConfig(port=0, queue_timeout_s=3600, max_queued_generations=1024),
-                       cache, model=args.model, workers=args.workers, data_dir=data_dir)
+                       cache, model=args.model, workers=args.workers)
 
 
 def run_mode(mode: Mode, args: argparse.Namespace, cfg: WorkloadConfig, sizing: Sizing,
              console: Console) -> RunResult:
     workload = make_workload(cfg)
-    with tempfile.TemporaryDirectory(prefix="kvstore-agents-") as data_dir:
-        with console.status(f"{mode.value}: starting the service..."):
-            service = BackgroundService(serve_config(mode, args, sizing, data_dir)).start()
-        try:
-            with SessionClient(service.address, timeout_s=None) as kv, Progress(console=console) as progress:
-                task = progress.add_task(f"{mode.value}, {cfg.agents} agents", total=workload.num_turns)
-                runner = Runner(kv, workload, cfg, mode is Mode.NO_REUSE, lambda: progress.advance(task))
-                wall = runner.run()
-        finally:
-            with console.status(f"{mode.value}: stopping the service..."):
-                service.stop()
+    with embedded_service(serve_config(mode, args, sizing), console) as service, \
+            SessionClient(service.address, timeout_s=None) as kv, Progress(console=console) as progress:
+        task = progress.add_task(f"{mode.value}, {cfg.agents} agents", total=workload.num_turns)
+        runner = Runner(kv, workload, cfg, mode is Mode.NO_REUSE, lambda: progress.advance(task))
+        wall = runner.run()
     result = RunResult(mode, sorted(runner.records, key=lambda r: r.end_s), wall)
     console.log(f"{mode.value}, {cfg.agents} agents: TTFT p50 {_ms(result.ttft(0.5))} ms, hit ratio "
                 f"{result.hit_ratio():.1%}, {wall:.0f} s")
@@ -364,7 +357,8 @@ def main() -> int:
     ap.add_argument("--t1-agents", type=float, default=8, help="agents' histories T1 holds (all workers)")
     ap.add_argument("--sweep", default="", help="agent counts, e.g. 2,4,8,16: a capacity curve (PNG)")
     ap.add_argument("--plot", type=Path, default=RESULTS / "agents.png")
-    ap.add_argument("--quick", action="store_true", help="4 agents x 3 rounds, short prompts, the tiny model (a sweep: 1,2,4 agents)")
+    ap.add_argument("--quick", action="store_true",
+                    help="4 agents x 3 rounds, short prompts, the tiny model (a sweep: 1,2,4 agents)")
     args = ap.parse_args()
     if args.quick:
         args.model, args.t0_agents, args.t1_agents = "tiny", 1, 2

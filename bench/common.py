@@ -1,14 +1,16 @@
-"""Shared by the benchmarks: the line that says what ran where, a block store process on an
-embedded Redis, a slow network to it, and timing."""
+"""Shared by the benchmarks: the line that says what ran where, the whole service on embedded
+defaults, a block store process on an embedded Redis, a slow network to it, and timing."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +26,22 @@ def header(*details: str) -> str:
     if (torch := sys.modules.get("torch")) is not None:
         machine.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
     return f"$ {shlex.join(sys.orig_argv)} | " + ", ".join(machine + list(details))
+
+
+@contextlib.contextmanager
+def embedded_service(config, console) -> Iterator:
+    """``kvstore serve`` with ``config`` (a ``ServeConfig``) in this process, its session data in
+    a temporary directory removed afterwards; yields the running ``BackgroundService``."""
+    from services.cli.serve import BackgroundService  # Ray: only the benchmarks that run the service load it
+
+    with tempfile.TemporaryDirectory(prefix="kvstore-bench-") as data_dir:
+        with console.status("starting the service: embedded Redis, block store, Ray and decode workers..."):
+            service = BackgroundService(dataclasses.replace(config, data_dir=data_dir)).start()
+        try:
+            yield service
+        finally:
+            with console.status("stopping the service..."):
+                service.stop()
 
 
 @contextlib.contextmanager

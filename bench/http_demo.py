@@ -14,16 +14,17 @@ Run:  .venv/bin/python bench/http_demo.py [--quick] [--base-url http://127.0.0.1
 from __future__ import annotations
 
 import argparse
-import tempfile
+import contextlib
 import time
 from dataclasses import dataclass
 
+from common import embedded_service
 from openai import OpenAI
 from rich.console import Console
 
 from kvstore.cache import CacheConfig
 from services.cli.demo import Row, round_messages, summarize, system_prompt, turns_table
-from services.cli.serve import BackgroundService, ServeConfig
+from services.cli.serve import ServeConfig
 from services.session.server import SessionServiceConfig
 
 
@@ -96,24 +97,14 @@ def main() -> int:
     if a.quick:
         a.sessions, a.rounds, a.model, a.system_prompt_repeat = 2, 2, "tiny", 4
     console = Console(width=max(Console().width, 120))
-    service, data, workers = None, None, []
-    base_url = a.base_url
-    if not base_url:
-        data = tempfile.TemporaryDirectory(prefix="kvstore-http-demo-")
-        with console.status("starting the service: embedded Redis, block store, Ray and decode workers..."):
-            service = BackgroundService(ServeConfig(
-                SessionServiceConfig(port=0, http_port=0), CacheConfig(t0_blocks=a.t0_blocks, t1_blocks=4096),
-                model=a.model, data_dir=data.name)).start()
-        base_url = f"http://{service.service.server.http.address}/v1"
-        workers = list(service.service.pool.worker_ids)
-    try:
+    config = ServeConfig(SessionServiceConfig(port=0, http_port=0), CacheConfig(t0_blocks=a.t0_blocks, t1_blocks=4096),
+                         model=a.model)
+    with contextlib.nullcontext() if a.base_url else embedded_service(config, console) as service:
+        base_url = a.base_url or f"http://{service.service.server.http.address}/v1"
+        workers = list(service.service.pool.worker_ids) if service else []
         with OpenAI(base_url=base_url, api_key=a.api_key, max_retries=0, timeout=600) as client:
             workload = Workload(client, a, console, workers)
             workload.run()
-    finally:
-        if service is not None:
-            service.stop()
-            data.cleanup()
     console.print(turns_table(workload.rows))
     t = summarize(workload.rows)
     console.print(f"over HTTP: {t['turns']} turns, {t['prompt']} prompt tokens: reused {t['t0']} from T0, {t['t1']} "

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,14 +39,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from common import header
+from common import embedded_service, header
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from kvstore.cache import CacheConfig
 from kvstore.client import SessionClient
-from services.cli.serve import BackgroundService, ServeConfig
+from services.cli.serve import ServeConfig
 from services.session.server import SessionServiceConfig
 from workers.loader import builtin_config, kv_spec
 
@@ -123,10 +122,6 @@ def replay(address: str, prompts: list[list[int]], due_s: list[float], concurren
     return results
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", choices=["conversation", "synthetic"], default="conversation")
@@ -164,17 +159,11 @@ def main() -> int:
     maxmemory = args.redis_maxmemory or f"{math.ceil(working_set * 1.25 / 2**20) + 64}mb"
 
     cfg = ServeConfig(SessionServiceConfig(port=0), CacheConfig(t0_blocks=args.t0_blocks, t1_blocks=args.t1_blocks),
-                      model=args.model, workers=args.workers, block_size=BLOCK_SIZE, redis_maxmemory=maxmemory,
-                      data_dir=tempfile.mkdtemp(prefix="kvstore-trace-"))
-    with console.status("starting the service..."):
-        service = BackgroundService(cfg).start()
-    start = time.perf_counter()
-    try:
+                      model=args.model, workers=args.workers, block_size=BLOCK_SIZE, redis_maxmemory=maxmemory)
+    with embedded_service(cfg, console) as service:
+        start = time.perf_counter()
         rows = replay(service.address, prompts, due_s, args.concurrency, args.max_tokens, console)
-    finally:
-        with console.status("stopping the service..."):
-            service.stop()
-    elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
 
     def hit(rs: list[Replayed]) -> str:
         return f"{sum(sum(r.cached) for r in rs) / max(1, sum(r.prompt_tokens for r in rs)):.1%}"
@@ -194,12 +183,12 @@ def main() -> int:
     table.add_row("hit ratio of an unbounded cache", f"{reachable / prompt_tokens:.1%}")
     table.add_row("reached / unbounded", f"{sum(cached) / reachable:.1%}" if reachable else "-")
     ttfts = [r.ttft_s for r in rows]
-    table.add_row("TTFT p50 / p90 / p99 (ms)", " / ".join(f"{1e3 * percentile(ttfts, q):.1f}" for q in (50, 90, 99)))
+    table.add_row("TTFT p50 / p90 / p99 (ms)", " / ".join(f"{1e3 * np.percentile(ttfts, q):.1f}" for q in (50, 90, 99)))
     for w in sorted({r.worker_id for r in rows}):
         mine = [r for r in rows if r.worker_id == w]
         table.add_row(f"worker {w}: requests, hit ratio", f"{len(mine)} ({len(mine) / len(rows):.1%}), {hit(mine)}")
     late = [r.late_s for r in rows]
-    table.add_row("issued late p50 / max (s)", f"{percentile(late, 50):.2f} / {max(late):.2f}")
+    table.add_row("issued late p50 / max (s)", f"{np.percentile(late, 50):.2f} / {max(late):.2f}")
     table.add_row("T2 Redis maxmemory / working set",
                   f"{maxmemory} / {working_set / 2**20:.0f} MiB ({working_set // bytes_per_block} blocks x "
                   f"{bytes_per_block} B)")
