@@ -569,14 +569,14 @@ class SessionServicer(pb_grpc.SessionsServicer):
                 raise RequestError(_INVALID, f"{what} is at least {floor} tokens ({chars} characters), over "
                                              f"{limit[1]} ({limit[0]})")
         tokens = await asyncio.to_thread(self._chat.delta, history, new, add_generation_prompt=generate)
-        if limit is not None and len(tokens) > limit[0]:
-            raise RequestError(_INVALID, f"{what} is {len(tokens)} tokens, over {limit[1]} ({limit[0]})")
+        if limit is not None:
+            self._check_size(len(tokens), what, limit)
         return tokens
 
-    def _check_size(self, n: int) -> None:
-        limit = self._config.max_input_tokens
-        if n > limit:
-            raise RequestError(_INVALID, f"the input is {n} tokens, over max_input_tokens ({limit})")
+    def _check_size(self, n: int, what: str = "the input", limit: tuple[int, str] | None = None) -> None:
+        most, name = limit or (self._config.max_input_tokens, "max_input_tokens")
+        if n > most:
+            raise RequestError(_INVALID, f"{what} is {n} tokens, over {name} ({most})")
 
     def _sampling(self, s: pb.SamplingParams | None) -> SamplingParams:
         lim = self._config
