@@ -386,7 +386,8 @@ def test_sse_error_event_mid_stream(env):
     with serving(env["loop"], env["pool"], env["redis_url"], http_port=0) as server:
         c = client(server)
         r = c.responses.create(model=MODEL, input="Start.", max_output_tokens=2, extra_body=EOS)
-        stream = c.responses.create(model=MODEL, previous_response_id=r.id, input="x", max_output_tokens=30,
+        # Long enough that the append below lands before it ends, on any machine (30 tokens did not always).
+        stream = c.responses.create(model=MODEL, previous_response_id=r.id, input="x", max_output_tokens=600,
                                     stream=True, extra_body=EOS)
         events = iter(stream)
         next(events)
