@@ -81,7 +81,8 @@ def _cwd(pid: int) -> Path | None:
 def start_serve(tmp: Path, *flags: str, env: dict[str, str] | None = None) -> Served:
     """``kvstore serve`` with the tiny model, one worker, a free port and its data in ``tmp``."""
     log = tmp / "serve.log"
-    cmd = [sys.executable, "-m", "services.cli.main", "serve", "--model", "tiny", "--workers", "1", "--port", "0",
+    cmd = [sys.executable, "-m", "services.cli.main", "--log-level", "info", "serve", "--model", "tiny",
+           "--workers", "1", "--port", "0",
            "--data-dir", str(tmp / "data"), *flags]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -102,7 +103,11 @@ def stop_serve(served: Served, sig: signal.Signals = signal.SIGTERM) -> str:
     """Stop it with ``sig``; it must exit 0. Returns what it printed after its banner."""
     served.proc.send_signal(sig)
     try:
-        assert served.proc.wait(timeout=60) == 0, served.log.read_text()[-3000:]
+        try:
+            code = served.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"kvstore serve did not stop within 60 s:\n{served.log.read_text()[-3000:]}") from None
+        assert code == 0, served.log.read_text()[-3000:]
     finally:
         if served.proc.poll() is None:
             served.proc.kill()

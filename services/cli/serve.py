@@ -18,6 +18,7 @@ import secrets
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from workers.loader import builtin_config
 from workers.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+SLOW_STOP_S = 5.0  # a step of shutdown taking longer is logged as a warning
 
 
 def default_data_dir() -> Path:
@@ -193,28 +195,43 @@ class Service:
     async def stop(self) -> None:
         """Stop in reverse order; idempotent."""
         if self.supervisor is not None:
-            await self.supervisor.stop()
+            async with _stage("the supervisor"):
+                await self.supervisor.stop()
             self.supervisor = None
         if self.server is not None:
-            await self.server.stop()
+            async with _stage("the session server"):
+                await self.server.stop()
             self.server = None
         if self.pool is not None:
-            await self.pool.close()
+            async with _stage("the workers"):
+                await self.pool.close()
             self.pool = None
         if self._ray_started:
-            await asyncio.to_thread(ray.shutdown)
+            async with _stage("local Ray"):
+                await asyncio.to_thread(ray.shutdown)
             self._ray_started = False
         if self.blockstore is not None:
-            self.blockstore.terminate()
-            try:
-                await asyncio.to_thread(self.blockstore.wait, 30)
-            except subprocess.TimeoutExpired:
-                self.blockstore.kill()
+            async with _stage("the block store"):
+                self.blockstore.terminate()
+                try:
+                    await asyncio.to_thread(self.blockstore.wait, 30)
+                except subprocess.TimeoutExpired:
+                    self.blockstore.kill()
             self.blockstore = None
-        for redis_ in (self.blocks_redis, self.session_redis):
+        for name, redis_ in (("the block Redis", self.blocks_redis), ("the session Redis", self.session_redis)):
             if redis_ is not None:
-                await asyncio.to_thread(redis_.stop)
+                async with _stage(name):
+                    await asyncio.to_thread(redis_.stop)
         self.blocks_redis = self.session_redis = None
+
+
+@contextlib.asynccontextmanager
+async def _stage(name: str):
+    """Log how long one step of stopping took: a slow shutdown names what it waited on."""
+    start = time.monotonic()
+    yield
+    took = time.monotonic() - start
+    log.log(logging.WARNING if took > SLOW_STOP_S else logging.INFO, "stopped %s in %.1f s", name, took)
 
 
 def join_ray(address: str) -> None:

@@ -121,12 +121,14 @@ class WorkerPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
-        if kill:
-            for w in self._workers.values():
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(w.handle.shutdown.remote(), self.config.call_timeout_s)
-                ray.kill(w.handle, no_restart=True)
+        if kill:  # all at once: each may spend call_timeout_s flushing to T2
+            await asyncio.gather(*(self._stop_worker(w) for w in self._workers.values()))
             self._workers.clear()
+
+    async def _stop_worker(self, w: _Worker) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(w.handle.shutdown.remote(), self.config.call_timeout_s)
+        ray.kill(w.handle, no_restart=True)
 
     @property
     def worker_ids(self) -> list[str]:
