@@ -5,9 +5,11 @@ baseline window, one request arrives whose prompt is ``--hist`` history tokens +
   T2 hit     the history was computed by another worker and is in T2 (the block store, its
              own process, over an embedded Redis): the engine loads it in the background
   uncached   nothing cached: the engine prefills it in chunks between decode steps
-Reported per model and arrival: the decoders' tokens/s in the baseline window, during the
-arrival's load (T2 hit) and from its arrival to its first token, the ratios, the arrival's
-TTFT, and the longest time any decoder waited for its next token (baseline, during).
+T2 hits arrive ``--arrivals`` times, one after another (each a different history): a single
+load spans only a few decode steps. Reported per model and arrival kind: the decoders' tokens/s
+in the baseline window, during the arrivals' loads (T2 hit) and from each arrival to its first
+token (summed over the arrivals), the ratios, the arrivals' median TTFT, and the longest time any
+decoder waited for its next token (baseline, during).
 
 Run:  .venv/bin/python bench/mixed.py [--quick] [--model small,qwen2.5-0.5b-shape] [--json PATH]
 """
@@ -54,11 +56,12 @@ class Row:
     decoders: int
     context: int
     hist: int
+    arrivals: int
     baseline_tps: float
-    load_tps: float | None  # over the steps that started during the arrival's load (T2 hit)
-    arrival_tps: float  # from its arrival to its first token
-    ttft_s: float
-    load_s: float
+    load_tps: float | None  # over the steps that started during the arrivals' loads (T2 hit)
+    arrival_tps: float  # from each arrival to its first token
+    ttft_s: float  # median over the arrivals
+    load_s: float  # median over the arrivals
     baseline_wait_s: float
     arrival_wait_s: float
     cached: list[int]
@@ -92,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens of each decoder")
     parser.add_argument("--hist", type=int, default=4096, help="history tokens of the arriving request")
     parser.add_argument("--baseline-steps", type=int, default=20)
+    parser.add_argument("--arrivals", type=int, default=4, help="T2 hits arriving one after another")
     parser.add_argument("--budget", type=int, default=EngineConfig().max_num_batched_tokens,
                         help="EngineConfig.max_num_batched_tokens")
     parser.add_argument("--loader-niceness", type=int, default=CacheConfig().loader_niceness)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.decoders, args.context, args.hist, args.baseline_steps = "small", 4, 256, 1024, 8
+        args.model, args.decoders, args.context, args.hist, args.baseline_steps, args.arrivals = "small", 4, 256, 1024, 8, 2
 
     console = Console() if sys.stdout.isatty() else Console(width=160)
     title = header(f"token budget {args.budget}", f"loader niceness {args.loader_niceness}")
@@ -121,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             def tokens(seed: int, n: int) -> list[int]:
                 return torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
-            hist = tokens(1, args.hist)
-            writer = engine(remote=client)  # another worker: its history reaches T2
-            writer.generate([hist], SamplingParams(max_tokens=1, ignore_eos=True))
+            hists = [tokens(100 + a, args.hist) for a in range(args.arrivals)]
+            writer = engine(remote=client)  # another worker: its histories reach T2
+            writer.generate(hists, SamplingParams(max_tokens=1, ignore_eos=True))
             writer.cache.close()
-            for kind, prompt in (("T2 hit", hist + tokens(2, TURN)), ("uncached", tokens(3, args.hist + TURN))):
+            arrivals = {"T2 hit": [h + tokens(2, TURN) for h in hists], "uncached": [tokens(3, args.hist + TURN)]}
+            for kind, prompts in arrivals.items():
                 e = engine(remote=client)
                 e.generate([tokens(4, 64)], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
                 decoders = [e.add_request(tokens(10 + i, args.context), SamplingParams(max_tokens=gen, ignore_eos=True))
@@ -135,18 +140,32 @@ def main(argv: list[str] | None = None) -> int:
                 base = Window(start=time.perf_counter())
                 steps = iter(range(args.baseline_steps))
                 step_until(e, decoders, lambda: next(steps, None) is None, base)
-                during = Window(start=time.perf_counter())
-                arrival = e.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
-                trace = step_until(e, decoders, lambda: arrival.first_token_at is not None, during)
-                if any(s.finish_reason is not None for s in decoders) or (kind == "T2 hit") != bool(arrival.usage.cached_tokens[2]):
-                    console.print(f"[red]warning[/]: decoders finished early, or the T2 hit was not loaded ({arrival.usage})")
-                # The load's window: the steps that started while it was in flight.
-                in_load = [(end, n) for start, end, n in trace if start < during.start + arrival.usage.load_s]
-                load_tps = (sum(n for _, n in in_load) / (in_load[-1][0] - during.start)
+                during, in_load, arrived = Window(), [], []
+                for prompt in prompts:
+                    window = Window(start=time.perf_counter())
+                    arrival = e.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+                    trace = step_until(e, decoders, lambda: arrival.first_token_at is not None, window)
+                    if (kind == "T2 hit") != bool(arrival.usage.cached_tokens[2]):
+                        console.print(f"[red]warning[/]: the T2 hit was not loaded, or a miss was ({arrival.usage})")
+                    # The load's window: the steps that started while it was in flight.
+                    load = [(end, n) for start, end, n in trace if start < window.start + arrival.usage.load_s]
+                    if load:
+                        in_load.append((load[-1][0] - window.start, sum(n for _, n in load)))
+                    during.tokens += window.tokens
+                    during.end += window.end - window.start
+                    during.max_wait_s = max(during.max_wait_s, window.max_wait_s)
+                    arrived.append(arrival)
+                    gap = iter(range(2))  # two plain decode steps between arrivals
+                    step_until(e, decoders, lambda: next(gap, None) is None, Window(start=time.perf_counter()))
+                if any(s.finish_reason is not None for s in decoders):
+                    console.print("[red]warning[/]: decoders finished early")
+                load_tps = (sum(n for _, n in in_load) / sum(t for t, _ in in_load)
                             if kind == "T2 hit" and in_load else None)
-                rows.append(Row(name, kind, args.decoders, args.context, args.hist, base.tokens_per_s, load_tps,
-                                during.tokens_per_s, arrival.usage.ttft_s, arrival.usage.load_s, base.max_wait_s,
-                                during.max_wait_s, list(arrival.usage.cached_tokens)))
+                median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+                rows.append(Row(name, kind, args.decoders, args.context, args.hist, len(prompts), base.tokens_per_s,
+                                load_tps, during.tokens_per_s, median([a.usage.ttft_s for a in arrived]),
+                                median([a.usage.load_s for a in arrived]), base.max_wait_s, during.max_wait_s,
+                                [sum(a.usage.cached_tokens[t] for a in arrived) // len(arrived) for t in range(3)]))
                 for s in decoders:
                     e.abort(s)
                 e.cache.close()
@@ -156,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
 
     table = Table(title=f"Decoders' tokens/s while a request of {args.hist} + {TURN} tokens arrives",
                   title_justify="left")
-    for col in ("model", "arrival", "decoders x context", "baseline tok/s", "during load", "arrival -> 1st token",
-                "TTFT ms", "load ms", "max wait ms (baseline / during)", "cached T0/T1/T2"):
+    for col in ("model", "arrivals", "decoders x context", "baseline tok/s", "during load", "arrival -> 1st token",
+                "TTFT ms (median)", "load ms (median)", "max wait ms (baseline / during)", "cached T0/T1/T2"):
         table.add_column(col, justify="right")
     for r in rows:
         pct = lambda v: "-" if v is None else f"{v:.1f} ({v / r.baseline_tps:.0%})"  # noqa: E731
-        table.add_row(r.model, r.arrival, f"{r.decoders} x {r.context}", f"{r.baseline_tps:.1f}", pct(r.load_tps),
+        table.add_row(r.model, f"{r.arrivals} x {r.arrival}", f"{r.decoders} x {r.context}", f"{r.baseline_tps:.1f}", pct(r.load_tps),
                       pct(r.arrival_tps), f"{r.ttft_s * 1e3:.0f}", f"{r.load_s * 1e3:.0f}",
                       f"{r.baseline_wait_s * 1e3:.0f} / {r.arrival_wait_s * 1e3:.0f}", "/".join(map(str, r.cached)))
     console.print(table)

@@ -248,10 +248,10 @@ DEFAULT_EVICTION = Eviction.PREFIX  # the best on the Mooncake traces (bench/pol
 class BlockIndex:
     """Hash -> slot map with reference counts; evicts unreferenced cached slots per ``eviction``."""
 
-    def __init__(self, num_slots: int, name: str, listener: Callable[[bool, bytes], None] | None = None,
+    def __init__(self, num_slots: int, name: str, listener: Callable[[bool, BlockMeta], None] | None = None,
                  eviction: Eviction = DEFAULT_EVICTION) -> None:
         self.name = name
-        self._listener = listener  # (stored?, hash) whenever a block becomes findable or is evicted
+        self._listener = listener  # (stored?, meta) whenever a block becomes findable or is evicted
         self.num_slots = num_slots
         self.eviction = Eviction(eviction)
         # FIFO reuse keeps runs of consecutive slots, which copy in one strided pass.
@@ -367,7 +367,7 @@ class BlockIndex:
                 evicted.append((slot, meta))
                 self.evictions += 1
                 if self._listener:
-                    self._listener(False, meta.block_hash)
+                    self._listener(False, meta)
             self._refs[slot] = 1
             slots.append(slot)
         return slots, evicted
@@ -385,8 +385,24 @@ class BlockIndex:
         self._slot_of[meta.block_hash] = slot
         self._order.stored(meta)
         if self._listener:
-            self._listener(True, meta.block_hash)
+            self._listener(True, meta)
         return True
+
+    def drop(self, match: Callable[[BlockMeta], bool]) -> int:
+        """Make every cached block that ``match``es unfindable (a flush): unreferenced ones free
+        their slots now, referenced ones on their last ``release``. Returns how many."""
+        dropped = [(slot, meta) for slot, meta in enumerate(self._meta) if meta is not None and match(meta)]
+        for slot, meta in dropped:
+            if not self._refs[slot]:
+                if not self._order.discard(slot):
+                    self._preferred.discard(slot)
+                self._free.append(slot)
+            del self._slot_of[meta.block_hash]
+            self._meta[slot] = None
+            self._order.dropped(meta)
+            if self._listener:
+                self._listener(False, meta)
+        return len(dropped)
 
     def check(self) -> None:
         """Verify internal invariants (used by tests)."""

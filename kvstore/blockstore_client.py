@@ -251,6 +251,12 @@ class BlockStoreClient:
                 pass
         return deleted
 
+    def delete_namespace(self, namespace: str) -> int:
+        """Remove every block of ``namespace`` (an admin flush); returns how many existed.
+        Raises ``BlockStoreUnavailable`` if the store cannot be reached."""
+        req = pb.DeleteRequest(namespace=namespace, whole_namespace=True)
+        return self._call("Delete", lambda t: self._stub.Delete(req, timeout=t, metadata=self._metadata).deleted)
+
     def touch(self, namespace: str, hashes: Sequence[bytes], ttl_seconds: int) -> int:
         """Keep stored blocks at least ``ttl_seconds`` more; returns how many are stored.
         Raises ``BlockStoreUnavailable`` if the store cannot be reached."""

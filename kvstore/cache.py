@@ -67,9 +67,9 @@ class CacheConfig:
     t2_write_batch: int = 32
     t2_writer_threads: int = 2  # encode + put in parallel (lz4 and gRPC release the GIL)
     loader_threads: int = 1  # prefix loads (``start_load``) in flight at once
-    # Niceness of the loader threads (Linux): higher leaves the cores to decoding while a
-    # prefix streams in, at the cost of that request's time to first token.
-    loader_niceness: int = 0
+    # Niceness of the loader threads (Linux): while sequences decode, a prefix streaming in
+    # gets the CPU they leave (its TTFT grows under contention only); 0 for a fast load first.
+    loader_niceness: int = 10
     eviction: Eviction = DEFAULT_EVICTION  # order in which T0 and T1 evict unreferenced blocks
     device: str = "auto"
 
@@ -95,12 +95,21 @@ class Tier(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class BlockEvent:
-    """A block became findable in (``stored``) or was evicted from a local tier: what a
-    router needs to know which worker holds which prefix."""
+    """A block became findable in (``stored``) or was evicted from T0 or T1, or was written
+    to T2: what a router needs to know which worker holds which prefix."""
 
     tier: Tier
     stored: bool
     block_hash: bytes
+    namespace: str = ""
+    parent_hash: bytes = b""  # stored events: what an index outside needs to chain the blocks
+    token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, tier: Tier, stored: bool, meta: BlockMeta) -> BlockEvent:
+        if not stored:
+            return cls(tier, False, meta.block_hash, meta.namespace)
+        return cls(tier, True, meta.block_hash, meta.namespace, meta.parent_hash, meta.token_ids)
 
 
 @dataclass(slots=True)
@@ -279,16 +288,17 @@ class TieredKVCache:
     def __init__(self, spec: KVSpec, config: CacheConfig | None = None, remote: RemoteTier | None = None,
                  on_block_event: Callable[[BlockEvent], None] | None = None):
         """``on_block_event`` is called (under the cache's lock: keep it cheap, e.g. append
-        to a queue) for every block stored in or evicted from T0 and T1."""
+        to a queue) for every block stored in or evicted from T0 and T1, and written to T2."""
         self.spec = spec
         self.config = config = config or CacheConfig()
         self.remote = remote
         self.t0 = DevicePool(spec, config.t0_blocks, config.device)
         self.t1 = HostPool(spec, config.t1_blocks)
         emit = on_block_event
-        self._t0 = BlockIndex(config.t0_blocks, "T0", (lambda s, h: emit(BlockEvent(Tier.T0, s, h))) if emit else None,
+        self._emit = emit
+        self._t0 = BlockIndex(config.t0_blocks, "T0", (lambda s, m: emit(BlockEvent.of(Tier.T0, s, m))) if emit else None,
                               config.eviction)
-        self._t1 = BlockIndex(config.t1_blocks, "T1", (lambda s, h: emit(BlockEvent(Tier.T1, s, h))) if emit else None,
+        self._t1 = BlockIndex(config.t1_blocks, "T1", (lambda s, m: emit(BlockEvent.of(Tier.T1, s, m))) if emit else None,
                               config.eviction)
         self._lock = threading.RLock()
         self._stats = CacheStats()
@@ -438,6 +448,14 @@ class TieredKVCache:
         with self._lock:
             self._t0.prefer(list(block_hashes), until)
             self._t1.prefer(list(block_hashes), until)
+
+    def drop_namespace(self, namespace: str) -> tuple[int, int]:
+        """Forget ``namespace``'s blocks in T0 and T1 (an admin flush; call ``flush`` first, so
+        no copy in flight brings one back): none is reused again; slots that running sequences
+        hold are freed when they let go. Returns the (T0, T1) blocks dropped."""
+        match = lambda meta: meta.namespace == namespace  # noqa: E731
+        with self._lock:
+            return self._t0.drop(match), self._t1.drop(match)
 
     def flush(self) -> None:
         """Wait until every prefix load and background copy queued so far has completed."""
@@ -689,6 +707,9 @@ class TieredKVCache:
         if corrupt:  # remove it for every worker, not just this one
             try:
                 self.remote.delete(prefix.namespace, corrupt, corrupt=True)
+                if self._emit:
+                    with self._lock:
+                        self._emit(BlockEvent(Tier.T2, False, corrupt[0], prefix.namespace))
             except Exception as e:
                 log.warning("could not delete corrupt T2 block %s: %s", corrupt[0].hex(), e)
         cut = len(sources) if len(done) == len(wanted) else wanted[len(done)]
@@ -867,6 +888,8 @@ class TieredKVCache:
                     self._stats.dropped_writes += len(blocks)
                 for m, _ in blocks:
                     m.in_remote = m.in_remote or ok
+                    if ok and self._emit:
+                        self._emit(BlockEvent.of(Tier.T2, True, m))
         with self._lock:
             for meta, _, _ in items:
                 self._pending_t2.discard(meta.block_hash)

@@ -78,6 +78,23 @@ class Generation:
         self._call.cancel()
 
 
+class _EventStream:
+    """SubscribeKVEvents as an iterator of ``KVEventBatch``; ``cancel()`` ends it."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[pb.KVEventBatch]:
+        try:
+            yield from self._call
+        except grpc.RpcError as e:
+            if e.code() is not grpc.StatusCode.CANCELLED:
+                raise SessionAPIError(e.code(), e.details()) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class SessionClient:
     def __init__(self, address: str, api_key: str = "", tls_ca: str | None = None,
                  timeout_s: float | None = 60.0) -> None:
@@ -100,9 +117,9 @@ class SessionClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, timeout_s: float | None = None):
         try:
-            return getattr(self._stub, method)(request, metadata=self._metadata, timeout=self.timeout_s)
+            return getattr(self._stub, method)(request, metadata=self._metadata, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as e:
             raise SessionAPIError(e.code(), e.details()) from None
 
@@ -158,3 +175,19 @@ class SessionClient:
     def get_stats(self) -> pb.ServiceStats:
         """The whole service: workers and their tiers, turns and reuse, Redis memory (an admin key)."""
         return self._call("GetStats", pb.GetStatsRequest())
+
+    def drain_worker(self, worker_id: str, timeout_s: float = 60.0) -> pb.DrainWorkerResponse:
+        """Stop a worker once its generations finish (within ``timeout_s``; the rest resume
+        elsewhere), routing nothing new to it meanwhile (an admin key)."""
+        return self._call("DrainWorker", pb.DrainWorkerRequest(worker_id=worker_id, timeout_seconds=timeout_s),
+                          timeout_s=self.timeout_s + timeout_s)
+
+    def subscribe_kv_events(self, namespace: str = "") -> Iterator[pb.KVEventBatch]:
+        """The workers' block events: a snapshot of T0/T1 first, then changes as they happen;
+        iterate it until ``.cancel()`` (or this client closes)."""
+        call = self._stub.SubscribeKVEvents(pb.SubscribeKVEventsRequest(namespace=namespace), metadata=self._metadata)
+        return _EventStream(call)
+
+    def flush_namespace(self, namespace: str) -> pb.FlushNamespaceResponse:
+        """Forget a namespace's blocks in every tier (an admin key)."""
+        return self._call("FlushNamespace", pb.FlushNamespaceRequest(namespace=namespace))

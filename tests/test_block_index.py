@@ -57,6 +57,30 @@ def test_blocks_in_use_survive_any_pressure(eviction):
 
 
 @ALL
+def test_drop_forgets_matching_blocks_and_frees_their_slots_once_released(eviction):
+    """An admin flush: unreferenced blocks free their slots at once, referenced ones on release."""
+    events = []
+    index = BlockIndex(6, "T", lambda stored, m: events.append((stored, m)), eviction=eviction)
+    slots, _ = index.allocate(6)
+    for i, s in enumerate(slots):
+        index.publish(s, BlockMeta(bytes([i]) * 16, b"\0" * 16, (i,), "a" if i < 4 else "b"))
+    index.prefer([bytes([1]) * 16], time.monotonic() + 60)
+    for s in slots[:2] + slots[4:]:  # slots[2:4] stay in use
+        index.release(s)
+    assert index.drop(lambda m: m.namespace == "a") == 4
+    assert len(index) == 2 and all(bytes([i]) * 16 not in index for i in range(4))
+    assert sorted(m.block_hash[0] for stored, m in events if not stored) == [0, 1, 2, 3]
+    assert index.num_evictable == 4  # the two dropped unreferenced + the two of "b"
+    index.check()
+    for s in slots[2:4]:
+        index.release(s)
+    assert index.num_evictable == 6
+    new, evicted = index.allocate(4)  # the freed slots first: nothing of "b" is evicted
+    assert evicted == [] and set(new) == set(slots[:4])
+    index.check()
+
+
+@ALL
 def test_capacity_is_never_exceeded(eviction):
     index = BlockIndex(3, "T", eviction=eviction)
     slots, _ = index.allocate(3)

@@ -4,6 +4,7 @@ Every answer must carry one of the documented status codes (never UNKNOWN or INT
 the server must stay healthy and serve a normal turn afterwards."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import grpc
@@ -43,7 +44,15 @@ def fuzz_env(redis_server, tmp_path_factory):
 def _call(channel: grpc.Channel, method: str, data: bytes, metadata) -> grpc.StatusCode:
     path = f"/{SERVICE.full_name}/{method}"
     try:
-        if SERVICE.methods_by_name[method].server_streaming:
+        if method == "SubscribeKVEvents":  # never ends by itself: its first batch, or a quiet second, will do
+            call = channel.unary_stream(path)(data, metadata=metadata, timeout=1)
+            try:
+                next(call, None)
+            except grpc.RpcError as e:
+                if e.code() is not C.DEADLINE_EXCEEDED:
+                    raise
+            call.cancel()
+        elif SERVICE.methods_by_name[method].server_streaming:
             for _ in channel.unary_stream(path)(data, metadata=metadata, timeout=30):
                 pass
         else:
@@ -96,6 +105,11 @@ def _requests(session_ids: list[str]) -> dict[str, st.SearchStrategy]:
         "Pin": st.builds(pb.PinRequest, session_id=session_id, ttl_seconds=st.integers(0, 4000) | U32),
         "Prefetch": st.builds(pb.PrefetchRequest, session_id=session_id),
         "GetStats": st.builds(pb.GetStatsRequest),
+        # Not the workers' real ids: draining them is tests/test_admin.py's (a drain waits for generations).
+        "DrainWorker": st.builds(pb.DrainWorkerRequest, worker_id=TEXT.filter(lambda w: not re.fullmatch(r"w\d+", w)),
+                                 timeout_seconds=FLOAT),
+        "FlushNamespace": st.builds(pb.FlushNamespaceRequest, namespace=namespace),
+        "SubscribeKVEvents": st.builds(pb.SubscribeKVEventsRequest, namespace=namespace),
     }
 
 

@@ -92,6 +92,15 @@ class BlockEvents:
 
 
 @dataclass(slots=True)
+class DroppedBlocks:
+    """A worker's blocks of one namespace forgotten by an admin flush, per tier."""
+
+    worker_id: str
+    t0: int
+    t1: int
+
+
+@dataclass(slots=True)
 class WorkerStats:
     worker_id: str
     alive: bool  # the engine thread runs
@@ -197,6 +206,14 @@ class DecodeWorker:
     def flush(self) -> None:
         """Wait until blocks committed so far reached the lower tiers (T1, T2)."""
         self.cache.flush()
+
+    async def drop_namespace(self, namespace: str) -> DroppedBlocks:
+        """Forget ``namespace``'s blocks in T0 and T1, after the copies in flight land (so
+        that its T2 blocks can be deleted next without one being written back)."""
+        def drop() -> DroppedBlocks:
+            self.cache.flush()
+            return DroppedBlocks(self.worker_id, *self.cache.drop_namespace(namespace))
+        return await asyncio.to_thread(drop)
 
     def block_events(self) -> BlockEvents:
         """The events since the last call, for the router."""

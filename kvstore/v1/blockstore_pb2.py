@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvstore/v1/blockstore.proto\x12\nkvstore.v1\"#\n\x05\x42lock\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"B\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12!\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x11.kvstore.v1.Block\".\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\r\"/\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\")\n\nFoundBlock\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\x0bGetResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvstore.v1.FoundBlock\"2\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\"\'\n\x0eLookupResponse\x12\x15\n\rprefix_length\x18\x01 \x01(\r\"C\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\x0f\n\x07\x63orrupt\x18\x03 \x01(\x08\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xd6\x01\n\rStatsResponse\x12\x0c\n\x04puts\x18\x01 \x01(\x04\x12\x15\n\rblocks_stored\x18\x02 \x01(\x04\x12\x0c\n\x04gets\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\x06 \x01(\x04\x12\x0f\n\x07lookups\x18\x07 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x08 \x01(\x04\x12\x11\n\tbytes_out\x18\t \x01(\x04\x12\x19\n\x11redis_used_memory\x18\n \x01(\x04\x12\x12\n\nredis_keys\x18\x0b \x01(\x04\"F\n\x0cTouchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\x1e\n\rTouchResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\r2\xfc\x02\n\nBlockStore\x12\x36\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse\x12\x38\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse0\x01\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12<\n\x05Touch\x12\x18.kvstore.v1.TouchRequest\x1a\x19.kvstore.v1.TouchResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvstore/v1/blockstore.proto\x12\nkvstore.v1\"#\n\x05\x42lock\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"B\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12!\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x11.kvstore.v1.Block\".\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\r\"/\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\")\n\nFoundBlock\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\x0bGetResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvstore.v1.FoundBlock\"2\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\"\'\n\x0eLookupResponse\x12\x15\n\rprefix_length\x18\x01 \x01(\r\"\\\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\x0f\n\x07\x63orrupt\x18\x03 \x01(\x08\x12\x17\n\x0fwhole_namespace\x18\x04 \x01(\x08\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xd6\x01\n\rStatsResponse\x12\x0c\n\x04puts\x18\x01 \x01(\x04\x12\x15\n\rblocks_stored\x18\x02 \x01(\x04\x12\x0c\n\x04gets\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\x06 \x01(\x04\x12\x0f\n\x07lookups\x18\x07 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x08 \x01(\x04\x12\x11\n\tbytes_out\x18\t \x01(\x04\x12\x19\n\x11redis_used_memory\x18\n \x01(\x04\x12\x12\n\nredis_keys\x18\x0b \x01(\x04\"F\n\x0cTouchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\x1e\n\rTouchResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\r2\xfc\x02\n\nBlockStore\x12\x36\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse\x12\x38\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse0\x01\x12?\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x1a.kvstore.v1.LookupResponse\x12<\n\x05Touch\x12\x18.kvstore.v1.TouchRequest\x1a\x19.kvstore.v1.TouchResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,17 +48,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPRESPONSE']._serialized_start=395
   _globals['_LOOKUPRESPONSE']._serialized_end=434
   _globals['_DELETEREQUEST']._serialized_start=436
-  _globals['_DELETEREQUEST']._serialized_end=503
-  _globals['_DELETERESPONSE']._serialized_start=505
-  _globals['_DELETERESPONSE']._serialized_end=538
-  _globals['_STATSREQUEST']._serialized_start=540
-  _globals['_STATSREQUEST']._serialized_end=554
-  _globals['_STATSRESPONSE']._serialized_start=557
-  _globals['_STATSRESPONSE']._serialized_end=771
-  _globals['_TOUCHREQUEST']._serialized_start=773
-  _globals['_TOUCHREQUEST']._serialized_end=843
-  _globals['_TOUCHRESPONSE']._serialized_start=845
-  _globals['_TOUCHRESPONSE']._serialized_end=875
-  _globals['_BLOCKSTORE']._serialized_start=878
-  _globals['_BLOCKSTORE']._serialized_end=1258
+  _globals['_DELETEREQUEST']._serialized_end=528
+  _globals['_DELETERESPONSE']._serialized_start=530
+  _globals['_DELETERESPONSE']._serialized_end=563
+  _globals['_STATSREQUEST']._serialized_start=565
+  _globals['_STATSREQUEST']._serialized_end=579
+  _globals['_STATSRESPONSE']._serialized_start=582
+  _globals['_STATSRESPONSE']._serialized_end=796
+  _globals['_TOUCHREQUEST']._serialized_start=798
+  _globals['_TOUCHREQUEST']._serialized_end=868
+  _globals['_TOUCHRESPONSE']._serialized_start=870
+  _globals['_TOUCHRESPONSE']._serialized_end=900
+  _globals['_BLOCKSTORE']._serialized_start=903
+  _globals['_BLOCKSTORE']._serialized_end=1283
 # @@protoc_insertion_point(module_scope)

@@ -67,14 +67,16 @@ class LookupResponse(_message.Message):
     def __init__(self, prefix_length: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("namespace", "hashes", "corrupt")
+    __slots__ = ("namespace", "hashes", "corrupt", "whole_namespace")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
     corrupt: bool
-    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., corrupt: _Optional[bool] = ...) -> None: ...
+    whole_namespace: bool
+    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., corrupt: _Optional[bool] = ..., whole_namespace: _Optional[bool] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted",)

@@ -98,7 +98,8 @@ class BlockStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Remove blocks (e.g. a client found one corrupt: set `corrupt` so it is counted).
+        """Remove blocks (e.g. a client found one corrupt: set `corrupt` so it is counted), or
+        every block of a namespace.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Medium(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEDIUM_UNSPECIFIED: _ClassVar[Medium]
+    MEDIUM_T0: _ClassVar[Medium]
+    MEDIUM_T1: _ClassVar[Medium]
+    MEDIUM_T2: _ClassVar[Medium]
+MEDIUM_UNSPECIFIED: Medium
+MEDIUM_T0: Medium
+MEDIUM_T1: Medium
+MEDIUM_T2: Medium
 
 class Message(_message.Message):
     __slots__ = ("role", "content")
@@ -332,3 +344,77 @@ class ServiceStats(_message.Message):
     blocks_redis_used_memory: int
     blocks_stored: int
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., turns: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[_Iterable[int]] = ..., completion_tokens: _Optional[int] = ..., ttft_p50_seconds: _Optional[float] = ..., ttft_p90_seconds: _Optional[float] = ..., ttft_p99_seconds: _Optional[float] = ..., active_generations: _Optional[int] = ..., queued_generations: _Optional[int] = ..., session_redis_used_memory: _Optional[int] = ..., blocks_redis_used_memory: _Optional[int] = ..., blocks_stored: _Optional[int] = ...) -> None: ...
+
+class DrainWorkerRequest(_message.Message):
+    __slots__ = ("worker_id", "timeout_seconds")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    timeout_seconds: float
+    def __init__(self, worker_id: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class DrainWorkerResponse(_message.Message):
+    __slots__ = ("worker_id", "seconds", "moved_generations")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MOVED_GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    seconds: float
+    moved_generations: int
+    def __init__(self, worker_id: _Optional[str] = ..., seconds: _Optional[float] = ..., moved_generations: _Optional[int] = ...) -> None: ...
+
+class FlushNamespaceRequest(_message.Message):
+    __slots__ = ("namespace",)
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    def __init__(self, namespace: _Optional[str] = ...) -> None: ...
+
+class FlushNamespaceResponse(_message.Message):
+    __slots__ = ("blocks_dropped",)
+    BLOCKS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    blocks_dropped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, blocks_dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SubscribeKVEventsRequest(_message.Message):
+    __slots__ = ("namespace",)
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    def __init__(self, namespace: _Optional[str] = ...) -> None: ...
+
+class KVEvent(_message.Message):
+    __slots__ = ("kind", "medium", "worker_id", "namespace", "block_hash", "parent_block_hash", "token_ids")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[KVEvent.Kind]
+        BLOCK_STORED: _ClassVar[KVEvent.Kind]
+        BLOCK_REMOVED: _ClassVar[KVEvent.Kind]
+        ALL_BLOCKS_CLEARED: _ClassVar[KVEvent.Kind]
+    KIND_UNSPECIFIED: KVEvent.Kind
+    BLOCK_STORED: KVEvent.Kind
+    BLOCK_REMOVED: KVEvent.Kind
+    ALL_BLOCKS_CLEARED: KVEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MEDIUM_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    PARENT_BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    kind: KVEvent.Kind
+    medium: Medium
+    worker_id: str
+    namespace: str
+    block_hash: bytes
+    parent_block_hash: bytes
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, kind: _Optional[_Union[KVEvent.Kind, str]] = ..., medium: _Optional[_Union[Medium, str]] = ..., worker_id: _Optional[str] = ..., namespace: _Optional[str] = ..., block_hash: _Optional[bytes] = ..., parent_block_hash: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KVEventBatch(_message.Message):
+    __slots__ = ("events", "snapshot", "timestamp")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[KVEvent]
+    snapshot: bool
+    timestamp: float
+    def __init__(self, events: _Optional[_Iterable[_Union[KVEvent, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., timestamp: _Optional[float] = ...) -> None: ...

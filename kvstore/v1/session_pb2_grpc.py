@@ -84,6 +84,21 @@ class SessionsStub:
                 request_serializer=kvstore_dot_v1_dot_session__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_session__pb2.ServiceStats.FromString,
                 _registered_method=True)
+        self.DrainWorker = channel.unary_unary(
+                '/kvstore.v1.Sessions/DrainWorker',
+                request_serializer=kvstore_dot_v1_dot_session__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_session__pb2.DrainWorkerResponse.FromString,
+                _registered_method=True)
+        self.FlushNamespace = channel.unary_unary(
+                '/kvstore.v1.Sessions/FlushNamespace',
+                request_serializer=kvstore_dot_v1_dot_session__pb2.FlushNamespaceRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_session__pb2.FlushNamespaceResponse.FromString,
+                _registered_method=True)
+        self.SubscribeKVEvents = channel.unary_stream(
+                '/kvstore.v1.Sessions/SubscribeKVEvents',
+                request_serializer=kvstore_dot_v1_dot_session__pb2.SubscribeKVEventsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_session__pb2.KVEventBatch.FromString,
+                _registered_method=True)
 
 
 class SessionsServicer:
@@ -161,6 +176,35 @@ class SessionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainWorker(self, request, context):
+        """Admin (namespace "*" key): route nothing new to a worker, let its generations finish
+        (those still running at the deadline resume on other workers), flush its blocks to T2,
+        stop it. FAILED_PRECONDITION for the last live worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FlushNamespace(self, request, context):
+        """Admin: forget a namespace's blocks in every tier (T0 and T1 of every worker, then T2),
+        so none is reused again. Its sessions stay (list and close them with ListSessions and
+        CloseSession); generations running meanwhile store their new blocks again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubscribeKVEvents(self, request, context):
+        """Block events of every worker, for routers outside the service (as vLLM's KV events):
+        first a snapshot of what each worker holds in T0 and T1 (`snapshot` set), then the blocks
+        stored and removed as it happens, T2 writes included. A tenant's key sees its namespace
+        only; an admin key every namespace, or the one it names. A subscriber more than 65536
+        events behind is ended with RESOURCE_EXHAUSTED: subscribe again (a snapshot comes first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +257,21 @@ def add_SessionsServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=kvstore_dot_v1_dot_session__pb2.GetStatsRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_session__pb2.ServiceStats.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=kvstore_dot_v1_dot_session__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_session__pb2.DrainWorkerResponse.SerializeToString,
+            ),
+            'FlushNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushNamespace,
+                    request_deserializer=kvstore_dot_v1_dot_session__pb2.FlushNamespaceRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_session__pb2.FlushNamespaceResponse.SerializeToString,
+            ),
+            'SubscribeKVEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeKVEvents,
+                    request_deserializer=kvstore_dot_v1_dot_session__pb2.SubscribeKVEventsRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_session__pb2.KVEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +544,87 @@ class Sessions:
             '/kvstore.v1.Sessions/GetStats',
             kvstore_dot_v1_dot_session__pb2.GetStatsRequest.SerializeToString,
             kvstore_dot_v1_dot_session__pb2.ServiceStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Sessions/DrainWorker',
+            kvstore_dot_v1_dot_session__pb2.DrainWorkerRequest.SerializeToString,
+            kvstore_dot_v1_dot_session__pb2.DrainWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Sessions/FlushNamespace',
+            kvstore_dot_v1_dot_session__pb2.FlushNamespaceRequest.SerializeToString,
+            kvstore_dot_v1_dot_session__pb2.FlushNamespaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeKVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.v1.Sessions/SubscribeKVEvents',
+            kvstore_dot_v1_dot_session__pb2.SubscribeKVEventsRequest.SerializeToString,
+            kvstore_dot_v1_dot_session__pb2.KVEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -111,6 +111,11 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
 
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         async with self._rpc("Delete", context):
+            if request.whole_namespace:
+                self._admit(context, request.namespace, 0)
+                deleted = await self._store.delete_namespace(request.namespace)
+                logger.warning("deleted every block of namespace %r (%d)", request.namespace, deleted)
+                return pb.DeleteResponse(deleted=deleted)
             hashes = self._checked_hashes(context, request.namespace, request.hashes)
             deleted = await self._store.delete(request.namespace, hashes)
             if request.corrupt:  # counted once per block actually removed (no double reports)

@@ -27,7 +27,13 @@ from services.common.errors import REDIS_UNAVAILABLE, StoreError, StoreUnavailab
 
 logger = logging.getLogger(__name__)
 
+_SCAN_COUNT = 1000  # keys per SCAN step and per DEL pipeline of a namespace flush
 _SOCKET_READ_SIZE = 1 << 20  # redis-py reads 32 KiB at a time by default; blocks are ~200 KB
+
+
+def _glob_escape(pattern: bytes) -> bytes:
+    """``pattern`` matched literally by SCAN MATCH (namespaces may hold ``*?[]\\``)."""
+    return bytes(b for c in pattern for b in ((0x5C, c) if c in b"*?[]\\" else (c,)))
 
 
 def block_problem(data: bytes | memoryview, block_hash: bytes) -> str | None:
@@ -243,6 +249,21 @@ class RedisBlockStore:
             return 0
         with _redis_errors():
             return await self._delete_keys(self._keys(namespace, hashes))
+
+    async def delete_namespace(self, namespace: str) -> int:
+        """Remove every block of ``namespace`` (SCAN over every primary, then DEL in batches);
+        returns how many existed. Blocks written meanwhile may survive it."""
+        deleted, batch = 0, []
+        with _redis_errors():
+            async for key in self._client.scan_iter(match=_glob_escape(self.key_prefix(namespace)) + b"*",
+                                                    count=_SCAN_COUNT):
+                batch.append(key)
+                if len(batch) >= _SCAN_COUNT:
+                    deleted += await self._delete_keys(batch)
+                    batch = []
+            if batch:
+                deleted += await self._delete_keys(batch)
+        return deleted
 
     async def touch(self, namespace: str, hashes: Sequence[bytes], ttl_seconds: int) -> int:
         """Make stored blocks live at least ``ttl_seconds`` more (a pinned session's); a longer

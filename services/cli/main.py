@@ -5,6 +5,7 @@
     kvstore demo [--address A]    # scripted agent workload (starts its own service without --address)
     kvstore chat --address A      # interactive session
     kvstore stats --address A     # the running service at a glance (--watch 2 refreshes)
+    kvstore admin drain w1        # operate it: drain a worker, flush a namespace, list/close sessions
     kvstore tiers-demo            # the cache tiers alone, with synthetic KV
     kvstore blockstore serve      # the block store service (T2) alone
     kvstore config check FILE     # a `kvstore serve --config` file, checked without starting anything
@@ -79,6 +80,15 @@ def build_parser(config_file: str = "") -> argparse.ArgumentParser:
     stats.add_argument("--address", default="127.0.0.1:50052")
     stats.add_argument("--api-key", default="", help="an admin key (namespace '*') when the service has keys")
     stats.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    admin = sub.add_parser("admin", help="operate a running service (an admin key): drain a worker, flush a "
+                                         "namespace's blocks, list or close its sessions")
+    admin.add_argument("action", choices=["drain", "flush", "sessions"])
+    admin.add_argument("target", help="drain: a worker id (w0, w1, ...); flush, sessions: a namespace")
+    admin.add_argument("--address", default="127.0.0.1:50052")
+    admin.add_argument("--api-key", default="", help="an admin key (namespace '*') when the service has keys")
+    admin.add_argument("--timeout", type=float, default=60.0, help="drain: seconds its generations may take")
+    admin.add_argument("--close", action="store_true", help="sessions: close every listed one")
+    admin.add_argument("--limit", type=int, default=1000, help="sessions: at most this many, newest first")
     config = sub.add_parser("config", help="check a `kvstore serve --config` file")
     config.add_argument("action", choices=["check"])
     config.add_argument("file")
@@ -150,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stats":
             from services.cli.stats import run_stats
             return run_stats(args.address, args.api_key, args.watch)
+        if args.command == "admin":
+            from services.cli.admin import run_admin
+            return run_admin(args.address, args.api_key, args.action, args.target, args.timeout, args.close, args.limit)
         if args.command == "tiers-demo":
             from services.cli.tiers_demo import DemoConfig, run_demo
             run_demo(config_from_args(DemoConfig, args))

@@ -23,8 +23,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from kvstore.hashing import PrefixHasher
+from services.session.events import KVEventHub
 from services.session.router import NoWorkerError, Route, Router, RouterConfig
-from workers.actor import GenerateEnd, GenerateRequest, WorkerConfig, WorkerInfo, remote_worker_class
+from workers.actor import DroppedBlocks, GenerateEnd, GenerateRequest, WorkerConfig, WorkerInfo, remote_worker_class
 from workers.engine import FinishReason, Usage
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,14 @@ RAY_NAMESPACE = "kvstore"
 
 class WorkerLostError(RuntimeError):
     """A generation lost its worker more times than ``PoolConfig.max_failovers`` allows."""
+
+
+class UnknownWorkerError(LookupError):
+    """No worker of that id in this pool."""
+
+
+class DrainingError(ValueError):
+    """A worker cannot be drained now (already draining, or the last one)."""
 
 
 class GenerationError(ValueError):
@@ -66,6 +75,18 @@ class _Worker:
     max_seqs: int = 0  # sequences it runs at once (WorkerInfo.max_num_seqs)
     incarnation: str = ""
     live: bool = False
+    draining: bool = False  # routed nothing new; stopped once its streams end
+    streams: int = 0  # generations running on it
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while streams == 0
+
+
+@dataclass(slots=True)
+class DrainResult:
+    """What draining a worker did."""
+
+    worker_id: str
+    seconds: float  # until it stopped
+    moved_streams: int  # still running at the deadline: they resumed on other workers
 
 
 class WorkerPool:
@@ -79,6 +100,7 @@ class WorkerPool:
             raise ValueError(f"worker_resources has {len(self.config.worker_resources)} entries for "
                              f"{self.config.num_workers} workers")
         self.router = Router(self.config.router)
+        self.events = KVEventHub()  # the workers' block events, for SubscribeKVEvents
         self.info: WorkerInfo | None = None  # the model's facts (fingerprint, block size, vocab, context)
         self._workers: dict[str, _Worker] = {}
         self._poller: asyncio.Task | None = None
@@ -153,7 +175,7 @@ class WorkerPool:
         return PrefixHasher.for_namespace(self.info.fingerprint, namespace, self.info.block_size, tokens).hashes
 
     def _route(self, tokens: list[int], namespace: str, session_id: str | None, worker_id: str | None = None) -> Route:
-        if worker_id is not None and self._workers[worker_id].live:
+        if worker_id is not None and self._workers[worker_id].live and not self._workers[worker_id].draining:
             return self.router.estimate(worker_id, self.block_hashes(tokens, namespace), len(tokens))
         # A session's affinity may decide without the prefix: then its history is not hashed.
         return self.router.route(len(tokens), lambda: self.block_hashes(tokens, namespace), session_id)
@@ -174,7 +196,10 @@ class WorkerPool:
             attempt = dataclasses.replace(request, prompt=tokens, sampling=dataclasses.replace(
                 request.sampling, max_tokens=max_tokens - len(output)))
             self.router.started(route)
-            stream = self._workers[wid].handle.generate.remote(attempt)
+            worker = self._workers[wid]
+            stream = worker.handle.generate.remote(attempt)
+            worker.streams += 1
+            worker.idle.clear()
             try:
                 async for ref in stream:
                     item = await ref
@@ -205,6 +230,9 @@ class WorkerPool:
                 raise
             finally:
                 self.router.finished(route)
+                worker.streams -= 1
+                if not worker.streams:
+                    worker.idle.set()
             if item.finish_reason is FinishReason.ERROR:
                 raise GenerationError(item.error)
             item.failovers = failovers  # its usage is the attempt's that finished (after a failover: the resumed one)
@@ -232,11 +260,44 @@ class WorkerPool:
         otherwise, forever); unknown ids are ignored."""
         self.router.forget(session_id)
 
+    async def drop_namespace(self, namespace: str) -> list[DroppedBlocks]:
+        """Every live worker forgets ``namespace``'s blocks in T0 and T1 (after its copies in
+        flight land, so T2 can be flushed next)."""
+        calls = [w.handle.drop_namespace.remote(namespace) for w in self._workers.values() if w.live]
+        try:
+            return list(await asyncio.gather(*(asyncio.wait_for(c, self.config.call_timeout_s) for c in calls)))
+        except (asyncio.TimeoutError, RayActorError) as e:
+            raise WorkerLostError(f"a worker did not drop the namespace's blocks within "
+                                  f"{self.config.call_timeout_s:g} s ({type(e).__name__}); retry") from e
+
+    async def drain(self, worker_id: str, timeout_s: float) -> DrainResult:
+        """Route nothing new to ``worker_id``, let its generations finish (those still running
+        after ``timeout_s`` resume on other workers), flush its blocks to T2 and stop it."""
+        w = self._workers.get(worker_id)
+        if w is None:
+            raise UnknownWorkerError(f"unknown worker {worker_id!r}; workers: {', '.join(self.worker_ids) or 'none'}")
+        if w.draining:
+            raise DrainingError(f"worker {worker_id} is already being drained")
+        if len(self.live_worker_ids) <= 1 and w.live:
+            raise DrainingError(f"worker {worker_id} is the last live worker: nothing could serve after it")
+        start = time.monotonic()
+        w.draining = True
+        self._lose(worker_id)
+        if w.streams:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(w.idle.wait(), timeout_s)
+        moved = w.streams
+        await self._stop_worker(w)  # its running streams see RayActorError and fail over
+        self._workers.pop(worker_id, None)
+        log.warning("worker %s drained and stopped (%d generations moved)", worker_id, moved)
+        return DrainResult(worker_id, time.monotonic() - start, moved)
+
     # ---- membership -----------------------------------------------------------------------
 
     def _join(self, w: _Worker, incarnation: str) -> None:
         if w.incarnation and incarnation != w.incarnation:
             log.warning("worker %s restarted: dropping what it cached", w.worker_id)
+        self.events.cleared(w.worker_id)  # a restarted worker's tiers are empty (no-op for a new one)
         if w.live:
             self.router.reset_worker(w.worker_id)
         else:
@@ -248,6 +309,7 @@ class WorkerPool:
         if w is None or not w.live:
             return
         w.live = False
+        self.events.cleared(worker_id)
         moved = self.router.remove_worker(worker_id)
         log.warning("worker %s out of service; %d sessions move to other workers", worker_id, len(moved))
 
@@ -269,9 +331,13 @@ class WorkerPool:
         except Exception:  # noqa: BLE001 - polling must go on
             log.exception("polling worker %s failed", w.worker_id)
             return
+        if w.draining:
+            return
         if not w.live or batch.incarnation != w.incarnation:
             self._join(w, batch.incarnation)
         self.router.apply_events(w.worker_id, batch.events, batch.rates)
+        self.events.publish(w.worker_id, batch.events)
 
 
-__all__ = ["GenerationError", "NoWorkerError", "PoolConfig", "WorkerLostError", "WorkerPool"]
+__all__ = ["DrainResult", "DrainingError", "GenerationError", "NoWorkerError", "PoolConfig", "UnknownWorkerError",
+           "WorkerLostError", "WorkerPool"]

@@ -115,6 +115,8 @@ class Router:
             peers = [s.rates for s in self._workers.values() if s.rates.prefill_tokens_per_s]
             state.rates = rates if rates.prefill_tokens_per_s or not peers else peers[0]
         for e in events:
+            if e.tier is Tier.T2:  # shared by every worker: it does not tell them apart
+                continue
             tier_set = state.t0 if e.tier is Tier.T0 else state.t1
             (tier_set.add if e.stored else tier_set.discard)(e.block_hash)
 

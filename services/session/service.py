@@ -26,6 +26,7 @@ import ray
 
 from kvstore.blockstore_client import BlockStoreClient, BlockStoreError, BlockStoreUnavailable
 from kvstore.blockstore_wire import MAX_TOUCH_TTL_S
+from kvstore.cache import Tier
 from kvstore.v1 import session_pb2 as pb
 from kvstore.v1 import session_pb2_grpc as pb_grpc
 from services.common.auth import ANY_NAMESPACE, TokenTable, check_namespace, require_namespace, valid_namespace
@@ -40,8 +41,16 @@ from services.common.errors import (
 from services.common.grpc_server import MAX_STATUS_MESSAGE, rpc_status
 from services.session.admission import Admission, AdmissionRejected
 from services.session.chat import ChatFormatter
+from services.session.events import EventKind, KVEventBatch, SubscriberBehind
 from services.session.metrics import SessionMetrics
-from services.session.pool import GenerationError, NoWorkerError, WorkerLostError, WorkerPool
+from services.session.pool import (
+    DrainingError,
+    GenerationError,
+    NoWorkerError,
+    UnknownWorkerError,
+    WorkerLostError,
+    WorkerPool,
+)
 from services.session.state import (
     HistoryTooLong,
     Session,
@@ -64,6 +73,9 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sessions"].full_name  # "kvstore.v1.Sessions"
 DEFAULT_NAMESPACE = "default"  # with authentication off
 MAX_LIST = 1000  # sessions per ListSessions
+MAX_EVENT_SUBSCRIBERS = 64  # SubscribeKVEvents streams at once (each may queue up to events.MAX_BEHIND)
+DEFAULT_DRAIN_TIMEOUT_S = 60.0  # for a drained worker's generations to finish
+MAX_DRAIN_TIMEOUT_S = 3600.0
 MAX_METADATA_BYTES = 16384  # per session, keys and values
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # A stored response's id: "resp_<namespace>:<session id>:<request id of its turn>", so the
@@ -462,9 +474,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.ServiceStats:
         async with self.rpc("GetStats", context):
-            if self._keys.enabled and ANY_NAMESPACE not in self._keys.authenticate(context.invocation_metadata()):
-                raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "GetStats needs an admin API key (one with "
-                                                                      "namespace '*')")
+            self._require_admin(context, "GetStats")
             stats = pb.ServiceStats()
             self._metrics.fill(stats)
             replies = await asyncio.to_thread(read_worker_stats, self._pool)
@@ -479,7 +489,56 @@ class SessionServicer(pb_grpc.SessionsServicer):
                     logger.warning("GetStats: the block store did not answer: %s", e)
             return stats
 
+    async def DrainWorker(self, request: pb.DrainWorkerRequest, context) -> pb.DrainWorkerResponse:
+        async with self.rpc("DrainWorker", context):
+            self._require_admin(context, "DrainWorker")
+            timeout = request.timeout_seconds or DEFAULT_DRAIN_TIMEOUT_S
+            if not 0 < timeout <= MAX_DRAIN_TIMEOUT_S:
+                raise RequestError(_INVALID, f"timeout_seconds must be in (0, {MAX_DRAIN_TIMEOUT_S:g}], got "
+                                             f"{request.timeout_seconds:g}")
+            drained = await self._pool.drain(request.worker_id, timeout)
+            return pb.DrainWorkerResponse(worker_id=drained.worker_id, seconds=drained.seconds,
+                                          moved_generations=drained.moved_streams)
+
+    async def FlushNamespace(self, request: pb.FlushNamespaceRequest, context) -> pb.FlushNamespaceResponse:
+        async with self.rpc("FlushNamespace", context):
+            self._require_admin(context, "FlushNamespace")
+            check_namespace(request.namespace)
+            dropped = await self._pool.drop_namespace(request.namespace)
+            t2 = 0
+            if self._blockstore is not None:  # after the workers: none of their copies in flight is left to land
+                try:
+                    t2 = await asyncio.to_thread(self._blockstore.delete_namespace, request.namespace)
+                except (BlockStoreError, BlockStoreUnavailable) as e:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the workers forgot the namespace's blocks, "
+                                       f"but the block store did not delete them ({e}); retry") from None
+            logger.warning("flushed namespace %r: %d T0, %d T1, %d T2 blocks", request.namespace,
+                           sum(d.t0 for d in dropped), sum(d.t1 for d in dropped), t2)
+            return pb.FlushNamespaceResponse(blocks_dropped=[sum(d.t0 for d in dropped), sum(d.t1 for d in dropped),
+                                                             t2])
+
+    async def SubscribeKVEvents(self, request: pb.SubscribeKVEventsRequest, context) -> AsyncIterator[pb.KVEventBatch]:
+        async with self.rpc("SubscribeKVEvents", context):
+            allowed = self.authenticate(context)
+            every = not request.namespace and (not self._keys.enabled or ANY_NAMESPACE in allowed)
+            namespace = None if every else self._namespace(allowed, request.namespace)
+            events = self._pool.events
+            if events.subscribers >= MAX_EVENT_SUBSCRIBERS:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_EVENT_SUBSCRIBERS} KV event "
+                                                                      "subscribers already; retry later")
+            subscription = events.subscribe(namespace)
+            try:
+                while True:
+                    yield _kv_event_batch(await subscription.next_batch())
+            finally:
+                subscription.close()
+
     # ---- helpers --------------------------------------------------------------------------
+
+    def _require_admin(self, context, method: str) -> None:
+        if self._keys.enabled and ANY_NAMESPACE not in self._keys.authenticate(context.invocation_metadata()):
+            raise RequestError(grpc.StatusCode.PERMISSION_DENIED, f"{method} needs an admin API key (one with "
+                                                                  "namespace '*')")
 
     def rpc(self, method: str, context):
         """Map exceptions to status codes (never crash on a request) and record metrics."""
@@ -638,6 +697,21 @@ class SessionServicer(pb_grpc.SessionsServicer):
                               token_ids=s.tokens if include_tokens else ())
 
 
+_KIND_OF = {EventKind.STORED: pb.KVEvent.BLOCK_STORED, EventKind.REMOVED: pb.KVEvent.BLOCK_REMOVED,
+            EventKind.CLEARED: pb.KVEvent.ALL_BLOCKS_CLEARED}
+_MEDIUM_OF = {Tier.T0: pb.MEDIUM_T0, Tier.T1: pb.MEDIUM_T1, Tier.T2: pb.MEDIUM_T2}
+
+
+def _kv_event_batch(batch: KVEventBatch) -> pb.KVEventBatch:
+    out = pb.KVEventBatch(snapshot=batch.snapshot, timestamp=batch.timestamp)
+    for e in batch.events:
+        b = e.block
+        out.events.append(pb.KVEvent(kind=_KIND_OF[e.kind], worker_id=e.worker_id) if b is None else pb.KVEvent(
+            kind=_KIND_OF[e.kind], medium=_MEDIUM_OF[b.tier], worker_id=e.worker_id, namespace=b.namespace,
+            block_hash=b.block_hash, parent_block_hash=b.parent_hash, token_ids=b.token_ids))
+    return out
+
+
 _STATUS_OF = {  # the service's errors, by the status code they mean (the first match counts)
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     SessionClosed: grpc.StatusCode.FAILED_PRECONDITION,
@@ -647,7 +721,10 @@ _STATUS_OF = {  # the service's errors, by the status code they mean (the first 
     AdmissionRejected: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ChatFormatError: _INVALID,
     GenerationError: _INVALID,
+    UnknownWorkerError: grpc.StatusCode.NOT_FOUND,
     NoWorkerError: grpc.StatusCode.UNAVAILABLE,
+    DrainingError: grpc.StatusCode.FAILED_PRECONDITION,
+    SubscriberBehind: grpc.StatusCode.RESOURCE_EXHAUSTED,
     WorkerLostError: grpc.StatusCode.UNAVAILABLE,
     StoreFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,  # Redis at maxmemory: retry later
     StoreRefusedError: grpc.StatusCode.UNAVAILABLE,  # read-only replica, failing persistence: retry later
