@@ -99,13 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=EngineConfig().max_num_batched_tokens,
                         help="EngineConfig.max_num_batched_tokens")
     parser.add_argument("--loader-niceness", type=int, default=CacheConfig().loader_niceness)
+    parser.add_argument("--min-decode-share", type=float, default=EngineConfig().min_decode_share,
+                        help="EngineConfig.min_decode_share (0: the token budget alone)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.decoders, args.context, args.hist, args.baseline_steps, args.arrivals = "small", 4, 256, 1024, 8, 2
 
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    title = header(f"token budget {args.budget}", f"loader niceness {args.loader_niceness}")
+    title = header(f"token budget {args.budget}", f"min decode share {args.min_decode_share:g}",
+                   f"loader niceness {args.loader_niceness}")
     console.print(title, highlight=False)
     rows: list[Row] = []
     with blockstore_process() as (address, _), \
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 cache = TieredKVCache(spec, CacheConfig(t0_blocks=blocks, t1_blocks=blocks,
                                                         loader_niceness=args.loader_niceness), remote=remote)
                 return Engine(model, cache, EngineConfig(max_num_seqs=max(16, args.decoders + 1),
-                                                         max_num_batched_tokens=args.budget))
+                                                         max_num_batched_tokens=args.budget,
+                                                         min_decode_share=args.min_decode_share))
 
             def tokens(seed: int, n: int) -> list[int]:
                 return torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

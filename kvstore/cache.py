@@ -628,7 +628,7 @@ class TieredKVCache:
                 if tier is not Tier.T0:
                     s1 = sources[i][1]
                     meta = self._t1.meta(s1)  # type: ignore[arg-type]
-                    if not load.error:
+                    if not load.error and meta is not None:
                         self._t0.publish(s0, meta)  # type: ignore[arg-type]  # False: a copy is cached already; ours stays private
                     self._t1.release(s1)  # type: ignore[arg-type]
                 else:
@@ -637,7 +637,8 @@ class TieredKVCache:
                     load.from_tier[tier] += 1
                     self._stats.loaded_blocks[tier] += 1
                     self._stats.loaded_tokens[tier] += self.spec.block_size
-                    self._on_hit(s0, meta)  # type: ignore[arg-type]
+                    if meta is not None:  # None: dropped by a flush meanwhile (its KV is still good)
+                        self._on_hit(s0, meta)
             for i in range(len(sources), len(job.sources)):  # the transfer failed before it: its pin went too
                 if job.origin[i] is Tier.T0:
                     table[i] = job.spares.pop()

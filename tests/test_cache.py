@@ -316,3 +316,22 @@ def test_block_events_track_what_each_tier_holds():
         assert view[Tier.T0] == set(cache.cached_slots(Tier.T0))
         assert view[Tier.T1] == set(cache.cached_slots(Tier.T1))
         assert any(not e.stored for e in events)  # evictions were reported too
+
+
+def test_dropping_a_namespace_forgets_its_blocks_in_t0_and_t1_and_frees_held_slots_on_release():
+    """An admin flush: the namespace's blocks are found nowhere afterwards, another namespace's
+    stay, and a running sequence's blocks keep serving it until it lets them go."""
+    with make(t0=12, t1=16, t0_t1_policy="write_through") as cache:
+        a = prefix([1] * (3 * BS) + [2], namespace="a")
+        b = prefix([1] * (3 * BS) + [2], namespace="b")
+        cache.release(prefill(cache, a))
+        held = prefill(cache, prefix([5] * (2 * BS) + [2], namespace="a"))  # still running
+        cache.release(prefill(cache, b))
+        cache.flush()
+        assert cache.drop_namespace("a") == (5, 5)  # 3 + 2 full blocks in T0, written through to T1
+        assert cache.lookup(a).num_blocks == 0 and cache.lookup(b).num_blocks == 3
+        cache.check_invariants()
+        in_use = cache.stats().t0_in_use
+        cache.release(held)
+        assert cache.stats().t0_in_use == in_use - len(held) and cache.stats().t0_cached == 3
+        cache.check_invariants()

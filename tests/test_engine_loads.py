@@ -11,9 +11,10 @@ from enginehelpers import BLOCK, GREEDY, assert_same, client, conversation, make
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.cache import Tier
+from kvstore.cache import CacheConfig, Tier, TieredKVCache
 from services.blockstore.server import BlockStoreConfig, BlockStoreThread
-from workers.engine import EngineConfig, Status
+from workers.engine import MIN_CHUNK_TOKENS, Engine, EngineConfig, Status
+from workers.loader import builtin_model, kv_spec
 from workers.sampling import SamplingParams
 
 LONG = SamplingParams(max_tokens=30, ignore_eos=True)
@@ -195,3 +196,35 @@ def test_small_t0_never_deadlocks_and_outputs_stay_exact(t0, requests):
         if not aborted:
             assert seq.finish_reason == "length"
             assert seq.output == reference(seq.tokens[:seq.prompt_len], params).output
+
+
+def test_a_decode_share_cuts_prompt_chunks_beside_decodes_and_outputs_stay_exact():
+    """min_decode_share near 1: once a decode-only step and a chunk beside it are measured, a
+    prompt beside decodes advances MIN_CHUNK_TOKENS per step; the outputs do not change."""
+    config, model, digest = builtin_model("small")
+    spec = kv_spec(config, "builtin-small", digest, block_size=BLOCK)
+
+    def engine(share: float) -> Engine:
+        return Engine(model, TieredKVCache(spec, CacheConfig(t0_blocks=128, t1_blocks=16)),
+                      EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, min_decode_share=share))
+
+    outputs = []
+    for share in (0.0, 0.99):
+        e = engine(share)
+        other = e.add_request(prompt(60, 6), LONG)
+        while len(other.output) < 3:  # decode-only steps: measured
+            e.step()
+        seq = e.add_request(prompt(61, 300), GREEDY)
+        advanced = []
+        while seq.first_token_at is None:
+            before = seq.num_computed
+            e.step()
+            advanced.append(seq.num_computed - before)
+        advanced = [n for n in advanced if n]
+        if share:
+            assert advanced[0] == 63 and set(advanced[1:-1]) == {MIN_CHUNK_TOKENS}, advanced
+        else:
+            assert set(advanced[:-1]) == {63}, advanced
+        drain(e)
+        outputs.append((seq.output, other.output))
+    assert outputs[0] == outputs[1]

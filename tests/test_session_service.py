@@ -270,7 +270,8 @@ def test_sixteen_concurrent_sessions(service):
     def agent(i: int) -> None:
         try:
             with SessionClient(service["server"].address, api_key="key-b") as c:
-                s = c.create_session(system_prompt=SYSTEM)
+                # Nothing shared: the router spreads them by load, not by where a prefix is cached.
+                s = c.create_session(system_prompt=f"Agent {i}. {SYSTEM}")
                 turns = []
                 for t in range(2):
                     turns.append(turn(c, s.session_id, max_tokens=6,

@@ -37,6 +37,12 @@ from workers.sampling import SamplingParams, sample
 from workers.tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
+MIN_CHUNK_TOKENS = 16  # a prompt chunk beside decodes is never cut below this: it always advances
+_SMOOTHING = 0.2  # weight of a new step in the moving averages of step times
+
+
+def _average(old: float, new: float) -> float:
+    return new if not old else (1 - _SMOOTHING) * old + _SMOOTHING * new
 
 
 class Status(Enum):
@@ -122,6 +128,10 @@ class EngineConfig:
     # stalls decodes less behind a long prompt; larger prefills it faster (docs/architecture.md).
     max_num_batched_tokens: int = 64
     max_prefill_tokens_alone: int = 4096  # the budget of a step that has no decode to delay
+    # With sequences decoding, prompt chunks are also cut so that a step is estimated to take at
+    # most 1/min_decode_share of a decode-only step (measured): the decoders keep at least this
+    # share of their speed on any hardware. 0: the token budget alone.
+    min_decode_share: float = 0.0
     keep_logits: bool = False  # keep each step's logits on the sequence (tests, debugging)
     load_cost: LoadCostConfig = field(default_factory=LoadCostConfig)
 
@@ -129,6 +139,8 @@ class EngineConfig:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"need 0 < max_num_seqs <= max_num_batched_tokens, got {self.max_num_seqs} and "
                              f"{self.max_num_batched_tokens}")
+        if not 0 <= self.min_decode_share < 1:
+            raise ValueError(f"min_decode_share must be in [0, 1), got {self.min_decode_share}")
 
 
 @dataclass(slots=True)
@@ -172,6 +184,10 @@ class Engine:
         self.loading: dict[Sequence, PrefixLoad] = {}  # in admission order
         self.running: list[Sequence] = []
         self.rates = LoadRates.seeded(self.config.load_cost)
+        # Moving averages for min_decode_share: a decode-only step, and what each prompt token
+        # adds to a step that also decodes.
+        self._decode_step_s = 0.0
+        self._chunk_token_s = 0.0
         self._stats = EngineStats()
 
     # ---- requests -----------------------------------------------------------------------
@@ -348,6 +364,10 @@ class Engine:
                 batch.append(seq)
         if not batch:
             budget = max(budget, self.config.max_prefill_tokens_alone)
+        elif self.config.min_decode_share and self._decode_step_s and self._chunk_token_s:
+            share = self.config.min_decode_share
+            allowed = self._decode_step_s * (1 / share - 1) / self._chunk_token_s  # prompt tokens
+            budget = min(budget, max(int(allowed), MIN_CHUNK_TOKENS))
         for seq in self.running:
             if budget and len(seq) - seq.num_computed > 1:
                 seq.num_scheduled = min(len(seq) - seq.num_computed, budget)
@@ -379,12 +399,17 @@ class Engine:
             batch[0].error = f"the model's forward pass failed: {type(e).__name__}: {e}"
             self._finish(batch[0], FinishReason.ERROR)
             return []
+        took = time.perf_counter() - start
         chunks = [seq for seq in batch if seq.num_scheduled > 1]
         if chunks:
             tokens = sum(seq.num_scheduled for seq in chunks)
             middle = sum(seq.num_scheduled * (seq.num_computed + seq.num_scheduled / 2) for seq in chunks) / tokens
-            self.rates.observe_prefill(tokens, middle, time.perf_counter() - start)
+            self.rates.observe_prefill(tokens, middle, took)
             self._stats.prefill_chunks += len(chunks)
+            if len(chunks) < len(batch) and self._decode_step_s:  # decodes too: the chunks' extra time
+                self._chunk_token_s = _average(self._chunk_token_s, max(took - self._decode_step_s, 0) / tokens)
+        else:
+            self._decode_step_s = _average(self._decode_step_s, took)
         return self._postprocess(batch, logits)
 
     def _forward(self, batch: list[Sequence]) -> torch.Tensor:
