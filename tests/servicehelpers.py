@@ -20,6 +20,7 @@ from services.session.pool import PoolConfig, WorkerPool
 from services.session.server import SessionServer, SessionServiceConfig
 from workers.actor import WorkerConfig
 from workers.engine import Engine, EngineConfig
+from workers.loadcost import LoadCostConfig
 from workers.loader import kv_spec
 from workers.sampling import SamplingParams
 from workers.tokenizer import ByteTokenizer
@@ -29,11 +30,14 @@ API_KEYS = "key-a=tenant-a;key-b=tenant-b;admin=*"
 
 
 def worker_config(blockstore_address: str, t0_blocks: int = 512, t1_blocks: int = 1024,
-                  max_num_seqs: int = 16) -> WorkerConfig:
+                  max_num_seqs: int = 16, cost_aware: bool = True) -> WorkerConfig:
+    """``cost_aware=False``: every cached block is loaded (the tiny model may recompute a short
+    T2 prefix faster than it loads, which tests of the T2 path must not depend on)."""
     return WorkerConfig(model="tiny", dtype="float32", block_size=BLOCK,
                         cache=CacheConfig(t0_blocks=t0_blocks, t1_blocks=t1_blocks),
                         blockstore=BlockStoreClientConfig(address=blockstore_address), threads=1,
-                        engine=EngineConfig(max_num_seqs=max_num_seqs))
+                        engine=EngineConfig(max_num_seqs=max_num_seqs,
+                                            load_cost=LoadCostConfig(cost_aware=cost_aware)))
 
 
 def start_pool(loop: LoopThread, config: PoolConfig) -> WorkerPool:

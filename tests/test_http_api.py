@@ -37,8 +37,8 @@ def env(tmp_path_factory):
     blockstore.start()
     sessions = EmbeddedRedis(EmbeddedRedisConfig(maxmemory="0", maxmemory_policy="noeviction")).start()
     loop = LoopThread()
-    pool = start_pool(loop, PoolConfig(num_workers=2, worker=worker_config(blockstore.address), poll_interval_s=0.05,
-                                       name_prefix="http-test"))
+    pool = start_pool(loop, PoolConfig(num_workers=2, worker=worker_config(blockstore.address, cost_aware=False),
+                                       poll_interval_s=0.05, name_prefix="http-test"))
     state = {"loop": loop, "pool": pool, "redis_url": sessions.url, "blockstore": blockstore.address,
              "tok": ByteTokenizer(pool.info.vocab_size), "tmp": tmp_path_factory.mktemp("http")}
     with serving(loop, pool, sessions.url, blockstore_address=blockstore.address, http_port=0) as server:

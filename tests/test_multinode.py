@@ -23,7 +23,7 @@ def two_nodes(redis_server, tmp_path_factory, monkeypatch_module):
     blockstore = BlockStoreThread(BlockStoreConfig(port=0, redis_url=redis_server.url))
     blockstore.start()
     loop = LoopThread()
-    pool = start_pool(loop, PoolConfig(num_workers=2, worker=worker_config(blockstore.address),
+    pool = start_pool(loop, PoolConfig(num_workers=2, worker=worker_config(blockstore.address, cost_aware=False),
                                        worker_resources=[{"node_a": 1}, {"node_b": 1}], name_prefix="multinode"))
     server = start_server(loop, pool, redis_server.url)
     yield pool, server
