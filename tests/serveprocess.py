@@ -78,15 +78,20 @@ def _cwd(pid: int) -> Path | None:
 
 
 
-def start_serve(tmp: Path, *flags: str, env: dict[str, str] | None = None) -> Served:
-    """``kvstore serve`` with the tiny model, one worker, a free port and its data in ``tmp``."""
+def start_serve(tmp: Path, *flags: str, env: dict[str, str] | None = None, api_keys: str = "",
+                always_load: bool = False) -> Served:
+    """``kvstore serve`` with the tiny model, one worker, a free port and its data in ``tmp``.
+    ``always_load``: workers load every cached block, for tests of the T2 path (by cost, the
+    tiny model may recompute a short T2 prefix faster than it loads)."""
+    env = {**(env or {}), **({"KVSTORE_SERVE_API_KEYS": api_keys} if api_keys else {}),
+           **({"KVSTORE_SERVE_COST_AWARE": "false"} if always_load else {})}
     log = tmp / "serve.log"
     cmd = [sys.executable, "-m", "services.cli.main", "--log-level", "info", "serve", "--model", "tiny",
            "--workers", "1", "--port", "0",
            "--data-dir", str(tmp / "data"), *flags]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, **env})
     for line in proc.stdout:
         if "serving sessions on" in line:
             served = Served(proc, line.split("serving sessions on", 1)[1].split()[0],

@@ -17,9 +17,7 @@ PROMPT = "Shared instructions that both tenants send, long enough for many block
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    # Every cached block is loaded: the tiny model may recompute a short T2 prefix faster.
-    env = {"KVSTORE_SERVE_API_KEYS": KEYS, "KVSTORE_SERVE_COST_AWARE": "false"}
-    served = start_serve(tmp_path_factory.mktemp("admin"), "--workers", "3", env=env)
+    served = start_serve(tmp_path_factory.mktemp("admin"), "--workers", "3", api_keys=KEYS, always_load=True)
     yield served
     stop_serve(served)
 

@@ -115,9 +115,7 @@ def test_stats_after_a_demo_shows_reuse_from_every_tier(tmp_path):
     """`kvstore demo` against a running service, then `kvstore stats` (an admin key; a tenant's is refused)."""
     metrics_port = _free_port()
     served = start_serve(tmp_path, "--workers", "2", "--t0-blocks", "160", "--metrics-port", str(metrics_port),
-                         # Always load: the tiny model may recompute a short prefix faster than T2 brings it.
-                         env={"KVSTORE_SERVE_API_KEYS": "sk-admin=*;sk-tenant=tenant-a",
-                              "KVSTORE_SERVE_COST_AWARE": "false"})
+                         api_keys="sk-admin=*;sk-tenant=tenant-a", always_load=True)
     scrape = lambda: _worker_samples(f"http://127.0.0.1:{metrics_port}/metrics")  # noqa: E731
     try:
         before = scrape()

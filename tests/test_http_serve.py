@@ -10,7 +10,7 @@ from serveprocess import start_serve, stop_serve
 
 
 def test_serve_starts_the_http_api(tmp_path):
-    served = start_serve(tmp_path, "--http-port", "0", env={"KVSTORE_SERVE_API_KEYS": "sk-test=tenant-a"})
+    served = start_serve(tmp_path, "--http-port", "0", api_keys="sk-test=tenant-a")
     try:
         url = served.banner.split("OpenAI-compatible API on ", 1)[1].split()[0]
         assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")

@@ -19,9 +19,7 @@ STORED = pb.KVEvent.BLOCK_STORED
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    # Every cached block is loaded: the tiny model may recompute a short T2 prefix faster.
-    env = {"KVSTORE_SERVE_API_KEYS": KEYS, "KVSTORE_SERVE_COST_AWARE": "false"}
-    served = start_serve(tmp_path_factory.mktemp("events"), "--workers", "2", env=env)
+    served = start_serve(tmp_path_factory.mktemp("events"), "--workers", "2", api_keys=KEYS, always_load=True)
     yield served
     stop_serve(served)
 

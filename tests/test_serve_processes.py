@@ -185,7 +185,7 @@ def keyed_serve(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("keyed")
     keys = tmp / "keys"
     keys.write_text(f"{KEY_FILE_PLAIN}=tenant-a\nsha256:{hashlib.sha256(KEY_FILE_HASHED.encode()).hexdigest()}=tenant-b\n")
-    served = start_serve(tmp, "--api-keys-file", str(keys), env={"KVSTORE_SERVE_API_KEYS": f"{KEY_ENV}=tenant-c"})
+    served = start_serve(tmp, "--api-keys-file", str(keys), api_keys=f"{KEY_ENV}=tenant-c")
     yield served
     stop_serve(served)
 

@@ -12,8 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvstore.client import SessionClient
-
-TIERS = ("T0", "T1", "T2")
+from services.cli.stats import TIERS
 
 
 def run_admin(address: str, api_key: str, action: str, target: str, timeout_s: float = 60.0,

@@ -512,10 +512,9 @@ class SessionServicer(pb_grpc.SessionsServicer):
                 except (BlockStoreError, BlockStoreUnavailable) as e:
                     raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the workers forgot the namespace's blocks, "
                                        f"but the block store did not delete them ({e}); retry") from None
-            logger.warning("flushed namespace %r: %d T0, %d T1, %d T2 blocks", request.namespace,
-                           sum(d.t0 for d in dropped), sum(d.t1 for d in dropped), t2)
-            return pb.FlushNamespaceResponse(blocks_dropped=[sum(d.t0 for d in dropped), sum(d.t1 for d in dropped),
-                                                             t2])
+            counts = [sum(d.t0 for d in dropped), sum(d.t1 for d in dropped), t2]
+            logger.warning("flushed namespace %r: %d T0, %d T1, %d T2 blocks", request.namespace, *counts)
+            return pb.FlushNamespaceResponse(blocks_dropped=counts)
 
     async def SubscribeKVEvents(self, request: pb.SubscribeKVEventsRequest, context) -> AsyncIterator[pb.KVEventBatch]:
         async with self.rpc("SubscribeKVEvents", context):
