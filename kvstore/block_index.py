@@ -276,6 +276,10 @@ class BlockIndex:
     def find(self, block_hash: bytes) -> int | None:
         return self._slot_of.get(block_hash)
 
+    def cached(self) -> list[BlockMeta]:
+        """Every cached (findable) block."""
+        return [self._meta[slot] for slot in self._slot_of.values()]
+
     def meta(self, slot: int) -> BlockMeta | None:
         return self._meta[slot]
 

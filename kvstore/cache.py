@@ -449,6 +449,13 @@ class TieredKVCache:
             self._t0.prefer(list(block_hashes), until)
             self._t1.prefer(list(block_hashes), until)
 
+    def held_blocks(self) -> list[BlockEvent]:
+        """A stored event for every block findable in T0 and T1 now: what a router that
+        missed events starts again from."""
+        with self._lock:
+            return [BlockEvent.of(tier, True, meta) for tier, index in ((Tier.T0, self._t0), (Tier.T1, self._t1))
+                    for meta in index.cached()]
+
     def drop_namespace(self, namespace: str) -> tuple[int, int]:
         """Forget ``namespace``'s blocks in T0 and T1 (an admin flush; call ``flush`` first, so
         no copy in flight brings one back): none is reused again; slots that running sequences

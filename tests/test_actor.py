@@ -1,5 +1,6 @@
 """The DecodeWorker Ray actor on a real local Ray: streamed tokens equal the in-process
 engine's, concurrent streams, prefix reuse across requests, cancellation frees blocks."""
+import dataclasses
 import sys
 import time
 
@@ -46,13 +47,23 @@ def test_streams_the_same_tokens_as_the_in_process_engine(worker):
     config, _, digest = tiny()
     expected = PrefixHasher.for_namespace(kv_spec(config, "tiny", digest, 4).fingerprint, "default", 4)
     expected.extend(p)
-    batch = ray.get(worker.block_events.remote())
+    batch = ray.get(worker.block_events.remote())  # a first read: a snapshot of what T0/T1 hold
     stored_t0 = {e.block_hash for e in batch.events if e.tier is Tier.T0 and e.stored}
-    assert set(expected.hashes) <= stored_t0  # the router learns which prefix w0 holds
-    drained = ray.get(worker.block_events.remote())
-    assert (drained.incarnation, drained.events) == (batch.incarnation, [])
-    assert drained.rates == ray.get(worker.stats.remote()).engine.rates  # the router's rates come with the poll
+    assert batch.snapshot and set(expected.hashes) <= stored_t0  # the router learns which prefix w0 holds
+    assert all(e.stored and e.tier is not Tier.T2 for e in batch.events)
+    caught_up = ray.get(worker.block_events.remote(batch.cursor))
+    assert (caught_up.incarnation, caught_up.events, caught_up.snapshot) == (batch.incarnation, [], False)
+    assert caught_up.rates == ray.get(worker.stats.remote()).engine.rates  # the router's rates come with the poll
     assert ray.get(worker.info.remote()).incarnation == batch.incarnation
+    # Each reader (a session-service replica) has its own cursor: one reading does not take events from another.
+    stream(worker, prompt(60, 33))
+    first = ray.get(worker.block_events.remote(caught_up.cursor))
+    second = ray.get(worker.block_events.remote(caught_up.cursor))
+    assert first.events == second.events and any(e.stored and e.tier is Tier.T0 for e in first.events)
+    assert not first.snapshot and first.cursor == second.cursor != caught_up.cursor
+    assert ray.get(worker.block_events.remote(first.cursor)).events == []
+    other = dataclasses.replace(first.cursor, incarnation="another")  # a cursor of an earlier incarnation
+    assert ray.get(worker.block_events.remote(other)).snapshot
 
 
 def test_concurrent_streams(worker):

@@ -316,6 +316,11 @@ def test_block_events_track_what_each_tier_holds():
         assert view[Tier.T0] == set(cache.cached_slots(Tier.T0))
         assert view[Tier.T1] == set(cache.cached_slots(Tier.T1))
         assert any(not e.stored for e in events)  # evictions were reported too
+        # A router that missed events starts again from a snapshot: the same view, with what it needs to chain them.
+        held = cache.held_blocks()
+        assert {t: {e.block_hash for e in held if e.tier is t} for t in view} == view
+        latest = {(e.tier, e.block_hash): e for e in events if e.stored}
+        assert all(e.stored and e == latest[e.tier, e.block_hash] for e in held)
 
 
 def test_dropping_a_namespace_forgets_its_blocks_in_t0_and_t1_and_frees_held_slots_on_release():

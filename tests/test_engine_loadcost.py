@@ -29,6 +29,16 @@ def test_fast_tiers_are_loaded_and_a_slow_t2_is_recomputed():
     assert rates(t2=1e6).best_reuse([Tier.T2] * 8, 8 * BS + 1, BS, BPB) == 0
 
 
+def test_the_leading_t0_blocks_are_reused_even_where_a_noisy_rate_says_recomputing_is_faster():
+    r = rates()
+    r.observe_prefill(120, 250, 0.06)  # 2000 tokens/s around position 250
+    r.observe_prefill(24, 300, 0.08)  # a short step that mostly measured per-step overhead: 300 tokens/s
+    tiers = [Tier.T0] * 18
+    assert r.prefill_s(12 * BS, 312) < r.prefill_s(18 * BS, 312)  # by the estimate, recomputing 6 blocks is faster
+    assert r.best_reuse(tiers, 312, BS, BPB) == 18
+    assert r.best_reuse(tiers[:12] + [Tier.T2] * 6, 312, BS, BPB) >= 12
+
+
 @given(
     tiers=st.lists(st.sampled_from(list(Tier)), max_size=40),
     extra=st.integers(1, 300),

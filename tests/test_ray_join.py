@@ -4,69 +4,21 @@ turns it on when a token exists. Serve finds the token where Ray keeps it, with 
 unset; without the token it exits with a message saying what to give it."""
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
+from raycluster import ray_cluster
 from serveprocess import ROOT, start_serve, stop_serve
 
 from kvstore.client import SessionClient
-
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray_start(env: dict[str, str], *flags: str) -> subprocess.Popen:
-    """``ray start --block``: its Ray processes end with it (``ray stop`` would end every Ray here)."""
-    proc = subprocess.Popen([RAY, "start", "--block", "--num-cpus", "1", "--disable-usage-stats", *flags], env=env,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "block forever" in line:
-            return proc
-    proc.wait()
-    raise AssertionError("ray start failed:\n" + "".join(lines[-30:]))
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A token-authenticated two-node cluster; yields (its address, the environment that holds its token)."""
-    tmp = Path(tempfile.mkdtemp(prefix="kvray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    env.update(HOME=str(tmp / "home"), RAY_TMPDIR=str(tmp))
-    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    address = f"127.0.0.1:{_free_port()}"
-    head = _ray_start(env, "--head", "--port", address.rsplit(":", 1)[1], "--node-ip-address", "127.0.0.1",
-                      "--include-dashboard=false")
-    try:
-        worker = _ray_start({**env, "RAY_AUTH_MODE": "token"}, "--address", address)  # Ray asks it of a worker node
-        try:
-            yield address, env
-        finally:
-            _stop(worker)
-    finally:
-        _stop(head)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with ray_cluster(head_cpus=1, worker_nodes=1) as found:
+        yield found
 
 
 def test_serve_joins_a_ray_start_cluster_with_its_token(cluster, tmp_path):

@@ -9,7 +9,7 @@ from ray.exceptions import RayActorError
 
 from kvstore.cache import BlockEvent, Tier
 from services.session.pool import PoolConfig, WorkerPool, _Worker
-from services.session.router import NoWorkerError, Route, Router
+from services.session.router import Affinity, NoWorkerError, Route, Router
 from workers.actor import GenerateEnd, GenerateRequest, WorkerInfo
 from workers.engine import FinishReason, Usage
 from workers.loadcost import LoadRates
@@ -33,9 +33,14 @@ def router(*workers, max_seqs: int = 16):
     r = Router()
     r.block_size, r.bytes_per_block = BS, BPB
     for w in workers:
-        r.add_worker(w, max_seqs)
+        r.add_worker(w, max_seqs, incarnation="1")
         r.apply_events(w, [], rates())
     return r
+
+
+def after(worker_id: str, num_tokens: int, incarnation: str = "1") -> Affinity:
+    """A session whose last turn ran on ``worker_id`` and left it ``num_tokens`` long."""
+    return Affinity(worker_id, incarnation, num_tokens)
 
 
 def busy(r, worker_id, seconds):
@@ -123,22 +128,52 @@ def test_ties_go_round_robin_when_requests_come_one_at_a_time():
 def test_sessions_stick_unless_clearly_slower_and_move_when_their_worker_dies():
     r = router("a", "b")
     r.apply_events("a", stored(0, H[:8]))
-    assert r.choose(H[:8], N, session_id="s1").worker_id == "a"
     r.apply_events("b", stored(0, H[:8]))
     # Sticky without a look at the prefix; the turn's work is its new tokens, at a's prefill rate.
-    assert r.sticky("s1", N + BS) == Route("a", pytest.approx(BS / 1000))
+    assert r.sticky(after("a", N), N + BS) == Route("a", pytest.approx(BS / 1000))
+    assert r.sticky(after("b", N), N + BS).worker_id == "b"
     busy(r, "a", 0.01)  # a little queued on a: a (10 + 1 ms) is not clearly slower than b (1 ms)
-    assert r.sticky("s1", N + 1) is None
-    assert r.choose(H[:8], N + 1, session_id="s1").worker_id == "a"
-    busy(r, "a", 0.1)  # now it is: the session moves to b
-    assert r.choose(H[:8], N + 1, session_id="s1").worker_id == "b"
-    assert r.sticky("s1", N + 2).worker_id == "b"
-    assert r.remove_worker("b") == ["s1"]
-    assert r.sticky("s1", N + 2) is None
-    assert r.choose(H[:8], N + 2, session_id="s1").worker_id == "a"
+    assert r.sticky(after("a", N), N + 1) is None
+    assert r.choose(H[:8], N + 1, after("a", N)).worker_id == "a"
+    assert r.choose(H[:8], N + 1).worker_id == "b"  # without the affinity: the faster one
+    busy(r, "a", 0.1)  # now it is clearly slower: the session moves to b
+    assert r.choose(H[:8], N + 1, after("a", N)).worker_id == "b"
+    r.remove_worker("b")
+    assert r.sticky(after("b", N), N + 2) is None
+    assert r.choose(H[:8], N + 2, after("b", N)).worker_id == "a"
     r.remove_worker("a")
     with pytest.raises(NoWorkerError):
         r.choose(H[:1], BS)
+
+
+def test_an_affinity_to_an_earlier_incarnation_or_a_malformed_one_does_not_count():
+    r = router("a", "b")
+    r.apply_events("b", stored(0, H[:8]))
+    r.add_worker("a", 16, incarnation="2")  # a restarted: its caches are empty
+    assert r.sticky(after("a", N, incarnation="1"), N + 1) is None
+    assert r.choose(H[:8], N + 1, after("a", N, incarnation="1")).worker_id == "b"
+    assert r.sticky(after("a", N, incarnation="2"), N + 1).worker_id == "a"
+    assert Affinity.decode(after("a", N, "2").encode()) == after("a", N, "2")
+    for bad in ("", "a", "a/2", "a/2/x", "/2/5", "a//5"):
+        assert Affinity.decode(bad) is None, bad
+
+
+def test_the_load_a_worker_reports_from_other_replicas_counts_against_its_room():
+    r = router("a", "b", max_seqs=2)
+    r.apply_events("a", stored(0, H[:8]), load=2)  # full of another replica's sequences
+    assert r.sticky(after("a", N), N + 1) is None
+    assert r.choose(H[:8], N + 1, after("a", N)).worker_id == "b"
+    r.apply_events("a", [], load=0)
+    assert r.choose(H[:8], N + 1).worker_id == "a"
+
+
+def test_a_snapshot_replaces_what_the_router_knew_of_a_worker():
+    r = router("a", "b")
+    r.apply_events("a", stored(0, H[:8]))
+    r.apply_events("a", stored(1, H[:2]), snapshot=True)  # a now holds only two blocks, in T1
+    fresh = router("a", "b")
+    fresh.apply_events("a", stored(1, H[:2]))
+    assert r.estimate("a", H[:8], N) == fresh.estimate("a", H[:8], N) != router("a").estimate("a", H[:8], N)
 
 
 def test_an_unmeasured_worker_is_assumed_as_fast_as_a_measured_peer():
@@ -153,22 +188,13 @@ def test_an_unmeasured_worker_is_assumed_as_fast_as_a_measured_peer():
 def test_restart_clears_stale_index():
     r = router("a", "b")
     r.apply_events("a", stored(0, H[:6]), rates(prefill=500))
-    r.choose(H[:6], 6 * BS, session_id="s")
-    r.reset_worker("a")
+    r.add_worker("a", 16, incarnation="1")  # the same incarnation again: nothing changes
+    assert r.estimate("a", H[:6], 6 * BS).work_s < 6 * BS / 2000
+    r.add_worker("a", 16, incarnation="2")
     assert r.estimate("a", H[:6], 6 * BS).work_s == pytest.approx(6 * BS / 2000) and r.workers == ["a", "b"]  # seed rates
     r.apply_events("zombie", stored(0, H[:6]))  # events of an unknown worker are ignored
     assert "zombie" not in r.workers
 
-
-def test_forget_drops_a_sessions_affinity():
-    r = router("a", "b")
-    r.apply_events("a", stored(0, H[:4]))
-    assert r.choose(H[:4], 4 * BS, session_id="s1").worker_id == "a"
-    r.forget("s1")
-    r.forget("never-seen")  # unknown ids are a no-op
-    r.apply_events("b", stored(0, H[:8]))
-    assert r.choose(H[:8], N, session_id="s1").worker_id == "b"  # routed by prefix again, not stuck to a
-    assert r.remove_worker("a") == []
 
 
 # ---- WorkerPool over fake worker handles (no Ray) ----------------------------------------------
@@ -192,7 +218,7 @@ class FakeWorker:
             if self.dies:
                 raise RayActorError()
             usage = Usage(len(request.prompt), cached_tokens=[8, 0, 0])
-            yield asyncio.sleep(0, GenerateEnd(FinishReason.LENGTH, self.worker_id, usage))
+            yield asyncio.sleep(0, GenerateEnd(FinishReason.LENGTH, self.worker_id, usage, incarnation="1"))
 
         return stream()
 
@@ -201,8 +227,8 @@ def fake_pool(*workers: FakeWorker) -> WorkerPool:
     pool = WorkerPool(PoolConfig(num_workers=len(workers)))
     pool.info = WorkerInfo("w0", "1", "m", b"f" * 16, 4, 512, 1024, (), 16, 1024)
     for w in workers:
-        pool._workers[w.worker_id] = _Worker(w.worker_id, w, max_seqs=16, live=True)
-        pool.router.add_worker(w.worker_id, 16)
+        pool._workers[w.worker_id] = _Worker(w.worker_id, w, max_seqs=16, incarnation="1", live=True)
+        pool.router.add_worker(w.worker_id, 16, incarnation="1")
     return pool
 
 
@@ -226,20 +252,19 @@ def test_a_generation_resumes_on_another_worker_from_the_streamed_tokens():
 def test_a_worker_dying_after_the_last_token_ends_the_generation_without_a_retry():
     w0, w1 = FakeWorker("w0", [10, 11, 12, 13], dies=True), FakeWorker("w1", [99])
     pool = fake_pool(w0, w1)
-    tokens, done = run_generate(pool, [1, 2, 3], 4, worker_id="w0", session_id="s")
+    tokens, done = run_generate(pool, [1, 2, 3], 4, worker_id="w0", affinity=Affinity("w0", "1", 3))
     assert tokens == [10, 11, 12, 13] and w1.calls == []
     assert (done.finish_reason, done.worker_id, done.usage.cached_tokens, done.failovers) == ("length", "w0", [0, 0, 0], 1)
     assert pool.live_worker_ids == ["w1"]
 
 
-def test_pool_forget_drops_the_routers_affinity():
+def test_a_sessions_affinity_routes_it_to_a_busy_worker_and_without_one_the_idle_one_wins():
     pool = fake_pool(FakeWorker("w0", [5]), FakeWorker("w1", [6]))
-    first = run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id
-    pool.router.started(Route(first, 0.0))  # busy: only the session's affinity would send it there again
-    assert run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id == first
-    pool.forget("s")
-    pool.forget("unknown")
-    assert run_generate(pool, [1, 2, 3, 4], 1, session_id="s")[1].worker_id != first
+    done = run_generate(pool, [1, 2, 3, 4], 1)[1]
+    first = Affinity(done.worker_id, done.incarnation, 5)
+    pool.router.started(Route(first.worker_id, 0.0))  # busy: only the session's affinity would send it there again
+    assert run_generate(pool, [1, 2, 3, 4], 1, affinity=first)[1].worker_id == first.worker_id
+    assert run_generate(pool, [1, 2, 3, 4], 1)[1].worker_id != first.worker_id
 
 
 def test_a_sticky_session_is_routed_without_hashing_its_history():
@@ -247,24 +272,23 @@ def test_a_sticky_session_is_routed_without_hashing_its_history():
     hashed = []
     block_hashes = pool.block_hashes
     pool.block_hashes = lambda tokens, namespace: hashed.append(len(tokens)) or block_hashes(tokens, namespace)
-    first = run_generate(pool, [1] * 8, 1, session_id="s")[1].worker_id
-    assert run_generate(pool, [1] * 9, 1, session_id="s")[1].worker_id == first
+    done = run_generate(pool, [1] * 8, 1)[1]
+    affinity = Affinity(done.worker_id, done.incarnation, 9)
+    assert run_generate(pool, [1] * 9, 1, affinity=affinity)[1].worker_id == done.worker_id
     assert run_generate(pool, [1] * 10, 1)[1].worker_id  # no session: routed by prefix
     assert hashed == [8, 10]
-    assert pool.router.sticky("s", 11).worker_id == first
-    assert pool.router.sticky("other", 11) is None and pool.router.sticky(None, 11) is None
 
 
 def test_a_full_worker_yields_its_sessions_and_new_requests_to_one_with_room():
     r = router("a", "b", max_seqs=2)
     r.apply_events("a", stored(0, H[:8]))
-    assert r.choose(H[:8], N, session_id="s1").worker_id == "a"
+    assert r.choose(H[:8], N).worker_id == "a"
     first, _ = busy(r, "a", 0.0), busy(r, "a", 0.0)  # a runs as many sequences as it batches
-    assert r.sticky("s1", N) is None  # the session's next turn goes elsewhere (its prefix comes from T2)
-    assert r.choose(H[:8], N, session_id="s1").worker_id == "b"
+    assert r.sticky(after("a", N), N) is None  # the session's next turn goes elsewhere (its prefix comes from T2)
+    assert r.choose(H[:8], N, after("a", N)).worker_id == "b"
     assert r.choose(H[:8], N).worker_id == "b"  # and so does a request that a's cache would otherwise win
     busy(r, "b", 0.0)
     busy(r, "b", 0.0)
     assert r.choose(H[:8], N).worker_id in {"a", "b"}  # everyone full: no worker is excluded
     r.finished(first)
-    assert r.choose(H[:8], N, session_id="s2").worker_id == "a"
+    assert r.choose(H[:8], N, after("b", N)).worker_id == "a"  # b is full: its affinity does not count

@@ -7,6 +7,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
+from services.session.router import Affinity
 from services.session.state import MAX_REQUEST_IDS, SessionClosed, SessionNotFound, SessionStore
 
 
@@ -32,6 +33,25 @@ def test_sessions_survive_a_restarted_service(store_factory):
         assert got.created <= got.updated and not got.closed
         assert s.id in await b.list("tenant")
         assert s.id not in await b.list("other")
+    asyncio.run(scenario())
+
+
+def test_the_worker_affinity_is_shared_by_replicas_and_kept_by_turns_without_one(store_factory):
+    """The worker that ran a session's last turn is in its record, so every replica routes the
+    next turn alike: set by a turn or a prefetch, kept by an append without one or a replay."""
+    async def scenario():
+        a, b = store_factory(), store_factory()
+        s = await a.create("tenant", "m", tokens=[1, 2])
+        assert (await b.get("tenant", s.id)).affinity is None
+        await a.append_turn("tenant", s.id, [3, 4], request_id="t1", affinity=Affinity("w1", "inc1", 4))
+        assert (await b.get("tenant", s.id)).affinity == Affinity("w1", "inc1", 4)
+        await b.append_turn("tenant", s.id, [5])  # an Append: no generation, the affinity stays
+        await b.append_turn("tenant", s.id, [3, 4], request_id="t1", affinity=Affinity("w0", "x", 9))  # a replay
+        assert (await a.get("tenant", s.id)).affinity == Affinity("w1", "inc1", 4)
+        await b.set_affinity("tenant", s.id, Affinity("w0", "inc2", 5))
+        assert (await a.get("tenant", s.id)).affinity == Affinity("w0", "inc2", 5)
+        with pytest.raises(SessionNotFound):
+            await a.set_affinity("tenant", "0" * 24, Affinity("w0", "inc2", 5))
     asyncio.run(scenario())
 
 

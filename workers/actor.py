@@ -13,7 +13,6 @@ import os
 import queue
 import secrets
 import threading
-from collections import deque
 from dataclasses import dataclass, field
 
 import ray
@@ -21,6 +20,7 @@ import ray
 from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
 from kvstore.cache import BlockEvent, CacheConfig, CacheStats, TieredKVCache
 from kvstore.hashing import PrefixHasher
+from workers.block_events import BlockEventLog, EventCursor
 from workers.engine import Engine, EngineConfig, EngineStats, FinishReason, Sequence, Status, Usage
 from workers.loadcost import LoadRates
 from workers.loader import builtin_model, kv_spec, load_checkpoint
@@ -62,6 +62,7 @@ class GenerateEnd:
     usage: Usage = field(default_factory=Usage)  # of the attempt that finished it
     error: str = ""  # with FinishReason.ERROR: why the engine refused or failed the request
     failovers: int = 0  # workers lost on the way (counted by the session service's pool)
+    incarnation: str = ""  # of the worker that finished it (a session's next turn is best routed there)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +83,16 @@ class WorkerInfo:
 
 @dataclass(slots=True)
 class BlockEvents:
-    """A worker's block events since the last call, stamped with its incarnation (a worker
-    Ray restarted has a new one, and an empty cache), and its current load/prefill rates
-    (the router's cost estimate; carried by this poll so that it needs no other)."""
+    """A worker's block events from a reader's cursor on, stamped with its incarnation (a
+    worker Ray restarted has a new one, and an empty cache), with its current load/prefill
+    rates and load (the router's cost estimate; carried by this poll so that it needs no other)."""
 
     incarnation: str
     events: list[BlockEvent]
     rates: LoadRates
+    cursor: EventCursor  # where the reader's next call starts
+    snapshot: bool  # ``events`` are every block its T0/T1 hold: the reader replaces what it knew
+    load: int  # sequences running, waiting or loading in its engine (from every replica)
 
 
 @dataclass(slots=True)
@@ -153,8 +157,7 @@ class DecodeWorker:
         self.spec = kv_spec(model_config, config.model, digest, config.block_size, cache_config.codec)
         self.model_config = model_config
         remote = BlockStoreClient(config.blockstore) if config.blockstore else None
-        # Bounded: a router that stops draining loses old events, not the worker's memory.
-        self._events: deque[BlockEvent] = deque(maxlen=1 << 20)
+        self._events = BlockEventLog()
         self.cache = TieredKVCache(self.spec, cache_config, remote=remote, on_block_event=self._events.append)
         self._wake = threading.Event()  # a message came in, or a prefix load completed
         self.engine = Engine(model, self.cache, config.engine, eos_token_ids=model_config.eos_token_ids,
@@ -215,10 +218,17 @@ class DecodeWorker:
             return DroppedBlocks(self.worker_id, *self.cache.drop_namespace(namespace))
         return await asyncio.to_thread(drop)
 
-    def block_events(self) -> BlockEvents:
-        """The events since the last call, for the router."""
-        events = [self._events.popleft() for _ in range(len(self._events))]
-        return BlockEvents(self.incarnation, events, self.engine.rates.snapshot())
+    def block_events(self, cursor: EventCursor | None = None) -> BlockEvents:
+        """The events from ``cursor`` (the last call's ``BlockEvents.cursor``) on, or a
+        snapshot when they are no longer all kept, or ``cursor`` is None or of another
+        incarnation: for a router."""
+        events, end = self._events.read(cursor.position if cursor and cursor.incarnation == self.incarnation else None)
+        snapshot = events is None
+        if snapshot:
+            events = self.cache.held_blocks()  # after taking ``end``: events from there replay over it safely
+        e = self.engine
+        return BlockEvents(self.incarnation, events, e.rates.snapshot(), EventCursor(self.incarnation, end), snapshot,
+                           len(e.running) + len(e.waiting) + len(e.loading))
 
     def info(self) -> WorkerInfo:
         c = self.model_config
@@ -258,7 +268,8 @@ class DecodeWorker:
             for sid, stream in list(streams.items()):
                 seq = stream.seq
                 if seq.status is Status.FINISHED:
-                    stream.send(GenerateEnd(seq.finish_reason, self.worker_id, seq.usage, seq.error or ""))
+                    stream.send(GenerateEnd(seq.finish_reason, self.worker_id, seq.usage, seq.error or "",
+                                            incarnation=self.incarnation))
                     del streams[sid]
 
     def _drain_inbox(self, streams: dict[int, _Stream]) -> None:

@@ -81,10 +81,13 @@ class LoadRates:
 
     def reuse_plan(self, tiers: Sequence[Tier], num_tokens: int, block_size: int,
                    bytes_per_block: int) -> tuple[int, float]:
-        """``best_reuse``'s block count and its estimated seconds (loads + prefill of the rest)."""
-        best_k, best = 0, self.prefill_s(0, num_tokens)
+        """``best_reuse``'s block count and its estimated seconds (loads + prefill of the rest).
+        The leading T0 blocks are always reused: they cost nothing, and per-length prefill rates
+        measured on short steps could otherwise make recomputing them look faster."""
+        first = next((i for i, tier in enumerate(tiers) if tier is not Tier.T0), len(tiers))
+        best_k, best = first, self.prefill_s(first * block_size, num_tokens)
         load = 0.0
-        for i, tier in enumerate(tiers):
+        for i, tier in enumerate(tiers[first:], first):
             load += self.block_load_s(tier, bytes_per_block)
             estimate = load + self.prefill_s((i + 1) * block_size, num_tokens)
             if estimate <= best:

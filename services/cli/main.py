@@ -40,6 +40,9 @@ _SERVE_HELP = {
     "redis_maxmemory": "maxmemory of the embedded block Redis (allkeys-lru)",
     "redis_url": "Redis for sessions (must not evict) and, without --blocks-redis-url, blocks; empty: embedded",
     "blocks_redis_url": "Redis for blocks (allkeys-lru advised); empty: --redis-url, else embedded",
+    "shared_workers": "workers outlive this process and serve every `kvstore serve --shared-workers` replica "
+                      "joined to the same Ray cluster (--ray-address) with the same Redis and block store; "
+                      "`kvstore admin drain` or stopping Ray stops them",
     "http_port": "port of the OpenAI-compatible HTTP API on --host (same keys and TLS); -1: off, 0: a free one",
 }
 

@@ -72,6 +72,7 @@ class ServeConfig:
     blocks_redis_url: str = ""  # the block store's Redis; empty: --redis-url if set, else an embedded one
     blocks_redis_cluster: bool = False  # blocks_redis_url names a node of a Redis Cluster
     ray_address: str = ""  # empty: start a local Ray; else e.g. "auto" or "ray://head:10001"
+    shared_workers: bool = False  # detached workers shared by the replicas on one Ray cluster (PoolConfig.shared)
 
     def __post_init__(self) -> None:
         """Fail before starting anything on what would only fail later, inside a worker."""
@@ -88,10 +89,16 @@ class ServeConfig:
 class Service:
     """The running pieces; ``await start()`` / ``await stop()`` on one event loop. The
     constructor checks the API keys (it reads ``api_keys_file``) and raises ``ConfigError``
-    for a non-loopback host without keys, before anything starts."""
+    for a non-loopback host without keys, or shared workers without the shared tiers, before
+    anything starts."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        if config.shared_workers and not (config.ray_address and config.session.redis_url
+                                          and config.session.blockstore_address):
+            raise ConfigError("--shared-workers needs --ray-address, --redis-url and --blockstore-address: the "
+                              "replicas sharing the workers must share the Ray cluster, the session Redis and the "
+                              "block store")
         self.api_keys = api_keys(config.session.host, config.session.api_keys, config.api_keys_file)
         self.session_redis: EmbeddedRedis | None = None
         self.blocks_redis: EmbeddedRedis | None = None
@@ -124,7 +131,7 @@ class Service:
                 model=cfg.model, block_size=cfg.block_size, cache=cfg.cache, engine=cfg.engine,
                 blockstore=BlockStoreClientConfig(address=self.blockstore_address, token=blockstore_token))
             self.pool = WorkerPool(PoolConfig(num_workers=cfg.workers, worker=worker,
-                                              cpus_per_worker=cfg.cpus_per_worker))
+                                              cpus_per_worker=cfg.cpus_per_worker, shared=cfg.shared_workers))
             await self.pool.start()
             tokenizer = load_tokenizer(cfg.model if os.path.isdir(cfg.model) else None, self.pool.info.vocab_size)
             self.server = SessionServer(dataclasses.replace(

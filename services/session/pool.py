@@ -1,8 +1,9 @@
 """``WorkerPool``: the session service's view of its Ray decode workers.
 
 It starts (or re-attaches to) the ``DecodeWorker`` actors, keeps the ``Router``'s picture of
-what each worker caches fresh by draining their block events, and runs generations on the
-worker the router picks. When a worker dies mid-generation, the generation resumes on
+what each worker caches fresh by reading their block events (each pool with its own cursor:
+``shared`` workers serve several session-service replicas, each with the same picture), and
+runs generations on the worker the router picks. When a worker dies mid-generation, the generation resumes on
 another worker from the tokens already streamed (its prompt's KV comes back from T2), so the
 caller sees one uninterrupted stream; a worker that comes back (Ray restarts it) rejoins
 with an empty index.
@@ -24,8 +25,9 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from kvstore.hashing import PrefixHasher
 from services.session.events import KVEventHub
-from services.session.router import NoWorkerError, Route, Router, RouterConfig
+from services.session.router import Affinity, NoWorkerError, Route, Router, RouterConfig
 from workers.actor import DroppedBlocks, GenerateEnd, GenerateRequest, WorkerConfig, WorkerInfo, remote_worker_class
+from workers.block_events import EventCursor
 from workers.engine import FinishReason, Usage
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,9 @@ class PoolConfig:
     poll_interval_s: float = 0.1  # block-event and health polling period
     call_timeout_s: float = 10.0  # a worker not answering a poll within this is taken out
     name_prefix: str = "kvstore-worker"
+    # Detached workers that outlive this process, for several session-service replicas on one
+    # Ray cluster: each attaches to them by name and none stops them on exit (drain does).
+    shared: bool = False
     router: RouterConfig = field(default_factory=RouterConfig)
 
 
@@ -74,6 +79,7 @@ class _Worker:
     handle: ray.actor.ActorHandle
     max_seqs: int = 0  # sequences it runs at once (WorkerInfo.max_num_seqs)
     incarnation: str = ""
+    cursor: EventCursor | None = None  # where the next poll reads its block events (None: a snapshot)
     live: bool = False
     draining: bool = False  # routed nothing new; stopped once its streams end
     streams: int = 0  # generations running on it
@@ -119,6 +125,8 @@ class WorkerPool:
         for i in range(cfg.num_workers):
             worker_id = f"w{i}"
             options = {"name": f"{cfg.name_prefix}-{i}", "namespace": RAY_NAMESPACE, "get_if_exists": True}
+            if cfg.shared:
+                options["lifetime"] = "detached"
             if cfg.worker_resources:
                 options["resources"] = cfg.worker_resources[i]
             handle = cls.options(**options).remote(worker_id, worker_cfg)
@@ -133,17 +141,17 @@ class WorkerPool:
             w.max_seqs = info.max_num_seqs
             self._join(w, info.incarnation)
         self._poller = asyncio.create_task(self._poll_loop(), name="worker-pool-poll")
-        log.info("%d decode workers ready (%s, %s)", len(self._workers), self.info.model,
-                 "GPU" if gpus else f"{cfg.cpus_per_worker:g} CPU each")
+        log.info("%d %sdecode workers ready (%s, %s)", len(self._workers), "shared " if cfg.shared else "",
+                 self.info.model, "GPU" if gpus else f"{cfg.cpus_per_worker:g} CPU each")
 
-    async def close(self, kill: bool = True) -> None:
-        """Stop polling; with ``kill``, flush and stop the workers too."""
+    async def close(self) -> None:
+        """Stop polling; flush and stop the workers too, unless they are shared."""
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
-        if kill:  # all at once: each may spend call_timeout_s flushing to T2
+        if not self.config.shared:  # all at once: each may spend call_timeout_s flushing to T2
             await asyncio.gather(*(self._stop_worker(w) for w in self._workers.values()))
             self._workers.clear()
 
@@ -174,16 +182,18 @@ class WorkerPool:
     def block_hashes(self, tokens: list[int], namespace: str) -> list[bytes]:
         return PrefixHasher.for_namespace(self.info.fingerprint, namespace, self.info.block_size, tokens).hashes
 
-    def _route(self, tokens: list[int], namespace: str, session_id: str | None, worker_id: str | None = None) -> Route:
+    def _route(self, tokens: list[int], namespace: str, affinity: Affinity | None,
+               worker_id: str | None = None) -> Route:
         if worker_id is not None and self._workers[worker_id].live and not self._workers[worker_id].draining:
             return self.router.estimate(worker_id, self.block_hashes(tokens, namespace), len(tokens))
         # A session's affinity may decide without the prefix: then its history is not hashed.
-        return self.router.route(len(tokens), lambda: self.block_hashes(tokens, namespace), session_id)
+        return self.router.route(len(tokens), lambda: self.block_hashes(tokens, namespace), affinity)
 
-    async def generate(self, request: GenerateRequest, session_id: str | None = None,
+    async def generate(self, request: GenerateRequest, affinity: Affinity | None = None,
                        worker_id: str | None = None) -> AsyncIterator[int | GenerateEnd]:
-        """Yield the generated token ids, then a ``GenerateEnd``. Resumes on another worker when
-        the one running it dies (at most ``max_failovers`` times)."""
+        """Yield the generated token ids, then a ``GenerateEnd`` (its ``affinity``: where the
+        session's next turn is best routed). Resumes on another worker when the one running it
+        dies (at most ``max_failovers`` times)."""
         if worker_id is not None and worker_id not in self._workers:
             raise NoWorkerError(f"unknown worker {worker_id!r}; workers: {', '.join(self.worker_ids)}")
         output: list[int] = []
@@ -191,7 +201,7 @@ class WorkerPool:
         max_tokens = request.sampling.max_tokens
         while True:
             tokens = request.prompt + output
-            route = self._route(tokens, request.namespace, session_id, worker_id)
+            route = self._route(tokens, request.namespace, affinity, worker_id)
             wid = route.worker_id
             attempt = dataclasses.replace(request, prompt=tokens, sampling=dataclasses.replace(
                 request.sampling, max_tokens=max_tokens - len(output)))
@@ -220,7 +230,8 @@ class WorkerPool:
                 if len(output) >= max_tokens:
                     # It died after streaming the last token, before its final record: the
                     # generation is complete (a retry would ask for 0 tokens and be refused).
-                    yield GenerateEnd(FinishReason.LENGTH, wid, Usage(len(request.prompt), len(output)), failovers=failovers)
+                    yield GenerateEnd(FinishReason.LENGTH, wid, Usage(len(request.prompt), len(output)),
+                                      failovers=failovers)
                     return
                 if failovers > self.config.max_failovers:
                     raise WorkerLostError(f"generation lost {failovers} workers; giving up") from e
@@ -239,26 +250,22 @@ class WorkerPool:
             yield item
             return
 
-    async def prefetch(self, tokens: list[int], namespace: str, session_id: str) -> tuple[str, int]:
-        """Warm ``tokens``' cached prefix into the worker the session's next turn will use."""
-        wid = self._route(tokens, namespace, session_id).worker_id
+    async def prefetch(self, tokens: list[int], namespace: str, affinity: Affinity | None) -> Affinity:
+        """Warm ``tokens``' cached prefix into the worker the session's next turn would use;
+        returns that worker, as the session's new affinity (with the tokens it now holds)."""
+        wid = self._route(tokens, namespace, affinity).worker_id
+        worker = self._workers[wid]
         try:
-            held = await asyncio.wait_for(self._workers[wid].handle.prefetch.remote(tokens, namespace),
-                                          self.config.call_timeout_s)
+            held = await asyncio.wait_for(worker.handle.prefetch.remote(tokens, namespace), self.config.call_timeout_s)
         except RayActorError:
             self._lose(wid)
             raise
-        return wid, held
+        return Affinity(wid, worker.incarnation, held)
 
     async def prefer(self, tokens: list[int], namespace: str, ttl_s: float) -> None:
         """Ask every live worker to evict ``tokens``' blocks last (a pinned session's)."""
         calls = [w.handle.prefer.remote(tokens, namespace, ttl_s) for w in self._workers.values() if w.live]
         await asyncio.gather(*(asyncio.wait_for(c, self.config.call_timeout_s) for c in calls), return_exceptions=True)
-
-    def forget(self, session_id: str) -> None:
-        """Forget a closed session's worker affinity (the router keeps one per session
-        otherwise, forever); unknown ids are ignored."""
-        self.router.forget(session_id)
 
     async def drop_namespace(self, namespace: str) -> list[DroppedBlocks]:
         """Every live worker forgets ``namespace``'s blocks in T0 and T1 (after its copies in
@@ -295,23 +302,22 @@ class WorkerPool:
     # ---- membership -----------------------------------------------------------------------
 
     def _join(self, w: _Worker, incarnation: str) -> None:
+        """The worker answers (again): it is routed to; its next poll brings a snapshot of its
+        blocks (``block_events`` returns one for a cursor of another incarnation)."""
         if w.incarnation and incarnation != w.incarnation:
             log.warning("worker %s restarted: dropping what it cached", w.worker_id)
-        self.events.cleared(w.worker_id)  # a restarted worker's tiers are empty (no-op for a new one)
-        if w.live:
-            self.router.reset_worker(w.worker_id)
-        else:
-            self.router.add_worker(w.worker_id, w.max_seqs)
+            self.router.remove_worker(w.worker_id)
+        self.router.add_worker(w.worker_id, w.max_seqs, incarnation)
         w.incarnation, w.live = incarnation, True
 
     def _lose(self, worker_id: str) -> None:
         w = self._workers.get(worker_id)
         if w is None or not w.live:
             return
-        w.live = False
+        w.live, w.cursor = False, None  # back in service, it starts from a snapshot
         self.events.cleared(worker_id)
-        moved = self.router.remove_worker(worker_id)
-        log.warning("worker %s out of service; %d sessions move to other workers", worker_id, len(moved))
+        self.router.remove_worker(worker_id)
+        log.warning("worker %s out of service; its sessions move to other workers", worker_id)
 
     async def _poll_loop(self) -> None:
         while True:
@@ -322,7 +328,7 @@ class WorkerPool:
     async def _poll(self, w: _Worker) -> None:
         """Drain a worker's block events; notice deaths, restarts and recoveries."""
         try:
-            batch = await asyncio.wait_for(w.handle.block_events.remote(), self.config.call_timeout_s)
+            batch = await asyncio.wait_for(w.handle.block_events.remote(w.cursor), self.config.call_timeout_s)
         except (RayActorError, GetTimeoutError, asyncio.TimeoutError) as e:
             if w.live:
                 log.warning("worker %s does not answer (%s)", w.worker_id, type(e).__name__)
@@ -333,9 +339,15 @@ class WorkerPool:
             return
         if w.draining:
             return
+        if not w.live and not batch.snapshot:  # lost while this poll ran: rejoin from a snapshot
+            w.cursor = None
+            return
         if not w.live or batch.incarnation != w.incarnation:
             self._join(w, batch.incarnation)
-        self.router.apply_events(w.worker_id, batch.events, batch.rates)
+        w.cursor = batch.cursor
+        self.router.apply_events(w.worker_id, batch.events, batch.rates, batch.snapshot, batch.load)
+        if batch.snapshot:
+            self.events.cleared(w.worker_id)  # what subscribers knew of it is replaced (no-op if nothing)
         self.events.publish(w.worker_id, batch.events)
 
 

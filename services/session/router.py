@@ -10,11 +10,16 @@ sequence it is decoding. The request goes to the worker with room
 (fewer sequences than it batches, ``max_seqs``) with the smallest estimate; ties go to the
 less loaded, then the less used worker.
 
-A session sticks to the worker that served it (its KV is hottest there) while that worker
-has room and its estimate is not clearly worse than the best (``affinity_tolerance``,
-``affinity_slack_s``); a worker with room and nothing queued keeps it without hashing its
-history. When a worker dies or restarts, its index is dropped and its sessions lose their
-affinity: their next turn goes elsewhere and resumes from T2.
+A session sticks to the worker that served its last turn (its KV is hottest there), named by
+its ``Affinity`` (kept in the session's record, so every session-service replica routes it
+alike), while that worker has room and its estimate is not clearly worse than the best
+(``affinity_tolerance``, ``affinity_slack_s``); a worker with room and nothing queued keeps it
+without hashing its history. When a worker dies or restarts (a new incarnation), its index
+is dropped and affinities naming it no longer count: the next turn goes where the estimate
+says and resumes from T2.
+
+A worker's load is the larger of the requests this router sent it and what it reports (every
+replica's): several replicas share workers without overfilling them.
 """
 from __future__ import annotations
 
@@ -29,14 +34,35 @@ class NoWorkerError(RuntimeError):
     """No live worker to route to."""
 
 
+@dataclass(frozen=True, slots=True)
+class Affinity:
+    """The worker that ran a session's last turn, from the session's record."""
+
+    worker_id: str
+    incarnation: str  # the worker's then: a restarted worker (empty caches) has another
+    num_tokens: int  # the session's length after that turn: the tokens since are the next turn's work
+
+    def encode(self) -> str:
+        return f"{self.worker_id}/{self.incarnation}/{self.num_tokens}"
+
+    @classmethod
+    def decode(cls, text: str) -> Affinity | None:
+        """None for an empty or malformed field (then the router decides by prefix alone)."""
+        worker_id, _, rest = text.partition("/")
+        incarnation, _, n = rest.partition("/")
+        return cls(worker_id, incarnation, int(n)) if worker_id and incarnation and n.isdigit() else None
+
+
 @dataclass(slots=True)
 class WorkerState:
     worker_id: str
     max_seqs: int  # sequences it runs at once (its engine's max_num_seqs)
     rates: LoadRates  # its latest measured rates (seeds until its first poll)
+    incarnation: str = ""
     t0: set[bytes] = field(default_factory=set)
     t1: set[bytes] = field(default_factory=set)
-    load: int = 0  # requests in flight
+    load: int = 0  # requests in flight from this router
+    reported_load: int = 0  # sequences in its engine at its last poll (from every replica)
     prefilling: int = 0  # requests sent here still before their first token
     queued_s: float = 0.0  # their estimated prefill seconds
     routed: int = 0  # requests sent here so far (spreads ties: sequential requests have no load)
@@ -64,12 +90,6 @@ class Route:
     prefilled: bool = False  # its first token came (set by ``Router.prefilled``)
 
 
-@dataclass(slots=True)
-class _Affinity:
-    worker_id: str
-    num_tokens: int  # the session's length when last routed: the new tokens since are its next turn's work
-
-
 class Router:
     """Not thread-safe: owned by one event loop (the session service's)."""
 
@@ -78,38 +98,34 @@ class Router:
         self.block_size = 16  # the model's (``WorkerInfo``), set by the pool once it knows it
         self.bytes_per_block = 0
         self._workers: dict[str, WorkerState] = {}
-        self._affinity: dict[str, _Affinity] = {}  # by session id
 
     @property
     def workers(self) -> list[str]:
         return sorted(self._workers)
 
-    def add_worker(self, worker_id: str, max_seqs: int) -> None:
-        self._workers.setdefault(worker_id, WorkerState(worker_id, max_seqs, LoadRates.seeded(self.config.load_cost)))
+    def add_worker(self, worker_id: str, max_seqs: int, incarnation: str = "") -> None:
+        """A worker joined, or came back with a new ``incarnation`` (its caches are empty)."""
+        state = self._workers.get(worker_id)
+        if state is None or state.incarnation != incarnation:
+            self._workers[worker_id] = WorkerState(worker_id, max_seqs, LoadRates.seeded(self.config.load_cost),
+                                                   incarnation)
 
-    def remove_worker(self, worker_id: str) -> list[str]:
-        """Forget a dead or removed worker; returns the sessions that lost their affinity."""
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget a dead or removed worker (affinities naming it no longer count)."""
         self._workers.pop(worker_id, None)
-        moved = [s for s, a in self._affinity.items() if a.worker_id == worker_id]
-        for s in moved:
-            del self._affinity[s]
-        return moved
 
-    def forget(self, session_id: str) -> None:
-        """Drop a session's affinity (it was closed); unknown ids are ignored."""
-        self._affinity.pop(session_id, None)
-
-    def reset_worker(self, worker_id: str) -> None:
-        """A worker restarted: its caches are empty, so its index entries are stale."""
-        if (state := self._workers.get(worker_id)) is not None:
-            self.remove_worker(worker_id)
-            self.add_worker(worker_id, state.max_seqs)
-
-    def apply_events(self, worker_id: str, events: Iterable[BlockEvent], rates: LoadRates | None = None) -> None:
-        """A worker's cache events, in order, and its current rates."""
+    def apply_events(self, worker_id: str, events: Iterable[BlockEvent], rates: LoadRates | None = None,
+                     snapshot: bool = False, load: int | None = None) -> None:
+        """A worker's cache events, in order (``snapshot``: every block it holds, replacing
+        what was known), its current rates and the sequences in its engine."""
         state = self._workers.get(worker_id)
         if state is None:
             return
+        if snapshot:
+            state.t0.clear()
+            state.t1.clear()
+        if load is not None:
+            state.reported_load = load
         if rates is not None:
             # Not measured yet (a new or restarted worker): as fast as a measured peer, not the seeds.
             peers = [s.rates for s in self._workers.values() if s.rates.prefill_tokens_per_s]
@@ -132,7 +148,7 @@ class Router:
     def _queue_s(self, state: WorkerState, num_tokens: int) -> float:
         """What delays a new request's first token there: the prefill work queued before it,
         and its share of the steps that decode the worker's running sequences."""
-        decoding = state.load - state.prefilling
+        decoding = _load(state) - state.prefilling
         per_token = state.rates.prefill_s(0, num_tokens) / max(1, num_tokens)
         return state.queued_s + decoding * self.config.decode_cost_tokens * per_token
 
@@ -145,22 +161,23 @@ class Router:
             n += 1
         return n
 
-    def sticky(self, session_id: str | None, num_tokens: int) -> Route | None:
+    def _affine(self, affinity: Affinity | None) -> WorkerState | None:
+        """The live worker an affinity names, if it is the same incarnation."""
+        state = self._workers.get(affinity.worker_id) if affinity is not None else None
+        return state if state is not None and state.incarnation == affinity.incarnation else None
+
+    def sticky(self, affinity: Affinity | None, num_tokens: int) -> Route | None:
         """The session's worker when it has room and no request before its first token (counted as routed there;
         the session's new tokens are its work), or None: then ``choose`` decides."""
-        a = self._affinity.get(session_id) if session_id else None
-        if a is None or (state := self._workers.get(a.worker_id)) is None:
-            return None
-        if not _room(state) or state.prefilling:
+        state = self._affine(affinity)
+        if state is None or not _room(state) or state.prefilling:
             return None
         state.routed += 1
-        work = state.rates.prefill_s(min(a.num_tokens, num_tokens), num_tokens)
-        a.num_tokens = num_tokens
-        return Route(state.worker_id, work)
+        return Route(state.worker_id, state.rates.prefill_s(min(affinity.num_tokens, num_tokens), num_tokens))
 
-    def choose(self, block_hashes: Sequence[bytes], num_tokens: int, session_id: str | None = None) -> Route:
-        """The worker for a request (and, for a session, its new affinity): the one with room
-        and the smallest estimated TTFT, or the session's worker if that is not clearly worse."""
+    def choose(self, block_hashes: Sequence[bytes], num_tokens: int, affinity: Affinity | None = None) -> Route:
+        """The worker for a request: the one with room and the smallest estimated TTFT, or the
+        session's (``affinity``) if that is not clearly worse."""
         if not self._workers:
             raise NoWorkerError("no decode worker is available")
         reachable = self._global_prefix(block_hashes)
@@ -168,19 +185,18 @@ class Router:
         routes = {s.worker_id: Route(s.worker_id, self._work_s(s, block_hashes, num_tokens, reachable))
                   for s in candidates}
         ttft = {w: self._queue_s(self._workers[w], num_tokens) + r.work_s for w, r in routes.items()}
-        best = min(candidates, key=lambda s: (ttft[s.worker_id], s.load, s.routed, s.worker_id))
+        best = min(candidates, key=lambda s: (ttft[s.worker_id], _load(s), s.routed, s.worker_id))
         cfg = self.config
-        if session_id and (a := self._affinity.get(session_id)) is not None and a.worker_id in routes \
+        if (a := self._affine(affinity)) is not None and a.worker_id in routes \
                 and ttft[a.worker_id] <= cfg.affinity_tolerance * ttft[best.worker_id] + cfg.affinity_slack_s:
-            best = self._workers[a.worker_id]
+            best = a
         best.routed += 1
-        if session_id:
-            self._affinity[session_id] = _Affinity(best.worker_id, num_tokens)
         return routes[best.worker_id]
 
-    def route(self, num_tokens: int, block_hashes: Callable[[], Sequence[bytes]], session_id: str | None = None) -> Route:
+    def route(self, num_tokens: int, block_hashes: Callable[[], Sequence[bytes]],
+              affinity: Affinity | None = None) -> Route:
         """``sticky`` if it decides, else ``choose`` (``block_hashes`` is only called then)."""
-        return self.sticky(session_id, num_tokens) or self.choose(block_hashes(), num_tokens, session_id)
+        return self.sticky(affinity, num_tokens) or self.choose(block_hashes(), num_tokens, affinity)
 
     def started(self, route: Route) -> None:
         if (s := self._workers.get(route.worker_id)) is not None:
@@ -201,5 +217,9 @@ class Router:
             s.load -= 1
 
 
+def _load(state: WorkerState) -> int:
+    return max(state.load, state.reported_load)
+
+
 def _room(state: WorkerState) -> bool:
-    return state.load < state.max_seqs
+    return _load(state) < state.max_seqs

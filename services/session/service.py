@@ -51,6 +51,7 @@ from services.session.pool import (
     WorkerLostError,
     WorkerPool,
 )
+from services.session.router import Affinity
 from services.session.state import (
     HistoryTooLong,
     Session,
@@ -91,6 +92,7 @@ class Generated:
     ids: list[int]
     text: str
     usage: pb.Usage
+    incarnation: str  # of the worker that finished it (``usage.worker_id``)
 
 
 @dataclass(slots=True)
@@ -328,7 +330,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
         prompt = session.tokens + tokens
         generated = None
         async with contextlib.aclosing(self._generate(session.namespace, prompt, sampling, request,
-                                                      _router_key(session), arrival, context)) as items:
+                                                      session.affinity, arrival, context)) as items:
             async for item in items:
                 if isinstance(item, Generated):
                     generated = item
@@ -347,10 +349,12 @@ class SessionServicer(pb_grpc.SessionsServicer):
         if response is not None:
             record.update(response=response, created=time.time(), messages=len(session.messages) + len(turn_msgs))
         # The limit was checked with max_tokens; the template's end-of-turn tokens may follow.
+        # The worker that ran it holds the turn's KV hottest: every replica routes the next turn there.
+        affinity = Affinity(usage.worker_id, generated.incarnation, len(session.tokens) + len(tokens + tokens_after))
         appended = await self._store.append_turn(
             session.namespace, session.id, tokens + tokens_after, request_id=request.request_id, messages=turn_msgs,
             expected_len=len(session.tokens), result=json.dumps(record), max_len=self.max_history + len(tokens_after) - n,
-            keep_record=response is not None)
+            keep_record=response is not None, affinity=affinity)
         if appended.replayed:
             # Another call with this request id recorded its turn first (this call's lease had
             # lapsed, e.g. Redis was unreachable for a while): only its answer is in the history.
@@ -372,7 +376,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
         yield pb.GenerateResponse(usage=usage)
 
     async def _generate(self, namespace: str, prompt: list[int], sampling: SamplingParams,
-                        request: pb.GenerateRequest, router_key: str | None, arrival: float,
+                        request: pb.GenerateRequest, affinity: Affinity | None, arrival: float,
                         context) -> AsyncIterator[pb.GenerateResponse | Generated]:
         """Generate from ``prompt`` (within the limits) in a generation slot, on the worker the
         router picks (``request.worker_id`` if set): token chunks, then a ``Generated``. Records nothing."""
@@ -394,7 +398,7 @@ class SessionServicer(pb_grpc.SessionsServicer):
             first_at = None
             result: GenerateEnd | None = None
             generation = GenerateRequest(prompt, sampling, namespace, request.skip_cache)
-            async for item in self._pool.generate(generation, router_key, request.worker_id or None):
+            async for item in self._pool.generate(generation, affinity, request.worker_id or None):
                 if isinstance(item, GenerateEnd):
                     result = item
                     break
@@ -413,7 +417,8 @@ class SessionServicer(pb_grpc.SessionsServicer):
             recomputed_tokens_t2=u.recomputed_tokens[2], load_seconds=u.load_s,
             ttft_seconds=(first_at or end) - arrival,
             tokens_per_second=(n - 1) / (end - first_at) if n > 1 and end > first_at else 0.0,
-            finish_reason=result.finish_reason.value, worker_id=result.worker_id, failovers=result.failovers))
+            finish_reason=result.finish_reason.value, worker_id=result.worker_id, failovers=result.failovers),
+            result.incarnation)
 
     async def Fork(self, request: pb.ForkRequest, context) -> pb.SessionInfo:
         async with self.rpc("Fork", context):
@@ -443,7 +448,6 @@ class SessionServicer(pb_grpc.SessionsServicer):
         async with self.rpc("CloseSession", context):
             session = await self._session(context, request.session_id, include_closed=True)
             await self._store.close(session.namespace, session.id)
-            self._pool.forget(_router_key(session))  # its worker affinity
             session.closed = True
             return self._info(session)
 
@@ -469,8 +473,9 @@ class SessionServicer(pb_grpc.SessionsServicer):
             session = await self._session(context, request.session_id)
             if not session.tokens:
                 return pb.PrefetchResponse()
-            worker_id, held = await self._pool.prefetch(session.tokens, session.namespace, _router_key(session))
-            return pb.PrefetchResponse(worker_id=worker_id, cached_tokens=held)
+            affinity = await self._pool.prefetch(session.tokens, session.namespace, session.affinity)
+            await self._store.set_affinity(session.namespace, session.id, affinity)  # the next turn goes there
+            return pb.PrefetchResponse(worker_id=affinity.worker_id, cached_tokens=affinity.num_tokens)
 
     async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.ServiceStats:
         async with self.rpc("GetStats", context):
@@ -746,12 +751,6 @@ async def _classify(e: Exception) -> tuple[grpc.StatusCode, str] | None:
 
 def _response_id(namespace: str, session_id: str, request_id: str) -> str:
     return f"{RESPONSE_PREFIX}{public_id(namespace, session_id)}:{request_id}"
-
-
-def _router_key(session: Session) -> str:
-    """The session as the worker pool's router knows it (sticky routing): its public id, unique
-    across namespaces."""
-    return public_id(session.namespace, session.id)
 
 
 def _usage_dict(u: pb.Usage) -> dict:

@@ -55,6 +55,7 @@ import redis.exceptions as rex
 
 from kvstore.hashing import token_bytes
 from services.common.errors import REDIS_UNAVAILABLE
+from services.session.router import Affinity
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Session:
     pinned_until: float = 0.0
     closed: bool = False
     messages: list[dict] = field(default_factory=list)  # chat messages, for the template's context
+    affinity: Affinity | None = None  # the worker that ran its last turn (None: route by prefix)
 
 
 class SessionChanged(SessionError):
@@ -146,7 +148,7 @@ return keep(tonumber(ARGV[4]), tonumber(ARGV[6]))
 # ARGV: 1 token bytes, 2 now, 3 request id ('' for none), 4 expected history length in tokens
 # (-1: any), 5 the result to remember under the request id, 6 the history limit in tokens,
 # 7 idle ms, 8 request ids kept (-1: keep this record as long as the session, untimed), 9 their
-# maximum age in s, then message JSONs to push.
+# maximum age in s, 10 the session's new worker affinity ('' keeps it), then message JSONs to push.
 # Returns {history length after the call, remembered result, 1 if replayed, TTL set}: a
 # retried request id returns what the first call stored. Length -1: the session is missing,
 # -2: closed, -3: changed, -4: over the limit (the result is the history length).
@@ -167,9 +169,10 @@ local expected = tonumber(ARGV[4])
 if expected >= 0 and len ~= expected then return {-3, '', 0, 0} end
 if len + #ARGV[1] / 4 > tonumber(ARGV[6]) then return {-4, tostring(len), 0, 0} end
 local n = redis.call('APPEND', KEYS[2], ARGV[1]) / 4
-for i = 10, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+for i = 11, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
 local now = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'updated', ARGV[2])
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'affinity', ARGV[10]) end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[4], ARGV[3], n .. '|' .. ARGV[5])
 end
@@ -338,7 +341,8 @@ class SessionStore:
 
     async def append_turn(self, namespace: str, session_id: str, tokens: list[int], *, request_id: str = "",
                           messages: list[dict] | None = None, expected_len: int | None = None,
-                          result: str = "", max_len: int = 1 << 31, keep_record: bool = False) -> Appended:
+                          result: str = "", max_len: int = 1 << 31, keep_record: bool = False,
+                          affinity: Affinity | None = None) -> Appended:
         """Atomically append tokens and chat messages (one script: the turn, its request-id
         record and the updated time are all written, or none of them).
 
@@ -346,13 +350,14 @@ class SessionStore:
         ``SessionChanged`` otherwise). ``max_len``: the history limit in tokens (raises
         ``HistoryTooLong``). ``result`` is remembered with the ``request_id`` and returned to
         retries, which change nothing; with ``keep_record`` it is kept as long as the session
-        (not among the last ``MAX_REQUEST_IDS``)."""
+        (not among the last ``MAX_REQUEST_IDS``). ``affinity``: the worker that ran the turn."""
         if len(request_id) > _MAX_REQUEST_ID:
             raise ValueError(f"request_id longer than {_MAX_REQUEST_ID} characters")
         data = token_bytes(np.asarray(tokens, dtype=np.int64))
         now = time.time()
         args = [data, now, request_id, -1 if expected_len is None else expected_len, result, max_len,
-                self._idle_ms, -1 if keep_record else MAX_REQUEST_IDS, REQUEST_ID_TTL_S, *(json.dumps(m) for m in messages or ())]
+                self._idle_ms, -1 if keep_record else MAX_REQUEST_IDS, REQUEST_ID_TTL_S,
+                affinity.encode() if affinity else "", *(json.dumps(m) for m in messages or ())]
         n, stored, replayed, ttl_ms = await self._append(keys=self._keys(namespace, session_id), args=args)
         n = int(n)
         if n == -1:
@@ -488,7 +493,11 @@ class SessionStore:
         await self._set_field(namespace, session_id, "closed", 1)
         await self._unlist(namespace, session_id)
 
-    async def _set_field(self, namespace: str, session_id: str, name: str, value: float) -> None:
+    async def set_affinity(self, namespace: str, session_id: str, affinity: Affinity) -> None:
+        """Route the session's next turn to this worker (it just warmed the session's prefix)."""
+        await self._set_field(namespace, session_id, "affinity", affinity.encode())
+
+    async def _set_field(self, namespace: str, session_id: str, name: str, value: float | str) -> None:
         now = time.time()
         ttl_ms = await self._set_if_exists(keys=self._keys(namespace, session_id), args=[name, value, now, self._idle_ms])
         if ttl_ms == -1:
@@ -507,4 +516,5 @@ def _session(namespace: str, session_id: str, meta: dict[bytes, bytes]) -> Sessi
     """A session from its metadata hash (without tokens and messages)."""
     m = {k.decode(): v.decode() for k, v in meta.items()}
     return Session(session_id, namespace, m["model"], [], m["parent"], json.loads(m["metadata"]),
-                   float(m["created"]), float(m["updated"]), float(m["pinned_until"]), m["closed"] == "1")
+                   float(m["created"]), float(m["updated"]), float(m["pinned_until"]), m["closed"] == "1",
+                   affinity=Affinity.decode(m.get("affinity", "")))
