@@ -144,6 +144,18 @@ def test_stats_after_a_demo_shows_reuse_from_every_tier(tmp_path):
     assert list(reused.values()) == list(stats.cached_tokens) and all(reused.values()), (reused, stats)
     assert not any(v for k, v in before.items() if k.startswith("kvstore_worker_reused_tokens_total"))
     assert after['kvstore_worker_blocks{state="capacity",tier="t0",worker="w0"}'] == 160
+    # Both workers generated; w1's last turn waited for its prefix from T2.
+    generated = sum(after[f'kvstore_worker_generated_tokens_total{{worker="{w}"}}'] for w in ("w0", "w1"))
+    assert generated == stats.completion_tokens > 0
+    for w in ("w0", "w1"):
+        steps = after[f'kvstore_worker_step_seconds_count{{worker="{w}"}}']
+        assert before[f'kvstore_worker_step_seconds_count{{worker="{w}"}}'] == 0 < steps
+        assert after[f'kvstore_worker_batch_size_count{{worker="{w}"}}'] == steps
+        assert after[f'kvstore_worker_step_seconds_sum{{worker="{w}"}}'] > 0
+        assert after[f'kvstore_worker_prefill_tokens_total{{worker="{w}"}}'] > 0
+    assert before['kvstore_worker_load_seconds_count{tier="t2",worker="w1"}'] == 0
+    assert after['kvstore_worker_load_seconds_count{tier="t2",worker="w1"}'] >= 1
+    assert after['kvstore_worker_load_seconds_bucket{le="+Inf",tier="t2",worker="w1"}'] >= 1
     assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr and "admin" in refused.stderr
     assert shown.returncode == 0, shown.stderr
     assert "prompt tokens reused" in shown.stdout and "w0" in shown.stdout and "w1" in shown.stdout

@@ -104,4 +104,5 @@ def test_monitoring_profile_scrapes_both_services_and_the_dashboard_uses_only_ex
     used = {name for e in exprs for name in re.findall(r"\b(kvstore_[a-z0-9_]+)", e)}
     assert len(dashboard["panels"]) >= 10 and used, used
     assert used <= _exported_series(), used - _exported_series()
-    assert {"kvstore_worker_reused_tokens_total", "kvstore_session_ttft_seconds_bucket"} <= used
+    assert {"kvstore_worker_reused_tokens_total", "kvstore_session_ttft_seconds_bucket", "kvstore_worker_load_seconds_bucket",
+            "kvstore_worker_step_seconds_bucket", "kvstore_worker_generated_tokens_total"} <= used

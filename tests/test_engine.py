@@ -5,6 +5,7 @@ T2 block."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,29 @@ def test_preemption_when_t0_is_full_keeps_outputs_exact():
         assert seq.output == reference(p, params).output
     engine.cache.check_invariants()
     assert engine.cache.stats().t0_in_use == 0
+
+
+def test_steps_that_ran_the_model_count_their_time_batch_and_tokens():
+    """Three prompts: one step prefills them together, four decode them; an idle step is not
+    counted; a next turn adds only the prompt tokens it computed."""
+    prompts = [prompt(90 + i, 10) for i in range(3)]
+    engine = make_engine()
+    seqs = [engine.add_request(p, SamplingParams(max_tokens=5, ignore_eos=True)) for p in prompts]
+    steps, start = 0, time.perf_counter()
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    took = time.perf_counter() - start
+    assert engine.step() == []
+    s = engine.stats()
+    assert steps == 5 and s.step_seconds.cumulative()[-1] == 5 and 0 < s.step_seconds.sum <= took
+    assert s.batch_size.counts[s.batch_size.bounds.index(4)] == 5 and s.batch_size.sum == 15  # 3 sequences each
+    assert s.generated_tokens == sum(len(seq.output) for seq in seqs) == 15 and s.prefill_tokens == 30
+    again = run(engine, prompts[0] + seqs[0].output)  # its history from T0: no load
+    s = engine.stats()
+    assert again.usage.cached_tokens[Tier.T0] == 12 and s.prefill_tokens == 30 + again.usage.computed_prompt_tokens
+    assert s.generated_tokens == 15 + GREEDY.max_tokens and s.step_seconds.cumulative()[-1] == 5 + GREEDY.max_tokens
+    assert s.t1_load_seconds.cumulative()[-1] == s.t2_load_seconds.cumulative()[-1] == 0
 
 
 def test_max_num_seqs_bounds_the_running_batch():

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from kvstore.cache import CacheConfig, Tier, TieredKVCache
 from services.blockstore.server import BlockStoreConfig, BlockStoreThread
 from workers.engine import MIN_CHUNK_TOKENS, Engine, EngineConfig, Status
+from workers.loadcost import LoadCostConfig
 from workers.loader import builtin_model, kv_spec
 from workers.sampling import SamplingParams
 
@@ -125,6 +126,27 @@ def test_a_complete_load_during_decodes_and_an_aborted_one(store):
         engine.cache.flush()  # the aborted load released its slots when it ended
         engine.cache.check_invariants()
         assert engine.cache.stats().t0_in_use == 0
+
+
+def test_load_times_are_recorded_by_the_coldest_tier_the_prefix_came_from(store):
+    """A prefix from T2 and one from T1 only: each load's time in the loading state (the
+    request's ``load_s``) goes to its tier's histogram."""
+    always_load = EngineConfig(load_cost=LoadCostConfig(cost_aware=False))
+    with client(store) as c:
+        t2_prompt, _ = history_in_t2(c, seed=48)
+        engine = make_engine(remote=c, t0=40, t1=64, engine=always_load)
+        from_t2 = run(engine, t2_prompt)
+        p1, turn2 = conversation(seed=49)
+        out1 = run(engine, p1).output
+        engine.cache.flush()
+        engine.cache.release(engine.cache.allocate(40))  # evict all of T0 (written through to T1)
+        from_t1 = run(engine, turn2(out1))
+        engine.cache.close()
+    assert from_t2.usage.cached_tokens[Tier.T2] > 0
+    assert from_t1.usage.cached_tokens[Tier.T1] > 0 and from_t1.usage.cached_tokens[Tier.T2] == 0
+    s = engine.stats()
+    assert s.loads == 2 and s.t2_load_seconds.cumulative()[-1] == s.t1_load_seconds.cumulative()[-1] == 1
+    assert s.t2_load_seconds.sum == from_t2.usage.load_s > 0 and s.t1_load_seconds.sum == from_t1.usage.load_s > 0
 
 
 def test_chunked_prefill_of_a_prompt_with_a_cached_prefix_between_decode_steps():

@@ -112,7 +112,7 @@ class WorkerStats:
     waiting: int
     aborted: int  # streams cancelled by their callers
     loading: int  # requests whose cached prefix is on the way into T0
-    engine: EngineStats  # preemptions, loads, load-or-recompute choices and the rates behind them
+    engine: EngineStats  # preemptions, loads, step/batch/load histograms, tokens, the load-or-recompute rates
     cache: CacheStats
 
 

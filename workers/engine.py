@@ -31,6 +31,7 @@ import torch
 
 from kvstore.cache import CacheFullError, PrefixLoad, Tier, TieredKVCache
 from kvstore.hashing import PrefixHasher
+from workers.histogram import Histogram
 from workers.loadcost import LoadCostConfig, LoadRates
 from workers.model import ForwardBatch, Transformer
 from workers.sampling import SamplingParams, sample
@@ -39,6 +40,9 @@ from workers.tokenizer import IncrementalDecoder
 log = logging.getLogger(__name__)
 MIN_CHUNK_TOKENS = 16  # a prompt chunk beside decodes is never cut below this: it always advances
 _SMOOTHING = 0.2  # weight of a new step in the moving averages of step times
+# Histogram bounds: from a small model's step on a GPU (~1 ms) to a long prefix's T2 load (seconds).
+_SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+_SEQUENCES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 
 
 def _average(old: float, new: float) -> float:
@@ -153,6 +157,13 @@ class EngineStats:
     loaded_tokens: list[int] = field(default_factory=lambda: [0, 0, 0])  # by source tier
     recomputed_tokens: list[int] = field(default_factory=lambda: [0, 0, 0])  # cached, recomputed by choice
     prefill_chunks: int = 0  # prompt pieces fed to steps (a prompt over the token budget takes several)
+    prefill_tokens: int = 0  # prompt tokens the model computed (not reused from a tier)
+    generated_tokens: int = 0  # tokens sampled
+    step_seconds: Histogram = field(default_factory=lambda: Histogram(_SECONDS))  # steps that ran the model
+    batch_size: Histogram = field(default_factory=lambda: Histogram(_SEQUENCES))  # sequences per such step
+    # Time in the loading state (start to running) of prefix loads, by the coldest tier they came from:
+    t1_load_seconds: Histogram = field(default_factory=lambda: Histogram(_SECONDS))
+    t2_load_seconds: Histogram = field(default_factory=lambda: Histogram(_SECONDS))
     rates: LoadRates | None = None
 
 
@@ -235,8 +246,10 @@ class Engine:
         return self._stats.preempted
 
     def stats(self) -> EngineStats:
-        s = self._stats
+        s = self._stats  # read from the actor's event loop while the engine thread steps: copies
         return dataclasses.replace(s, loaded_tokens=list(s.loaded_tokens), recomputed_tokens=list(s.recomputed_tokens),
+                                   step_seconds=s.step_seconds.copy(), batch_size=s.batch_size.copy(),
+                                   t1_load_seconds=s.t1_load_seconds.copy(), t2_load_seconds=s.t2_load_seconds.copy(),
                                    rates=self.rates.snapshot())
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, namespace: str = "default") -> list[Sequence]:
@@ -268,6 +281,7 @@ class Engine:
         """Start waiting requests (their prefix loads), then run one batch: every decoding
         sequence's next token and prompt chunks within the token budget. With only loads
         in flight, waits briefly for one to complete."""
+        start = time.perf_counter()
         self._admit()
         self._finish_loads()
         batch = self._schedule()
@@ -276,7 +290,10 @@ class Engine:
                 self.wakeup.wait(0.05)
                 self.wakeup.clear()
             return []
-        return self._run(batch)
+        out = self._run(batch)
+        self._stats.step_seconds.observe(time.perf_counter() - start)
+        self._stats.batch_size.observe(len(batch))
+        return out
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) + len(self.loading) < self.config.max_num_seqs:
@@ -329,13 +346,17 @@ class Engine:
                 continue
             seq.num_computed = load.num_tokens
             seq.num_committed_blocks = load.num_blocks  # loaded blocks are cached already
+            took = time.perf_counter() - seq.load_started
             if seq.first_token_at is None:
                 seq.usage.cached_tokens = [n * self.block_size for n in load.from_tier]
-                seq.usage.load_s = time.perf_counter() - seq.load_started
+                seq.usage.load_s = took
             for tier in Tier:
                 self._stats.loaded_tokens[tier] += load.from_tier[tier] * self.block_size
             if load.fetch_bytes or load.restore_bytes or load.failed:
                 self._stats.loads += 1
+                # Only a T2 transfer fetches or fails; a cut one still went to T2 and waited for it.
+                t2 = load.fetch_bytes or load.failed
+                (self._stats.t2_load_seconds if t2 else self._stats.t1_load_seconds).observe(took)
                 self._stats.failed_loads += load.failed
                 self.rates.observe_restore(Tier.T2, load.fetch_bytes, load.fetch_s)
                 self.rates.observe_restore(Tier.T1, load.restore_bytes, load.restore_s)
@@ -424,7 +445,9 @@ class Engine:
     def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         now = time.perf_counter()
         out: list[StepOutput] = []
+        prefill = 0
         for seq, row in zip(batch, logits):
+            prefill += max(min(seq.num_computed + seq.num_scheduled, seq.prompt_len) - seq.num_computed, 0)
             seq.num_computed += seq.num_scheduled
             self._commit_full_blocks(seq)
             if seq.num_computed < len(seq):  # a prompt chunk: no token until its last one
@@ -447,6 +470,8 @@ class Engine:
             if reason:
                 self._finish(seq, reason)
             out.append(StepOutput(seq, token))
+        self._stats.prefill_tokens += prefill
+        self._stats.generated_tokens += len(out)
         return out
 
     def _commit_full_blocks(self, seq: Sequence) -> None:

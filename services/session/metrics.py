@@ -6,10 +6,12 @@ from collections.abc import Callable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from kvstore.v1 import session_pb2 as pb
 from workers.actor import WorkerStats
+from workers.histogram import Histogram as WorkerHistogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -85,8 +87,9 @@ def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
 
 
 class WorkerCollector:
-    """The decode workers' counters and gauges, from ``read`` (worker id -> its stats, or why it
-    did not answer) at each scrape: the workers are Ray actors with no endpoint of their own."""
+    """The decode workers' counters, gauges and histograms, from ``read`` (worker id -> its
+    stats, or why it did not answer) at each scrape: the workers are Ray actors with no endpoint
+    of their own."""
 
     def __init__(self, read: Callable[[], dict[str, WorkerStats | Exception]]) -> None:
         self._read = read
@@ -108,6 +111,14 @@ class WorkerCollector:
                                  labels=["worker", "direction"])
         preempted = CounterMetricFamily(p + "preemptions", "running sequences sent back to waiting (T0 full)",
                                         labels=["worker"])
+        generated = CounterMetricFamily(p + "generated_tokens", "tokens sampled", labels=["worker"])
+        prefilled = CounterMetricFamily(p + "prefill_tokens", "prompt tokens computed (not reused from a tier)",
+                                        labels=["worker"])
+        step = HistogramMetricFamily(p + "step_seconds", "wall time of engine steps that ran the model",
+                                     labels=["worker"])
+        batch = HistogramMetricFamily(p + "batch_size", "sequences in the batch of each such step", labels=["worker"])
+        load = HistogramMetricFamily(p + "load_seconds", "time a request waited for its cached prefix to come into "
+                                     "T0, by the coldest tier it came from (t1, t2)", labels=["worker", "tier"])
         for w, s in self._read().items():
             up.add_metric([w], float(isinstance(s, WorkerStats) and s.alive))
             if not isinstance(s, WorkerStats):
@@ -126,5 +137,17 @@ class WorkerCollector:
             evicted.add_metric([w, "t1"], c.evicted_t1)
             t2.add_metric([w, "put"], c.t2_put_bytes)
             t2.add_metric([w, "get"], c.t2_get_bytes)
-            preempted.add_metric([w], s.engine.preempted)
-        yield from (up, seqs, blocks, loaded, lookup, evicted, t2, preempted)
+            e = s.engine
+            preempted.add_metric([w], e.preempted)
+            generated.add_metric([w], e.generated_tokens)
+            prefilled.add_metric([w], e.prefill_tokens)
+            _add_histogram(step, [w], e.step_seconds)
+            _add_histogram(batch, [w], e.batch_size)
+            _add_histogram(load, [w, "t1"], e.t1_load_seconds)
+            _add_histogram(load, [w, "t2"], e.t2_load_seconds)
+        yield from (up, seqs, blocks, loaded, lookup, evicted, t2, preempted, generated, prefilled, step, batch, load)
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], h: WorkerHistogram) -> None:
+    les = [floatToGoString(b) for b in h.bounds] + ["+Inf"]
+    family.add_metric(labels, list(zip(les, h.cumulative())), h.sum)
