@@ -49,6 +49,13 @@ def test_serve_refuses_a_non_loopback_host_without_keys_before_starting_anything
     assert elapsed < 2, f"refused after {elapsed:.1f} s"
 
 
+def test_shared_workers_without_the_shared_tiers_are_refused_before_starting_anything():
+    r = cli("serve", "--shared-workers", "--ray-address", "auto", timeout=30)
+    assert r.returncode == 2 and "--shared-workers needs --ray-address, --redis-url and --blockstore-address" \
+        in r.stderr, r.stderr
+    assert "Ray" not in r.stdout
+
+
 def test_api_keys_come_from_the_flag_and_a_file_of_plain_and_hashed_entries(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text(f"# tenant a\nkey-a=tenant-a\n\nsha256:{hashlib.sha256(b'key-b').hexdigest()}=tenant-b,shared\n")
