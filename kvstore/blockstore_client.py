@@ -129,6 +129,27 @@ class ClientCounters:
     dropped_puts: int = 0  # blocks not written because the store was unavailable
 
 
+class RemovalStream:
+    """WatchRemovals as an iterator of ``RemovalBatch``; ``cancel()`` ends it. Raises
+    ``BlockStoreUnavailable`` when the store goes away, ``BlockStoreError`` when it refuses."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[pb.RemovalBatch]:
+        try:
+            yield from self._call
+        except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.CANCELLED:
+                return
+            if e.code() in _TRANSIENT:
+                raise BlockStoreUnavailable(f"block store WatchRemovals: {e.code().name}: {e.details()}") from None
+            raise BlockStoreError("WatchRemovals", e.code(), e.details() or "") from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class BlockStoreClient:
     """Thread-safe, synchronous client; implements ``kvstore.remote.RemoteTier``."""
 
@@ -265,6 +286,12 @@ class BlockStoreClient:
             req = pb.TouchRequest(namespace=namespace, hashes=chunk, ttl_seconds=int(ttl_seconds))
             found += self._call("Touch", lambda t, r=req: self._stub.Touch(r, timeout=t, metadata=self._metadata).found)
         return found
+
+    def watch_removals(self, namespace: str = "") -> RemovalStream:
+        """Blocks removed from T2 from now on (evicted, expired, deleted), as the store's Redis
+        reports them, until ``cancel()``; empty ``namespace``: every namespace (a token for all)."""
+        call = self._stub.WatchRemovals(pb.WatchRemovalsRequest(namespace=namespace), metadata=self._metadata)
+        return RemovalStream(call)
 
     def stats(self) -> pb.StatsResponse:
         """Server-side counters; raises ``BlockStoreUnavailable`` if it cannot be reached."""

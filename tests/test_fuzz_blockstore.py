@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 
 import grpc
 import pytest
@@ -36,6 +37,7 @@ DOCUMENTED = {Code.OK, Code.INVALID_ARGUMENT, Code.UNAUTHENTICATED, Code.PERMISS
               Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE}
 NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 ALL = frozenset({"*"})
+METHODS = ["Put", "Get", "Lookup", "Touch", "Delete", "Stats", "WatchRemovals"]
 # Metadata -> the namespaces it may reach (None: UNAUTHENTICATED).
 CREDENTIALS: list[tuple[tuple[tuple[str, str], ...], frozenset[str] | None]] = [
     ((("authorization", "Bearer admin"),), ALL),
@@ -138,7 +140,12 @@ def calls_st(draw):
     """(method, request, metadata, expected code)."""
     metadata, allowed = draw(credentials_st)
     namespace = draw(namespaces_st)
-    method = draw(st.sampled_from(["Put", "Get", "Lookup", "Touch", "Delete", "Stats"]))
+    method = draw(st.sampled_from(METHODS))
+    if method == "WatchRemovals":  # every namespace (empty) needs an all-namespace token
+        namespace = draw(st.just("") | namespaces_st)
+        expected = (Code.UNAUTHENTICATED if allowed is None else Code.PERMISSION_DENIED if allowed != ALL else
+                    Code.OK) if not namespace else admitted(allowed, namespace, 0) or Code.OK
+        return method, pb.WatchRemovalsRequest(namespace=namespace), metadata, expected
     if method == "Stats":
         return method, pb.StatsRequest(), metadata, Code.UNAUTHENTICATED if allowed is None else Code.OK
     if method == "Put":
@@ -190,7 +197,15 @@ def test_every_method_answers_hostile_requests_with_their_documented_code(channe
     event(f"{method} {expected.name}")
     stub = pb_grpc.BlockStoreStub(channel)
     try:
-        reply = getattr(stub, method)(request, metadata=metadata, timeout=10)
+        if method == "WatchRemovals":  # never ends by itself: a quiet 0.1 s is a healthy watch
+            try:
+                list(stub.WatchRemovals(request, metadata=metadata, timeout=0.1))
+            except grpc.RpcError as e:
+                if e.code() is not Code.DEADLINE_EXCEEDED:
+                    raise
+            reply = None
+        else:
+            reply = getattr(stub, method)(request, metadata=metadata, timeout=10)
         if method == "Get":
             for message in reply:
                 for found in message.blocks:
@@ -217,8 +232,12 @@ def test_the_server_is_healthy_after_the_fuzz(server, channel):
     assert [(b.index, b.data) for b in found] == [(0, encoded(h))]
     registry = server.server.metrics.registry
     assert registry.get_sample_value("kvstore_blockstore_budget_bytes_in_use") == 0
-    for method in ("Put", "Get", "Lookup", "Touch", "Delete", "Stats"):
-        assert registry.get_sample_value("kvstore_blockstore_in_flight", {"method": method}) == 0
+    deadline = time.monotonic() + 10  # watches the client gave up on end on the server too, soon after
+    while time.monotonic() < deadline and registry.get_sample_value("kvstore_blockstore_in_flight",
+                                                                     {"method": "WatchRemovals"}):
+        time.sleep(0.05)
+    for method in METHODS:
+        assert not registry.get_sample_value("kvstore_blockstore_in_flight", {"method": method}), method
         for code in (Code.UNKNOWN, Code.INTERNAL):
             assert not registry.get_sample_value("kvstore_blockstore_requests_total", {"method": method,
                                                                                     "code": code.name})

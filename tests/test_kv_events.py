@@ -100,6 +100,29 @@ def test_a_subscriber_sees_every_block_per_tier_and_nothing_of_another_tenant(se
                 s.close()
 
 
+def test_blocks_gone_from_t2_reach_their_tenants_subscribers(served):
+    """The block store's Redis reports T2 removals (here an admin flush's deletes; evictions and
+    expiries alike: tests/test_blockstore_removals.py); no worker made them, so no worker id."""
+    with SessionClient(served.address, api_key="sk-a") as a, SessionClient(served.address, api_key="sk-admin") as admin:
+        subs = {key: Subscriber(served.address, key) for key in ("sk-a", "sk-b")}
+        try:
+            usage = turn(a, "Blocks of tenant-a that an admin flushes from every tier. " * 6, "w0")
+            sub = subs["sk-a"]
+            assert wait_for(lambda: len(sub.hashes("w0", pb.MEDIUM_T2, "tenant-a")) >= usage.prompt_tokens // 16, 30)
+            written = sub.hashes("w0", pb.MEDIUM_T2, "tenant-a")
+            assert admin.flush_namespace("tenant-a").blocks_dropped[2] >= len(written)
+
+            def removed_from_t2() -> set[bytes]:
+                return {e.block_hash for e in sub.events(snapshot=False) if e.kind == pb.KVEvent.BLOCK_REMOVED
+                        and e.medium == pb.MEDIUM_T2 and e.worker_id == "" and e.namespace == "tenant-a"}
+            assert wait_for(lambda: written <= removed_from_t2(), 30)
+            assert not [e for e in subs["sk-b"].events() if e.namespace == "tenant-a"]
+            assert not any(s.error for s in subs.values()), [s.error for s in subs.values()]
+        finally:
+            for s in subs.values():
+                s.close()
+
+
 def test_a_tenant_cannot_subscribe_to_another_namespace(served):
     sub = Subscriber(served.address, "sk-a", "tenant-b")
     try:

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -129,3 +130,35 @@ class TouchResponse(_message.Message):
     FOUND_FIELD_NUMBER: _ClassVar[int]
     found: int
     def __init__(self, found: _Optional[int] = ...) -> None: ...
+
+class WatchRemovalsRequest(_message.Message):
+    __slots__ = ("namespace",)
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    def __init__(self, namespace: _Optional[str] = ...) -> None: ...
+
+class Removal(_message.Message):
+    __slots__ = ("namespace", "hash", "reason")
+    class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        REASON_UNSPECIFIED: _ClassVar[Removal.Reason]
+        EVICTED: _ClassVar[Removal.Reason]
+        EXPIRED: _ClassVar[Removal.Reason]
+        DELETED: _ClassVar[Removal.Reason]
+    REASON_UNSPECIFIED: Removal.Reason
+    EVICTED: Removal.Reason
+    EXPIRED: Removal.Reason
+    DELETED: Removal.Reason
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    hash: bytes
+    reason: Removal.Reason
+    def __init__(self, namespace: _Optional[str] = ..., hash: _Optional[bytes] = ..., reason: _Optional[_Union[Removal.Reason, str]] = ...) -> None: ...
+
+class RemovalBatch(_message.Message):
+    __slots__ = ("removals",)
+    REMOVALS_FIELD_NUMBER: _ClassVar[int]
+    removals: _containers.RepeatedCompositeFieldContainer[Removal]
+    def __init__(self, removals: _Optional[_Iterable[_Union[Removal, _Mapping]]] = ...) -> None: ...

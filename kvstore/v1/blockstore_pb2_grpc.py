@@ -64,6 +64,11 @@ class BlockStoreStub:
                 request_serializer=kvstore_dot_v1_dot_blockstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_blockstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.WatchRemovals = channel.unary_stream(
+                '/kvstore.v1.BlockStore/WatchRemovals',
+                request_serializer=kvstore_dot_v1_dot_blockstore__pb2.WatchRemovalsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_blockstore__pb2.RemovalBatch.FromString,
+                _registered_method=True)
 
 
 class BlockStoreServicer:
@@ -112,6 +117,15 @@ class BlockStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRemovals(self, request, context):
+        """Blocks removed from Redis as it happens (evicted under maxmemory, expired, deleted), from
+        Redis' keyspace notifications: what no worker reports (T2 is shared). Removals before the
+        call, or while Redis was unreachable, are not sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlockStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +158,11 @@ def add_BlockStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvstore_dot_v1_dot_blockstore__pb2.StatsRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_blockstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'WatchRemovals': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRemovals,
+                    request_deserializer=kvstore_dot_v1_dot_blockstore__pb2.WatchRemovalsRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_blockstore__pb2.RemovalBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +327,33 @@ class BlockStore:
             '/kvstore.v1.BlockStore/Stats',
             kvstore_dot_v1_dot_blockstore__pb2.StatsRequest.SerializeToString,
             kvstore_dot_v1_dot_blockstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRemovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.v1.BlockStore/WatchRemovals',
+            kvstore_dot_v1_dot_blockstore__pb2.WatchRemovalsRequest.SerializeToString,
+            kvstore_dot_v1_dot_blockstore__pb2.RemovalBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,6 +30,7 @@ from kvstore.allocator import keep_freed_memory
 from kvstore.config import add_config_flags, config_from_args, from_env
 from services.blockstore.budget import COPIES
 from services.blockstore.metrics import Metrics
+from services.blockstore.removals import RemovalWatch
 from services.blockstore.service import SERVICE_NAME, BlockStoreServicer, add_to_server
 from services.blockstore.store import RedisBlockStore
 from services.common.auth import TokenTable
@@ -148,6 +149,7 @@ class BlockStoreServer:
         self._port = 0
         self._embedded: EmbeddedRedis | None = None
         self._store: RedisBlockStore | None = None
+        self._removals: RemovalWatch | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._health_task: asyncio.Task | None = None
@@ -192,7 +194,10 @@ class BlockStoreServer:
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
             ])
-            servicer = BlockStoreServicer(self._store, cfg, self._tokens, self.metrics, self._redis_down)
+            self._removals = RemovalWatch(self.redis_url, cfg.redis_cluster)
+            await self._removals.start()
+            servicer = BlockStoreServicer(self._store, cfg, self._tokens, self.metrics, self._redis_down,
+                                          self._removals)
             add_to_server(servicer, self._server)
             self._health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -237,6 +242,8 @@ class BlockStoreServer:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
+        if self._removals is not None:
+            await self._removals.close()
         if self._store is not None:
             await self._store.close()
         if self._metrics_http is not None:

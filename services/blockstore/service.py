@@ -16,8 +16,9 @@ from kvstore.v1 import blockstore_pb2 as pb
 from kvstore.v1 import blockstore_pb2_grpc as pb_grpc
 from services.blockstore.budget import COPIES, CallBudget, MemoryBudget
 from services.blockstore.metrics import Metrics
+from services.blockstore.removals import Reason, RemovalsBehind, RemovalWatch
 from services.blockstore.store import GetCounts, RedisBlockStore, Value, block_problem
-from services.common.auth import TokenTable, check_namespace, require_namespace
+from services.common.auth import ANY_NAMESPACE, TokenTable, check_namespace, require_namespace
 from services.common.errors import RequestError, StoreError, StoreUnavailableError
 from services.common.grpc_server import add_servicer, rpc_status
 
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 _DEADLINE_MARGIN_S = 0.05  # a call stops waiting for memory this long before its deadline
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BlockStore"].full_name  # "kvstore.v1.BlockStore"
+MAX_WATCHERS = 64  # WatchRemovals calls at once (each holds a queue)
+_REASON = {Reason.EVICTED: pb.Removal.EVICTED, Reason.EXPIRED: pb.Removal.EXPIRED, Reason.DELETED: pb.Removal.DELETED}
 
 
 def add_to_server(servicer: BlockStoreServicer, server: grpc.aio.Server) -> None:
@@ -45,8 +48,10 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
     """
 
     def __init__(self, store: RedisBlockStore, config: BlockStoreConfig, tokens: TokenTable,
-                 metrics: Metrics, on_unavailable: Callable[[Exception], Awaitable[None]]) -> None:
+                 metrics: Metrics, on_unavailable: Callable[[Exception], Awaitable[None]],
+                 removals: RemovalWatch) -> None:
         self._store = store
+        self._removals = removals
         self._config = config
         self._tokens = tokens
         self._metrics = metrics
@@ -134,6 +139,31 @@ class BlockStoreServicer(pb_grpc.BlockStoreServicer):
                 puts=t.puts, blocks_stored=t.blocks_stored, gets=t.gets, hits=t.hits, misses=t.misses,
                 corrupt=t.corrupt, lookups=t.lookups, bytes_in=t.bytes_in, bytes_out=t.bytes_out,
                 redis_used_memory=memory, redis_keys=keys)
+
+    async def WatchRemovals(self, request: pb.WatchRemovalsRequest, context: grpc.aio.ServicerContext) -> None:
+        """Batches of removed blocks of the namespace (or every one), as Redis reports them."""
+        async with self._rpc("WatchRemovals", context):
+            allowed = self._tokens.authenticate(context.invocation_metadata())
+            if request.namespace:
+                check_namespace(request.namespace)
+                require_namespace(allowed, request.namespace)
+            elif ANY_NAMESPACE not in allowed:
+                raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "watching every namespace needs a token for "
+                                                                      "all of them; name a namespace")
+            if self._removals.subscribers >= MAX_WATCHERS:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{MAX_WATCHERS} watchers already; retry later")
+            sub = self._removals.subscribe(request.namespace or None)
+            try:
+                while True:
+                    try:
+                        batch = await sub.next_batch()
+                    except RemovalsBehind as e:
+                        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+                    await _write(context, pb.RemovalBatch(removals=[
+                        pb.Removal(namespace=r.namespace, hash=r.block_hash, reason=_REASON[r.reason]) for r in batch]))
+            finally:
+                sub.close()
 
     # -- helpers ----------------------------------------------------------------------------
     def _budget_deadline(self, context: grpc.aio.ServicerContext) -> float:

@@ -95,6 +95,12 @@ class KVEventHub:
         self._fan_out(KVEventBatch([KVEvent(EventKind.STORED if e.stored else EventKind.REMOVED, worker_id, e)
                                     for e in events]))
 
+    def removed_from_t2(self, events: list[BlockEvent]) -> None:
+        """Blocks gone from T2 (the block store's Redis evicted, expired or deleted them): no
+        worker's doing, so no worker id."""
+        if events:
+            self._fan_out(KVEventBatch([KVEvent(EventKind.REMOVED, "", e) for e in events]))
+
     def cleared(self, worker_id: str) -> None:
         """The worker's T0 and T1 are empty (restarted, lost or drained)."""
         if self._held.pop(worker_id, None) is not None:

@@ -27,7 +27,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig
+from kvstore.blockstore_client import (
+    BlockStoreClient,
+    BlockStoreClientConfig,
+    BlockStoreError,
+    BlockStoreUnavailable,
+    RemovalStream,
+)
+from kvstore.cache import BlockEvent, Tier
 from kvstore.v1 import session_pb2 as pb
 from services.common.auth import TokenTable
 from services.common.errors import REDIS_UNAVAILABLE, ConfigError
@@ -127,6 +134,8 @@ class SessionServer:
         self._servicer: SessionServicer | None = None
         self._health: health.aio.HealthServicer | None = None
         self._health_task: asyncio.Task | None = None
+        self._t2_task: asyncio.Task | None = None
+        self._t2_stream: RemovalStream | None = None
         self._healthy: bool | None = None
         self._metrics_http = None
         self.http: HTTPServer | None = None
@@ -166,6 +175,8 @@ class SessionServer:
                 self.http = HTTPServer(create_app(servicer, cfg, lambda: bool(self._healthy)), cfg)
                 await self.http.start()
             self._health_task = asyncio.create_task(self._health_loop(), name="session-health")
+            if self._blockstore is not None:
+                self._t2_task = asyncio.create_task(self._watch_t2_removals(), name="t2-removals")
         except BaseException:
             await self.stop(grace=0)
             raise
@@ -207,6 +218,13 @@ class SessionServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
             self._health_task = None
+        if self._t2_task is not None:
+            if self._t2_stream is not None:
+                self._t2_stream.cancel()  # ends the thread reading it
+            self._t2_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._t2_task
+            self._t2_task = None
         if self._metrics_http is not None:
             await self._metrics_http.stop()
             self._metrics_http = None
@@ -239,6 +257,31 @@ class SessionServer:
                 await self._health.set(service, _SERVING if healthy else _NOT_SERVING)
             (logger.info if healthy else logger.warning)("health: %s%s", "SERVING" if healthy else "NOT_SERVING",
                                                          f" ({reason})" if reason else "")
+
+    async def _watch_t2_removals(self) -> None:
+        """Relay the block store's T2 removals (evicted, expired, deleted: no worker sees them)
+        into the KV event stream, watching again after the block store was unreachable."""
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            self._t2_stream = stream = self._blockstore.watch_removals()
+            try:
+                await asyncio.to_thread(self._relay_removals, stream, loop)
+                failures = 0
+            except BlockStoreUnavailable as e:
+                if not failures:
+                    logger.warning("not watching T2 removals (%s); retrying", e)
+                failures += 1
+            except BlockStoreError as e:
+                logger.warning("T2 removals will not be in the KV event stream: %s (the block store token must "
+                               "be for every namespace)", e)
+                return
+            await asyncio.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
+
+    def _relay_removals(self, stream: RemovalStream, loop: asyncio.AbstractEventLoop) -> None:
+        for batch in stream:
+            events = [BlockEvent(Tier.T2, False, r.hash, r.namespace) for r in batch.removals]
+            loop.call_soon_threadsafe(self.pool.events.removed_from_t2, events)
 
     async def _health_loop(self) -> None:
         while True:
