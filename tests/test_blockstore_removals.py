@@ -120,3 +120,34 @@ def test_deleted_evicted_and_expired_blocks_reach_the_watchers_of_their_namespac
             w.close()
         store.stop()
         expiring.stop()
+
+
+def test_removals_on_every_node_of_a_redis_cluster_are_watched(redis_cluster):
+    store = BlockStoreThread(BlockStoreConfig(port=0, redis_url=redis_cluster.url, redis_cluster=True, tokens=TOKENS))
+    store.start()
+    watcher = None
+    try:
+        watcher = Watcher(store.address, "admin")
+        with BlockStoreClient(BlockStoreClientConfig(address=store.address, token="admin")) as admin:
+            time.sleep(0.5)  # the watch is subscribed on every primary
+            blocks = [(h, make_block(h)) for h in hashes_of("spread", 30)]  # hex keys: spread over all slots
+            admin.put("tenant", blocks)
+            assert admin.delete_namespace("tenant") == 30
+        assert wait_for(lambda: watcher.seen(pb.Removal.DELETED) >= {("tenant", h) for h, _ in blocks})
+        nodes = {redis_cluster_node_of(redis_cluster.url, f"kv:tenant:{h.hex()}") for h, _ in blocks}
+        assert len(nodes) == 3  # the removals came from every primary
+    finally:
+        if watcher is not None:
+            watcher.close()
+        store.stop()
+
+
+def redis_cluster_node_of(url: str, key: str) -> str:
+    from redis.cluster import RedisCluster
+
+    client = RedisCluster.from_url(url)
+    try:
+        node = client.get_node_from_key(key)
+        return f"{node.host}:{node.port}"
+    finally:
+        client.close()
