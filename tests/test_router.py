@@ -165,6 +165,11 @@ def test_the_load_a_worker_reports_from_other_replicas_counts_against_its_room()
     assert r.choose(H[:8], N + 1, after("a", N)).worker_id == "b"
     r.apply_events("a", [], load=0)
     assert r.choose(H[:8], N + 1).worker_id == "a"
+    # Reports a poll old show both full, but this router's own counts leave room on b only: b.
+    r.apply_events("a", [], load=2)
+    r.apply_events("b", [], load=2)
+    busy(r, "a", 0.0), busy(r, "a", 0.0)
+    assert r.choose(H[:8], N + 1).worker_id == "b"
 
 
 def test_a_snapshot_replaces_what_the_router_knew_of_a_worker():

@@ -39,6 +39,7 @@ from workers.tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
 MIN_CHUNK_TOKENS = 16  # a prompt chunk beside decodes is never cut below this: it always advances
+CHUNK_COST_SPAN = 256  # positions per measured chunk cost: attention makes a token dearer deeper in a prompt
 _SMOOTHING = 0.2  # weight of a new step in the moving averages of step times
 # Histogram bounds: from a small model's step on a GPU (~1 ms) to a long prefix's T2 load (seconds).
 _SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
@@ -196,9 +197,9 @@ class Engine:
         self.running: list[Sequence] = []
         self.rates = LoadRates.seeded(self.config.load_cost)
         # Moving averages for min_decode_share: a decode-only step, and what each prompt token
-        # adds to a step that also decodes.
+        # adds to a step that also decodes, by its position (per CHUNK_COST_SPAN).
         self._decode_step_s = 0.0
-        self._chunk_token_s = 0.0
+        self._chunk_token_s: dict[int, float] = {}
         self._stats = EngineStats()
 
     # ---- requests -----------------------------------------------------------------------
@@ -383,18 +384,32 @@ class Engine:
                 seq.num_scheduled = 1
                 budget -= 1
                 batch.append(seq)
+        allowance = None  # seconds that prompt chunks may add to this step
         if not batch:
             budget = max(budget, self.config.max_prefill_tokens_alone)
         elif self.config.min_decode_share and self._decode_step_s and self._chunk_token_s:
-            share = self.config.min_decode_share
-            allowed = self._decode_step_s * (1 / share - 1) / self._chunk_token_s  # prompt tokens
-            budget = min(budget, max(int(allowed), MIN_CHUNK_TOKENS))
+            allowance = self._decode_step_s * (1 / self.config.min_decode_share - 1)
+        chunked = False
         for seq in self.running:
             if budget and len(seq) - seq.num_computed > 1:
-                seq.num_scheduled = min(len(seq) - seq.num_computed, budget)
-                budget -= seq.num_scheduled
+                n = min(len(seq) - seq.num_computed, budget)
+                if allowance is not None:
+                    if allowance <= 0 and chunked:
+                        break
+                    cost = self._chunk_cost(seq.num_computed)
+                    if cost > 0:  # 0: chunks measured free beside the decodes
+                        n = min(n, max(int(allowance / cost), MIN_CHUNK_TOKENS))
+                        allowance -= n * cost
+                seq.num_scheduled, chunked = n, True
+                budget -= n
                 batch.append(seq)
         return batch
+
+    def _chunk_cost(self, position: int) -> float:
+        """Seconds a prompt token at ``position`` adds to a step that decodes (measured here or
+        at the nearest position measured)."""
+        costs, span = self._chunk_token_s, position // CHUNK_COST_SPAN
+        return costs[span if span in costs else min(costs, key=lambda k: abs(k - span))]
 
     def _preempt(self, seq: Sequence) -> None:
         log.info("T0 full: preempting sequence %d (%d tokens)", seq.id, len(seq))
@@ -428,7 +443,9 @@ class Engine:
             self.rates.observe_prefill(tokens, middle, took)
             self._stats.prefill_chunks += len(chunks)
             if len(chunks) < len(batch) and self._decode_step_s:  # decodes too: the chunks' extra time
-                self._chunk_token_s = _average(self._chunk_token_s, max(took - self._decode_step_s, 0) / tokens)
+                span = int(middle) // CHUNK_COST_SPAN
+                self._chunk_token_s[span] = _average(self._chunk_token_s.get(span, 0.0),
+                                                     max(took - self._decode_step_s, 0) / tokens)
         else:
             self._decode_step_s = _average(self._decode_step_s, took)
         return self._postprocess(batch, logits)

@@ -181,7 +181,10 @@ class Router:
         if not self._workers:
             raise NoWorkerError("no decode worker is available")
         reachable = self._global_prefix(block_hashes)
-        candidates = [s for s in self._workers.values() if _room(s)] or list(self._workers.values())
+        # A reported load is up to a poll old: when it shows every worker full, this router's own
+        # counts (exact for what it sent; admission keeps those within capacity) decide.
+        candidates = [s for s in self._workers.values() if _room(s)] or \
+            [s for s in self._workers.values() if s.load < s.max_seqs] or list(self._workers.values())
         routes = {s.worker_id: Route(s.worker_id, self._work_s(s, block_hashes, num_tokens, reachable))
                   for s in candidates}
         ttft = {w: self._queue_s(self._workers[w], num_tokens) + r.work_s for w, r in routes.items()}
