@@ -134,9 +134,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 64
     max_prefill_tokens_alone: int = 4096  # the budget of a step that has no decode to delay
     # With sequences decoding, prompt chunks are also cut so that a step is estimated to take at
-    # most 1/min_decode_share of a decode-only step (measured): the decoders keep at least this
+    # most 1/min_decode_share of a decode-only step (measured): the decoders keep about this
     # share of their speed on any hardware. 0: the token budget alone.
-    min_decode_share: float = 0.0
+    min_decode_share: float = 0.5
     keep_logits: bool = False  # keep each step's logits on the sequence (tests, debugging)
     load_cost: LoadCostConfig = field(default_factory=LoadCostConfig)
 
