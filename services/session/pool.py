@@ -6,7 +6,7 @@ what each worker caches fresh by reading their block events (each pool with its 
 runs generations on the worker the router picks. When a worker dies mid-generation, the generation resumes on
 another worker from the tokens already streamed (its prompt's KV comes back from T2), so the
 caller sees one uninterrupted stream; a worker that comes back (Ray restarts it) rejoins
-with an empty index.
+from a snapshot of its (empty) tiers.
 
 Everything here runs on the session service's event loop (the router is not thread-safe).
 """
@@ -191,9 +191,9 @@ class WorkerPool:
 
     async def generate(self, request: GenerateRequest, affinity: Affinity | None = None,
                        worker_id: str | None = None) -> AsyncIterator[int | GenerateEnd]:
-        """Yield the generated token ids, then a ``GenerateEnd`` (its ``affinity``: where the
-        session's next turn is best routed). Resumes on another worker when the one running it
-        dies (at most ``max_failovers`` times)."""
+        """Yield the generated token ids, then a ``GenerateEnd`` (its worker and incarnation:
+        where the session's next turn is best routed). Resumes on another worker when the one
+        running it dies (at most ``max_failovers`` times)."""
         if worker_id is not None and worker_id not in self._workers:
             raise NoWorkerError(f"unknown worker {worker_id!r}; workers: {', '.join(self.worker_ids)}")
         output: list[int] = []

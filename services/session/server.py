@@ -13,6 +13,7 @@ them, and tests restart a server over the same pool to show that sessions live i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -136,6 +137,9 @@ class SessionServer:
         self._health_task: asyncio.Task | None = None
         self._t2_task: asyncio.Task | None = None
         self._t2_stream: RemovalStream | None = None
+        # Its own thread: the relay blocks for the service's lifetime, which would hold one of
+        # the default executor's few threads (chat rendering, block store calls) forever.
+        self._t2_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="t2-removals")
         self._healthy: bool | None = None
         self._metrics_http = None
         self.http: HTTPServer | None = None
@@ -225,6 +229,7 @@ class SessionServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._t2_task
             self._t2_task = None
+        self._t2_thread.shutdown(wait=False)
         if self._metrics_http is not None:
             await self._metrics_http.stop()
             self._metrics_http = None
@@ -266,7 +271,7 @@ class SessionServer:
         while True:
             self._t2_stream = stream = self._blockstore.watch_removals()
             try:
-                await asyncio.to_thread(self._relay_removals, stream, loop)
+                await loop.run_in_executor(self._t2_thread, self._relay_removals, stream, loop)
                 failures = 0
             except BlockStoreUnavailable as e:
                 if not failures:
