@@ -22,6 +22,7 @@ from enum import Enum
 from typing import TypeVar
 
 import grpc
+import grpc.experimental
 
 from kvstore.allocator import keep_freed_memory
 from kvstore.blockstore_wire import MAX_BATCH_BLOCKS, WireError, decode_get_response
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _open_channel(address: str, creds: grpc.ChannelCredentials | None, options: list[tuple[str, int]]) -> grpc.Channel:
+    if creds is not None:
+        return grpc.secure_channel(address, creds, options=options)
+    return grpc.insecure_channel(address, options=options)
 
 
 def _chunks(hashes: Sequence[bytes]) -> list[list[bytes]]:
@@ -167,15 +174,20 @@ class BlockStoreClient:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
+        creds = None
         if config.tls_ca:
             with open(config.tls_ca, "rb") as f:
                 creds = grpc.ssl_channel_credentials(root_certificates=f.read())
-            self._channel = grpc.secure_channel(config.address, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(config.address, options=options)
+        self._channel = _open_channel(config.address, creds, options)
         self._stub = pb_grpc.BlockStoreStub(self._channel)
+        # Get streams are read on the calling thread: without the channel's spin thread handing
+        # each message over, restores took ~15% less client CPU (README, cold tier). A channel
+        # of its own keeps WatchRemovals (cancelled from other threads) on the default path;
+        # with the same core options it shares the connection (gRPC's global subchannel pool).
+        self._get_channel = _open_channel(
+            config.address, creds, [*options, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)])
         # Get messages arrive as bytes and are decoded by hand: blocks are views, not copies.
-        self._get_stream = self._channel.unary_stream(
+        self._get_stream = self._get_channel.unary_stream(
             "/kvstore.v1.BlockStore/Get", request_serializer=pb.GetRequest.SerializeToString,
             response_deserializer=None, _registered_method=True)
         self._metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
@@ -298,6 +310,7 @@ class BlockStoreClient:
         return self._call("Stats", lambda t: self._stub.Stats(pb.StatsRequest(), timeout=t, metadata=self._metadata))
 
     def close(self) -> None:
+        self._get_channel.close()
         self._channel.close()
 
     def __enter__(self) -> BlockStoreClient:
