@@ -220,33 +220,37 @@ def test_small_t0_never_deadlocks_and_outputs_stay_exact(t0, requests):
             assert seq.output == reference(seq.tokens[:seq.prompt_len], params).output
 
 
-def test_a_decode_share_cuts_prompt_chunks_beside_decodes_and_outputs_stay_exact():
+def test_a_decode_share_cuts_long_prompts_chunks_beside_decodes_and_outputs_stay_exact():
     """min_decode_share near 1: once a decode-only step and a chunk beside it are measured, a
-    prompt beside decodes advances MIN_CHUNK_TOKENS per step; the outputs do not change."""
+    prompt beside decodes advances MIN_CHUNK_TOKENS per step while more than long_prompt_tokens
+    are left to prefill (the rest at the token budget); the outputs do not change."""
     config, model, digest = builtin_model("small")
     spec = kv_spec(config, "builtin-small", digest, block_size=BLOCK)
 
-    def engine(share: float) -> Engine:
+    def engine(share: float, long_prompt: int) -> Engine:
         return Engine(model, TieredKVCache(spec, CacheConfig(t0_blocks=128, t1_blocks=16)),
-                      EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, min_decode_share=share))
+                      EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, min_decode_share=share,
+                                   long_prompt_tokens=long_prompt))
 
     outputs = []
-    for share in (0.0, 0.99):
-        e = engine(share)
+    for share, long_prompt in ((0.0, 0), (0.99, 0), (0.99, 128)):
+        e = engine(share, long_prompt)
         other = e.add_request(prompt(60, 6), LONG)
         while len(other.output) < 3:  # decode-only steps: measured
             e.step()
         seq = e.add_request(prompt(61, 300), GREEDY)
-        advanced = []
+        advanced = []  # (tokens left before the step, tokens it prefilled)
         while seq.first_token_at is None:
             before = seq.num_computed
             e.step()
-            advanced.append(seq.num_computed - before)
-        advanced = [n for n in advanced if n]
-        if share:
-            assert advanced[0] == 63 and set(advanced[1:-1]) == {MIN_CHUNK_TOKENS}, advanced
-        else:
-            assert set(advanced[:-1]) == {63}, advanced
+            advanced.append((len(seq) - before, seq.num_computed - before))
+        advanced = [(left, n) for left, n in advanced if n]
+        if not share:
+            assert {n for _, n in advanced[:-1]} == {63}, advanced
+        else:  # the first chunk goes before a chunk was measured
+            assert advanced[0][1] == 63 and {n for left, n in advanced[1:-1] if left > long_prompt} == \
+                {MIN_CHUNK_TOKENS}, advanced
+            assert {n for left, n in advanced[:-1] if left <= long_prompt} == ({63} if long_prompt else set()), advanced
         drain(e)
         outputs.append((seq.output, other.output))
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] == outputs[2]

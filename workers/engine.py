@@ -46,6 +46,11 @@ _SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 _SEQUENCES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 
 
+def _nearest(measured: dict[int, float], key: int) -> float:
+    """The value measured at ``key``, or at the nearest key measured."""
+    return measured[key if key in measured else min(measured, key=lambda k: abs(k - key))]
+
+
 def _average(old: float, new: float) -> float:
     return new if not old else (1 - _SMOOTHING) * old + _SMOOTHING * new
 
@@ -137,6 +142,10 @@ class EngineConfig:
     # most 1/min_decode_share of a decode-only step (measured): the decoders keep about this
     # share of their speed on any hardware. 0: the token budget alone.
     min_decode_share: float = 0.5
+    # The share cuts only chunks of prompts with more than this many tokens left to prefill: a
+    # short one (an agent's next turn over its cached history) is done in a step or two anyway,
+    # and cutting it only delays its first token (bench/agents.py).
+    long_prompt_tokens: int = 256
     keep_logits: bool = False  # keep each step's logits on the sequence (tests, debugging)
     load_cost: LoadCostConfig = field(default_factory=LoadCostConfig)
 
@@ -146,6 +155,8 @@ class EngineConfig:
                              f"{self.max_num_batched_tokens}")
         if not 0 <= self.min_decode_share < 1:
             raise ValueError(f"min_decode_share must be in [0, 1), got {self.min_decode_share}")
+        if self.long_prompt_tokens < 0:
+            raise ValueError(f"long_prompt_tokens must be >= 0, got {self.long_prompt_tokens}")
 
 
 @dataclass(slots=True)
@@ -196,9 +207,10 @@ class Engine:
         self.loading: dict[Sequence, PrefixLoad] = {}  # in admission order
         self.running: list[Sequence] = []
         self.rates = LoadRates.seeded(self.config.load_cost)
-        # Moving averages for min_decode_share: a decode-only step, and what each prompt token
-        # adds to a step that also decodes, by its position (per CHUNK_COST_SPAN).
-        self._decode_step_s = 0.0
+        # Moving averages for min_decode_share: a decode-only step by its number of sequences,
+        # and what each prompt token adds to a step that also decodes, by its position (per
+        # CHUNK_COST_SPAN).
+        self._decode_step_s: dict[int, float] = {}
         self._chunk_token_s: dict[int, float] = {}
         self._stats = EngineStats()
 
@@ -388,14 +400,15 @@ class Engine:
         if not batch:
             budget = max(budget, self.config.max_prefill_tokens_alone)
         elif self.config.min_decode_share and self._decode_step_s and self._chunk_token_s:
-            allowance = self._decode_step_s * (1 / self.config.min_decode_share - 1)
+            allowance = _nearest(self._decode_step_s, len(batch)) * (1 / self.config.min_decode_share - 1)
         chunked = False
         for seq in self.running:
-            if budget and len(seq) - seq.num_computed > 1:
-                n = min(len(seq) - seq.num_computed, budget)
-                if allowance is not None:
+            left = len(seq) - seq.num_computed
+            if budget and left > 1:
+                n = min(left, budget)
+                if allowance is not None and left > self.config.long_prompt_tokens:
                     if allowance <= 0 and chunked:
-                        break
+                        continue
                     cost = self._chunk_cost(seq.num_computed)
                     if cost > 0:  # 0: chunks measured free beside the decodes
                         n = min(n, max(int(allowance / cost), MIN_CHUNK_TOKENS))
@@ -408,8 +421,7 @@ class Engine:
     def _chunk_cost(self, position: int) -> float:
         """Seconds a prompt token at ``position`` adds to a step that decodes (measured here or
         at the nearest position measured)."""
-        costs, span = self._chunk_token_s, position // CHUNK_COST_SPAN
-        return costs[span if span in costs else min(costs, key=lambda k: abs(k - span))]
+        return _nearest(self._chunk_token_s, position // CHUNK_COST_SPAN)
 
     def _preempt(self, seq: Sequence) -> None:
         log.info("T0 full: preempting sequence %d (%d tokens)", seq.id, len(seq))
@@ -444,10 +456,11 @@ class Engine:
             self._stats.prefill_chunks += len(chunks)
             if len(chunks) < len(batch) and self._decode_step_s:  # decodes too: the chunks' extra time
                 span = int(middle) // CHUNK_COST_SPAN
+                decodes = _nearest(self._decode_step_s, len(batch) - len(chunks))
                 self._chunk_token_s[span] = _average(self._chunk_token_s.get(span, 0.0),
-                                                     max(took - self._decode_step_s, 0) / tokens)
+                                                     max(took - decodes, 0) / tokens)
         else:
-            self._decode_step_s = _average(self._decode_step_s, took)
+            self._decode_step_s[len(batch)] = _average(self._decode_step_s.get(len(batch), 0.0), took)
         return self._postprocess(batch, logits)
 
     def _forward(self, batch: list[Sequence]) -> torch.Tensor:
