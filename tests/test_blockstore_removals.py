@@ -3,11 +3,11 @@
 notifications are turned on by the block store itself."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 import redis
+from streams import Collected
 from test_blockstore_server import hash_of, hashes_of, make_block
 
 from kvstore.blockstore_client import BlockStoreClient, BlockStoreClientConfig, BlockStoreError
@@ -33,31 +33,19 @@ def _store(redis_url: str, ttl_seconds: int = 3600) -> BlockStoreThread:
     return store
 
 
-class Watcher:
+class Watcher(Collected):
     """One WatchRemovals call, collected on a thread."""
 
     def __init__(self, address: str, token: str, namespace: str = "") -> None:
-        self.client = BlockStoreClient(BlockStoreClientConfig(address=address, token=token))
-        self.stream = self.client.watch_removals(namespace)
-        self.removals: list[pb.Removal] = []
-        self.error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        client = BlockStoreClient(BlockStoreClientConfig(address=address, token=token))
+        super().__init__(client.watch_removals(namespace), client.close)
 
-    def _run(self) -> None:
-        try:
-            for batch in self.stream:
-                self.removals.extend(batch.removals)
-        except Exception as e:  # noqa: BLE001 - the test reads it
-            self.error = e
+    @property
+    def removals(self) -> list[pb.Removal]:
+        return [r for batch in list(self.messages) for r in batch.removals]
 
     def seen(self, reason) -> set[tuple[str, bytes]]:
-        return {(r.namespace, r.hash) for r in list(self.removals) if r.reason == reason}
-
-    def close(self) -> None:
-        self.stream.cancel()
-        self._thread.join(timeout=10)
-        self.client.close()
+        return {(r.namespace, r.hash) for r in self.removals if r.reason == reason}
 
 
 def wait_for(cond, timeout: float = 20.0) -> bool:

@@ -1,12 +1,12 @@
 """SubscribeKVEvents against a real `kvstore serve` (2 workers, Ray, Redis, the block store):
 a snapshot, then every block stored per tier, and each tenant sees only its own."""
 import asyncio
-import threading
 
 import grpc
 import pytest
 from serveprocess import start_serve, stop_serve
 from servicehelpers import wait_for
+from streams import Collected
 
 from kvstore.cache import BlockEvent, Tier
 from kvstore.client import SessionAPIError, SessionClient
@@ -24,35 +24,19 @@ def served(tmp_path_factory):
     stop_serve(served)
 
 
-class Subscriber:
-    """Collects one subscription's batches on a thread."""
+class Subscriber(Collected):
+    """One subscription's batches, collected on a thread."""
 
     def __init__(self, address: str, key: str, namespace: str = "") -> None:
-        self.client = SessionClient(address, api_key=key)
-        self.stream = self.client.subscribe_kv_events(namespace)
-        self.batches: list[pb.KVEventBatch] = []
-        self.error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for batch in self.stream:
-                self.batches.append(batch)
-        except Exception as e:  # noqa: BLE001 - the test reads it
-            self.error = e
+        client = SessionClient(address, api_key=key)
+        super().__init__(client.subscribe_kv_events(namespace), client.close)
 
     def events(self, snapshot: bool | None = None) -> list[pb.KVEvent]:
-        return [e for b in list(self.batches) if snapshot is None or b.snapshot == snapshot for e in b.events]
+        return [e for b in list(self.messages) if snapshot is None or b.snapshot == snapshot for e in b.events]
 
     def hashes(self, worker: str, medium, namespace: str, snapshot: bool | None = False) -> set[bytes]:
         return {e.block_hash for e in self.events(snapshot) if e.kind == STORED and e.medium == medium
                 and e.worker_id == worker and e.namespace == namespace}
-
-    def close(self) -> None:
-        self.stream.cancel()
-        self._thread.join(timeout=10)
-        self.client.close()
 
 
 def turn(kv: SessionClient, prompt: str, worker: str) -> pb.Usage:
