@@ -1,5 +1,5 @@
 # The two commands of the README. Each bootstraps .venv (torch==2.13.0 first, then the project).
-.PHONY: demo test bench proto clean
+.PHONY: demo test bench bench-full proto clean
 
 demo:
 	./scripts/bootstrap.sh
@@ -12,16 +12,11 @@ test:
 
 bench:
 	./scripts/bootstrap.sh "[test,bench]"
-	.venv/bin/python bench/tiers.py --quick
-	.venv/bin/python bench/remote.py --quick
-	.venv/bin/python bench/ttft.py --quick
-	.venv/bin/python bench/mixed.py --quick
-	.venv/bin/python bench/decode.py --quick
-	.venv/bin/python bench/codec_quality.py --quick
-	.venv/bin/python bench/policies.py --quick
-	.venv/bin/python bench/trace.py
-	.venv/bin/python bench/http_demo.py --quick
-	.venv/bin/python bench/agents.py --quick
+	.venv/bin/python bench/all.py
+
+bench-full:
+	./scripts/bootstrap.sh "[test,bench]"
+	.venv/bin/python bench/all.py --full
 
 proto:
 	./scripts/bootstrap.sh "[test]"

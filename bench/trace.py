@@ -140,6 +140,7 @@ def main() -> int:
                                                            "set x 1.25 + 64 MB")
     ap.add_argument("--quick", action="store_true", help="60 requests")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--png", type=Path, help="plot: cumulative hit ratio per tier against unbounded, TTFT per worker")
     args = ap.parse_args()
     if args.quick:
         args.requests = 60
@@ -194,10 +195,41 @@ def main() -> int:
                   f"{bytes_per_block} B)")
     table.add_row("wall time (s)", f"{elapsed:.1f}")
     console.print(table)
+    if args.png:
+        plot(rows, unbounded, table.title, args.png, console)
     if args.json:
         args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "unbounded": unbounded,
                                          "redis_maxmemory": maxmemory, "working_set_bytes": working_set}))
     return 0
+
+
+def plot(rows: list[Replayed], unbounded: list[int], title: str, path: Path, console: Console) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("matplotlib not installed (pip install -e '.[bench]'): no plot")
+        return
+    prompt = np.cumsum([r.prompt_tokens for r in rows])
+    n = np.arange(1, len(rows) + 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    tiers = [np.cumsum([r.cached[t] for r in rows]) / prompt * 100 for t in range(3)]
+    left.stackplot(n, *tiers, labels=["T0", "T1", "T2"], alpha=0.8)
+    left.plot(n, np.cumsum(unbounded) / prompt * 100, "k--", label="unbounded cache")
+    left.set(xlabel="requests replayed", ylabel="prompt tokens reused, cumulative (%)")
+    left.legend(loc="lower right")
+    left.grid(True, alpha=0.3)
+    for w in sorted({r.worker_id for r in rows}):
+        ttft = np.sort([r.ttft_s for r in rows if r.worker_id == w])
+        right.plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft) * 100, label=f"{w} ({len(ttft)} requests)")
+    right.set(xscale="log", xlabel="TTFT (s, from arrival at the service)", ylabel="requests (%)")
+    right.legend(loc="upper left")
+    right.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    console.print(f"plot: {path}")
 
 
 if __name__ == "__main__":
