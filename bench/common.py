@@ -85,12 +85,20 @@ def throttled_proxy(target: str, bytes_per_s: float) -> Iterator[str]:
     server = loop.run_until_complete(asyncio.start_server(connect, "127.0.0.1", 0))
     thread = threading.Thread(target=loop.run_forever, name="throttled-proxy", daemon=True)
     thread.start()
+    async def shutdown() -> None:  # connections still open end here, not with the loop closed under them
+        server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     try:
         yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
-        server.close()
+        loop.close()
 
 
 def median_time(fn: Callable[[], object], reps: int, before: Callable[[], object] = lambda: None) -> float:
