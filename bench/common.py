@@ -85,6 +85,7 @@ def throttled_proxy(target: str, bytes_per_s: float) -> Iterator[str]:
     server = loop.run_until_complete(asyncio.start_server(connect, "127.0.0.1", 0))
     thread = threading.Thread(target=loop.run_forever, name="throttled-proxy", daemon=True)
     thread.start()
+
     async def shutdown() -> None:  # connections still open end here, not with the loop closed under them
         server.close()
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
